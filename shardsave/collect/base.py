@@ -1,0 +1,36 @@
+"""The contract every collector fulfils, whatever holds the parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["TensorInfo", "Collector"]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """What every rank knows about a state-dict entry without moving it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+class Collector(Protocol):
+    """Full tensors of selected state-dict entries, on one rank.
+
+    `infos()` lists every state-dict entry under its canonical name, in state-dict order, identically on all
+    ranks and without communication. `gather(names, dst)` is called by every rank with the same `names`;
+    it returns the full tensors (on their training device, dtype unchanged) on rank `dst` and `{}` on the
+    others, and moves nothing but those tensors.
+    """
+
+    backend: str
+
+    def infos(self) -> dict[str, TensorInfo]: ...
+
+    def gather(self, names: Sequence[str], dst: int) -> dict[str, torch.Tensor]: ...

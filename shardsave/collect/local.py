@@ -1,0 +1,34 @@
+"""Parameters that are whole on every rank: one process, DDP, DeepSpeed ZeRO-1/2. Nothing to gather."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..names import canonical_name
+from .base import TensorInfo
+
+__all__ = ["LocalCollector"]
+
+
+class LocalCollector:
+    """Reads the writer's own copy; other ranks contribute nothing and wait."""
+
+    backend = "local"
+
+    def __init__(self, root: nn.Module, rank: int):
+        self._rank = rank
+        self._tensors = {canonical_name(k): v for k, v in root.state_dict(keep_vars=True).items()}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {
+            k: TensorInfo(tuple(v.shape), v.dtype, bool(getattr(v, "requires_grad", False)))
+            for k, v in self._tensors.items()
+        }
+
+    def gather(self, names: Sequence[str], dst: int) -> dict[str, torch.Tensor]:
+        if self._rank != dst:
+            return {}
+        return {n: self._tensors[n].detach() for n in names}

@@ -1,0 +1,230 @@
+"""Read a model's structure once: where the PeftModel is, and which modules play which PEFT role.
+
+This is the only module (apart from the collectors) that walks live modules. It turns them into a small,
+frozen `Layout` of canonical names, so that key selection (`shardsave.select`) is a pure function and
+every rank derives the same plan without moving a tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from .names import canonical_name, is_under
+
+__all__ = [
+    "Layout",
+    "TunerModule",
+    "AuxModule",
+    "EmbeddingLayer",
+    "peel",
+    "find_peft_model",
+    "build_layout",
+    "resolve_save_embedding_layers",
+]
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # what PEFT treats as embedding layers
+ALL_LINEAR = "all-linear"
+_NOT_ADAPTER_STATE = ("base_layer", "model")  # the wrapped module of a tuner layer / tuner model
+
+
+@dataclass(frozen=True, slots=True)
+class TunerModule:
+    """A PEFT tuner layer (e.g. a LoRA Linear) or tuner model, by canonical path.
+
+    `members` are its children, parameters and buffers except the wrapped base layer; `keyed` maps each
+    member that is a per-adapter container (`ModuleDict`, `ParameterDict`, `BufferDict`) to its adapter names.
+    """
+
+    path: str
+    members: tuple[str, ...]
+    keyed: dict[str, frozenset[str]]
+    is_layer: bool
+    inside_aux: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuxModule:
+    """A `modules_to_save` copy or a trainable-tokens wrapper, saved apart from the tuner layers."""
+
+    path: str
+    kind: str  # "modules_to_save" | "trainable_tokens"
+    adapters: frozenset[str]
+    tied: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingLayer:
+    """The input or output embedding, as PEFT locates it: `name` is the first module that is the layer or
+    its base layer, `base_name` the first that is its base layer."""
+
+    name: str | None
+    base_name: str | None
+    has_valid_base: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    tuners: tuple[TunerModule, ...]
+    aux: tuple[AuxModule, ...]
+    embeddings: tuple[EmbeddingLayer, ...]
+    embedding_candidates: tuple[str, ...]  # base-model module names ending in embed_tokens / lm_head
+
+
+def _is_deepspeed_engine(module: object) -> bool:
+    return any(cls.__name__ in ("DeepSpeedEngine", "PipelineEngine") for cls in type(module).__mro__)
+
+
+def peel(model: nn.Module) -> nn.Module:
+    """Remove the outer wrappers that only prefix names: DDP / DataParallel, a DeepSpeed engine, and
+    `torch.compile`'s `OptimizedModule`. FSDP1 is kept: its collector needs it."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    seen = 0
+    while seen < 16:
+        seen += 1
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_deepspeed_engine(
+            model
+        ):
+            model = model.module
+        elif isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+    return model
+
+
+def find_peft_model(model: nn.Module):
+    """The `PeftModel` inside `model`, whatever wraps it (DDP, DeepSpeed, FSDP1, compile, checkpointing)."""
+    from peft import PeftModel
+
+    current = peel(model)
+    for _ in range(16):
+        if isinstance(current, PeftModel):
+            return current
+        for attr in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "module"):
+            inner = getattr(current, "_modules", {}).get(attr)
+            if inner is not None:
+                current = peel(inner)
+                break
+        else:
+            break
+    raise TypeError(
+        f"Expected a peft.PeftModel (or DDP / FSDP / DeepSpeed / torch.compile wrapping one), got "
+        f"{type(model).__module__}.{type(model).__name__}. Wrap your model with peft.get_peft_model(...) "
+        f"first, or use shardsave.gather_state_dict(model) to collect arbitrary trainable parameters."
+    )
+
+
+def _keyed_members(module: nn.Module) -> dict[str, frozenset[str]]:
+    from peft.tuners._buffer_dict import BufferDict
+
+    return {
+        name: frozenset(child.keys())
+        for name, child in module.named_children()
+        if isinstance(child, (nn.ModuleDict, nn.ParameterDict, BufferDict))
+    }
+
+
+def _members(module: nn.Module) -> tuple[str, ...]:
+    names = [n for n, _ in module.named_children()]
+    names += [n for n, p in module._parameters.items() if p is not None]
+    names += [n for n, b in module._buffers.items() if b is not None]
+    return tuple(n for n in dict.fromkeys(names) if n not in _NOT_ADAPTER_STATE)
+
+
+def build_layout(peft_model) -> Layout:
+    """Structural facts about `peft_model`, under canonical names (wrapper components removed)."""
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, TrainableTokensWrapper
+
+    tuners: list[TunerModule] = []
+    aux: list[AuxModule] = []
+    aux_paths: set[str] = set()
+    for raw, module in peft_model.named_modules(remove_duplicate=False):
+        path = canonical_name(raw)
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            aux_paths.add(path)
+            if isinstance(module, ModulesToSaveWrapper):
+                aux.append(AuxModule(path, "modules_to_save", frozenset(module.modules_to_save.keys()), False))
+            elif isinstance(module, TrainableTokensWrapper):
+                tied = bool(getattr(module.token_adapter, "tied_adapter", None))
+                aux.append(AuxModule(path, "trainable_tokens", frozenset(module._adapters), tied))
+            # also record its per-adapter containers, so other adapters' copies are recognised
+            tuners.append(TunerModule(path, (), _keyed_members(module), False, True))
+        elif isinstance(module, (BaseTuner, BaseTunerLayer)):
+            inside = is_under(path, aux_paths)
+            is_layer = isinstance(module, BaseTunerLayer)
+            tuners.append(TunerModule(path, _members(module), _keyed_members(module), is_layer, inside))
+
+    embeddings = []
+    if hasattr(peft_model, "get_input_embeddings"):
+        named = [(canonical_name(n), m) for n, m in peft_model.named_modules()]
+        for layer in (_safe_call(peft_model, "get_input_embeddings"), _safe_call(peft_model, "get_output_embeddings")):
+            if layer is None:
+                continue
+            base = getattr(layer, "base_layer", None)
+            name = next((n for n, m in named if m is layer or (base is not None and m is base)), None)
+            base_name = next((n for n, m in named if base is not None and m is base), None)
+            valid = isinstance(base, (nn.Linear, nn.Embedding))
+            embeddings.append(EmbeddingLayer(name, base_name, valid))
+
+    pattern = re.compile(r"(.*\.)?(" + "|".join(EMBEDDING_LAYER_NAMES) + r")$")
+    base_model = peft_model.get_base_model()
+    candidates = tuple(
+        dict.fromkeys(canonical_name(n) for n, _ in base_model.named_modules() if pattern.match(canonical_name(n)))
+    )
+    return Layout(tuple(tuners), tuple(aux), tuple(embeddings), candidates)
+
+
+def _safe_call(obj, method: str):
+    try:
+        return getattr(obj, method)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def embedding_is_targeted(target_modules, candidates: tuple[str, ...]) -> bool:
+    """Whether a LoRA config targets an embedding layer, by PEFT's rule."""
+    if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
+        return any(re.fullmatch(target_modules, name) for name in candidates)
+    if target_modules:
+        return any(name in target_modules for name in EMBEDDING_LAYER_NAMES)
+    return False
+
+
+def resolve_save_embedding_layers(value, *, config, peft_model, candidates: tuple[str, ...]) -> tuple[bool, bool]:
+    """`(save_embeddings, embedding_targeted)` for one adapter, deciding `"auto"` as PEFT does.
+
+    PEFT's vocab-size check may ask the Hub whether the base model has a `config.json`; shardsave never
+    leaves the machine: a base model that is not a local directory is treated as PEFT treats it offline
+    (a warning, and the vocabulary assumed unchanged).
+    """
+    if value not in ("auto", True, False):
+        raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {value!r}.")
+    targeted = embedding_is_targeted(getattr(config, "target_modules", None), candidates)
+    if value != "auto":
+        return bool(value), targeted
+    trainable_tokens = str(getattr(config, "peft_type", "")).endswith("TRAINABLE_TOKENS") or (
+        getattr(config, "trainable_token_indices", None) is not None
+    )
+    if targeted and not trainable_tokens:
+        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
+        return True, targeted
+
+    model_config = getattr(peft_model, "config", None)
+    vocab_size = getattr(model_config, "vocab_size", None)
+    model_id = getattr(config, "base_model_name_or_path", None)
+    if not model_id:
+        return False, targeted
+    if not os.path.exists(os.path.join(model_id, "config.json")):
+        warnings.warn(f"Could not find a config file in {model_id} - will assume that the vocabulary was not modified.")
+        return False, targeted
+    if vocab_size and vocab_size != type(model_config).from_pretrained(model_id).vocab_size:
+        warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.")
+        return True, targeted
+    return False, targeted

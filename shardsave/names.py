@@ -1,0 +1,74 @@
+"""Parameter names: wrapper prefixes off, and PEFT's rule for dropping the adapter name.
+
+Pure string functions, no torch. Every place that needs a model-independent name goes through
+`canonical_name`, so a wrapper added by FSDP1, activation checkpointing or `torch.compile` never leaks
+into a saved key.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["WRAPPER_COMPONENTS", "canonical_name", "is_under", "strip_adapter_name", "check_adapter_name"]
+
+#: Name components that wrappers insert between a module and its children. They never belong to a
+#: saved key: FSDP1 (`FullyShardedDataParallel`), activation checkpointing (`CheckpointWrapper`) and
+#: `torch.compile` (`OptimizedModule`).
+WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def canonical_name(name: str) -> str:
+    """`name` with every wrapper component removed (`a._fsdp_wrapped_module.b` -> `a.b`)."""
+    if not any(w in name for w in WRAPPER_COMPONENTS):
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+
+
+def is_under(name: str, prefixes: set[str] | frozenset[str]) -> bool:
+    """`name` equals or lies below one of `prefixes`, on `.` boundaries (`a.b` covers `a.b.c`, not `a.bc`)."""
+    while True:
+        if name in prefixes:
+            return True
+        name, dot, _ = name.rpartition(".")
+        if not dot:
+            return False
+
+
+def strip_adapter_name(key: str, adapter_name: str) -> str:
+    """The checkpoint key for a model key: the adapter name removed, as PEFT's format defines it.
+
+    A parameter held directly in a `ParameterDict` ends with the adapter name
+    (`...trainable_tokens_delta.default`); a parameter of a module in a `ModuleDict` has it second to last
+    (`...lora_A.default.weight`). Only those positions are touched, so a module that happens to share the
+    adapter's name elsewhere in the path keeps it.
+    """
+    if "." not in key:
+        return key
+    suffix = f".{adapter_name}"
+    if key.endswith(suffix):
+        return key[: -len(suffix)]
+    head, _, leaf = key.rpartition(".")
+    head = re.sub(re.escape(suffix) + r"$", "", head)
+    return f"{head}.{leaf}"
+
+
+_BAD_NAME = re.compile(r"[/\\\x00]")
+
+
+def check_adapter_name(adapter_name: str) -> None:
+    """Raise `ValueError` if `adapter_name` cannot safely be a directory under the save directory.
+
+    Non-default adapters are written to `save_directory/<adapter_name>/`; a name with a path separator or
+    a `..` would write outside it.
+    """
+    if (
+        not isinstance(adapter_name, str)
+        or not adapter_name
+        or adapter_name in (".", "..")
+        or _BAD_NAME.search(adapter_name)
+    ):
+        raise ValueError(
+            f"Adapter name {adapter_name!r} cannot be saved: non-default adapters are written to "
+            f"save_directory/<adapter name>/, so the name must be a plain directory name without '/', '\\', "
+            f"NUL, '.' or '..'. Rename the adapter (e.g. with a new `adapter_name` when loading it)."
+        )

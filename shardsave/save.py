@@ -1,0 +1,317 @@
+"""`save_pretrained` and `gather_state_dict`: the flow model -> plan -> agree -> collect -> write.
+
+Everything that can fail on one rank alone (bad arguments, an unknown adapter) is decided before any
+tensor moves, and all ranks agree on it through `Rendezvous`; only then do collectives run. The writer's
+outcome is shared the same way, so a failed write raises on every rank instead of leaving them waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .collect import Collector, TensorInfo, collector_for
+from .layout import build_layout, find_peft_model, peel, resolve_save_embedding_layers
+from .names import check_adapter_name
+from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
+from .select import AdapterPlan, select_adapter
+from .writer import CARD_NAME, check_destination, publish, write_config, write_weights
+
+__all__ = ["save_pretrained", "gather_state_dict"]
+
+logger = logging.getLogger("shardsave")
+
+KeepSpec = Callable[[str, TensorInfo], bool] | Iterable[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _SaveRequest:
+    """Everything a save decided before any tensor moved; identical on every rank."""
+
+    peft_model: object
+    collector: Collector
+    plans: tuple[AdapterPlan, ...]
+    destination: Path
+    safe: bool
+    args: dict
+
+
+def _check_selected(peft_model, selected_adapters: Sequence[str] | None) -> list[str]:
+    available = list(peft_model.peft_config.keys())
+    if selected_adapters is None:
+        selected = available
+    else:
+        if isinstance(selected_adapters, str):
+            raise ValueError(
+                f"selected_adapters must be a list of adapter names, got the string {selected_adapters!r}; "
+                f"pass [{selected_adapters!r}]."
+            )
+        selected = list(selected_adapters)
+        unknown = [name for name in selected if name not in available]
+        if unknown:
+            raise ValueError(
+                f"You passed an invalid `selected_adapters` argument: {unknown} not found. The model's "
+                f"adapters are {available} - got {selected}."
+            )
+    for name in selected:
+        check_adapter_name(name)
+        config = peft_model.peft_config[name]
+        if getattr(config, "peft_type", None) != "LORA":
+            raise ValueError(
+                f"Adapter {name!r} is of type {config.peft_type}; shardsave saves LoRA-family adapters "
+                f"(LoRA, DoRA, rsLoRA, PiSSA/CorDA/OLoRA-initialised LoRA). Use PeftModel.save_pretrained for "
+                f"other PEFT types, or shardsave.gather_state_dict for the raw tensors."
+            )
+    return selected
+
+
+def _plan(peft_model, infos: dict[str, TensorInfo], selected: list[str], save_embedding_layers) -> list[AdapterPlan]:
+    layout = build_layout(peft_model)
+    names = list(infos)
+    plans = []
+    for name in selected:
+        config = peft_model.peft_config[name]
+        save_embeddings, targeted = resolve_save_embedding_layers(
+            save_embedding_layers, config=config, peft_model=peft_model, candidates=layout.embedding_candidates
+        )
+        plans.append(
+            select_adapter(
+                layout,
+                names,
+                name,
+                bias=getattr(config, "bias", "none"),
+                use_dora=bool(getattr(config, "use_dora", False)),
+                save_embeddings=save_embeddings,
+                embedding_targeted=targeted,
+            )
+        )
+    return plans
+
+
+def _prepare_save(
+    model, save_directory, *, safe_serialization, selected_adapters, save_embedding_layers, initial, ranks
+) -> _SaveRequest:
+    if initial is not None:
+        raise NotImplementedError(
+            "path_initial_model_for_weight_conversion (PiSSA / CorDA / OLoRA conversion) is not supported by "
+            "this version of shardsave; save without it, or convert with PeftModel.save_pretrained in one process."
+        )
+    destination = check_destination(save_directory)
+    peft_model = find_peft_model(model)
+    selected = _check_selected(peft_model, selected_adapters)
+    collector = collector_for(peel(model), ranks)
+    infos = collector.infos()
+    plans = tuple(_plan(peft_model, infos, selected, save_embedding_layers))
+    plan_digest = hashlib.sha256(
+        json.dumps(
+            [[p.adapter_name, [[k, v, list(infos[v].shape), str(infos[v].dtype)] for k, v in p.entries.items()]]
+             for p in plans]
+        ).encode()
+    ).hexdigest()[:16]
+    args = {
+        "save_directory": str(destination),
+        "safe_serialization": bool(safe_serialization),
+        "selected_adapters": selected,
+        "save_embedding_layers": save_embedding_layers,
+        "plan": plan_digest,
+    }
+    return _SaveRequest(peft_model, collector, plans, destination, bool(safe_serialization), args)
+
+
+def _agree_on_args(statuses: dict[int, dict]) -> None:
+    reference = statuses[0]["args"]
+    for rank, status in sorted(statuses.items()):
+        for field, value in status["args"].items():
+            if value != reference[field]:
+                what = "model or adapter layout" if field == "plan" else f"{field}={value!r}"
+                raise ValueError(
+                    f"Ranks disagree on the save: rank {rank} has {what} but rank 0 has "
+                    f"{'another' if field == 'plan' else repr(reference[field])}. Every rank must call the save "
+                    f"with the same arguments on the same model."
+                )
+
+
+def _pick_writer(statuses: dict[int, dict]) -> int:
+    writers = [rank for rank, status in sorted(statuses.items()) if status["main"]]
+    if len(writers) != 1:
+        raise ValueError(
+            f"Exactly one rank must write, but is_main_process is true on rank(s) {writers}. Pass "
+            f"is_main_process=(rank == 0) (or accelerator.is_main_process), or leave it None for rank 0."
+        )
+    return writers[0]
+
+
+def _agree(rdv: Rendezvous, ranks: Ranks, op: str, prepare: Callable[[], object], main: bool | None):
+    """Run `prepare` on every rank, agree on the outcome; return (result, writer rank)."""
+    result, error = None, None
+    try:
+        result = prepare()
+    except Exception as exc:  # shared with the other ranks below, then re-raised
+        error = exc
+    is_main = (ranks.rank == 0) if main is None else bool(main)
+    extra = {"main": is_main, "args": getattr(result, "args", {})}
+    statuses = rdv.agree("start", status_of(error, **extra))
+    raise_on_failure(statuses, own=error, ranks=ranks, op=op)
+    if ranks.distributed:
+        _agree_on_args(statuses)
+        return result, _pick_writer(statuses)
+    return result, (ranks.rank if is_main else -1)
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v if v.device.type == "cpu" else v.to("cpu")) for k, v in tensors.items()}
+
+
+def _base_name_or_path(peft_model) -> str | None:
+    return peft_model.base_model.model.__dict__.get("name_or_path", None) or None
+
+
+def _auto_mapping(peft_model, config) -> dict | None:
+    if config.task_type is not None:
+        return None
+    cls = type(peft_model.base_model.model)
+    return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+
+
+def _write_adapters(request: _SaveRequest, tensors: dict[str, torch.Tensor]) -> None:
+    peft_model = request.peft_model
+    existing_card = request.destination / CARD_NAME
+
+    def fill(tmp: Path) -> None:
+        if existing_card.is_file():  # PEFT updates an existing card rather than replacing it
+            shutil.copyfile(existing_card, tmp / CARD_NAME)
+        peft_model.create_or_update_model_card(str(tmp))
+        for plan in request.plans:
+            out = tmp if plan.adapter_name == "default" else tmp / plan.adapter_name
+            out.mkdir(exist_ok=True)
+            write_weights(out, {key: tensors[src] for key, src in plan.entries.items()}, safe=request.safe)
+            config = peft_model.peft_config[plan.adapter_name]
+            write_config(
+                out,
+                config,
+                base_model_name_or_path=_base_name_or_path(peft_model),
+                auto_mapping=_auto_mapping(peft_model, config),
+            )
+
+    publish(request.destination, fill)
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    safe_serialization: bool = True,
+    selected_adapters: Sequence[str] | None = None,
+    save_embedding_layers: str | bool = "auto",
+    is_main_process: bool | None = None,
+    path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Save a PEFT model's adapters exactly as `PeftModel.save_pretrained` would, from any rank layout.
+
+    Call it on every rank. `model` is a `PeftModel` or anything wrapping one (DDP, a DeepSpeed engine,
+    FSDP, `torch.compile`). Only the adapter's tensors move, to the main process (`is_main_process`, by
+    default rank 0), which publishes the directory atomically. Every rank returns once the adapter is on
+    disk, or raises if any rank failed or did not arrive within `timeout` seconds (default 300).
+    """
+    ranks = Ranks.current()
+    started = time.perf_counter()
+    rdv = Rendezvous(ranks, op="save_pretrained", timeout=resolve_timeout(timeout))
+    request, writer = _agree(
+        rdv,
+        ranks,
+        "save_pretrained",
+        lambda: _prepare_save(
+            model,
+            save_directory,
+            safe_serialization=safe_serialization,
+            selected_adapters=selected_adapters,
+            save_embedding_layers=save_embedding_layers,
+            initial=path_initial_model_for_weight_conversion,
+            ranks=ranks,
+        ),
+        is_main_process,
+    )
+    sources = list(dict.fromkeys(s for plan in request.plans for s in plan.sources))
+    if writer < 0:  # one process that is not the main process: PEFT writes nothing either
+        return
+    tensors = request.collector.gather(sources, dst=writer)
+
+    error = None
+    if ranks.rank == writer:
+        try:
+            _write_adapters(request, _to_host(tensors))
+        except Exception as exc:
+            error = exc
+        if ranks.distributed:
+            rdv.post("done", status_of(error))
+        if error is not None:
+            raise error
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        logger.info(
+            "saved %d adapter(s), %d tensors, %.2f MiB to %s in %.2f s",
+            len(request.plans), len(tensors), nbytes / 2**20, request.destination, time.perf_counter() - started,
+        )
+    else:
+        statuses = rdv.collect("done", [writer])
+        raise_on_failure(statuses, own=None, ranks=ranks, op="save_pretrained")
+
+
+def _keep_names(keep: KeepSpec, infos: dict[str, TensorInfo]) -> list[str]:
+    if keep is None:
+        return [n for n, info in infos.items() if info.requires_grad]
+    if callable(keep):
+        return [n for n, info in infos.items() if keep(n, info)]
+    wanted = list(keep)
+    unknown = [n for n in wanted if n not in infos]
+    if unknown:
+        sample = list(infos)[:5]
+        raise KeyError(
+            f"gather_state_dict: {unknown} are not state-dict names of this model (canonical names, no "
+            f"wrapper prefixes, e.g. {sample})."
+        )
+    return wanted
+
+
+def gather_state_dict(
+    model: nn.Module,
+    *,
+    keep: KeepSpec = None,
+    is_main_process: bool | None = None,
+    timeout: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the selected parameters on the main process, `{}` on the others.
+
+    Call it on every rank. `keep` selects state-dict entries: `None` (the default) keeps those that require
+    grad, a callable `keep(name, info)` decides per entry, an iterable names them. Names are canonical:
+    no `module.`, `_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.` or `_orig_mod.` components.
+    """
+    ranks = Ranks.current()
+    rdv = Rendezvous(ranks, op="gather_state_dict", timeout=resolve_timeout(timeout))
+
+    @dataclass(frozen=True, slots=True)
+    class _Gather:
+        collector: Collector
+        names: list[str]
+        args: dict
+
+    def prepare() -> _Gather:
+        collector = collector_for(peel(model), ranks)
+        names = _keep_names(keep, collector.infos())
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+        return _Gather(collector, names, {"names": digest})
+
+    request, writer = _agree(rdv, ranks, "gather_state_dict", prepare, is_main_process)
+    if writer < 0:
+        return {}
+    return _to_host(request.collector.gather(request.names, dst=writer))

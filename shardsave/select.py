@@ -1,0 +1,98 @@
+"""Which state-dict entries make up one adapter, and under which checkpoint keys: PEFT's format as a pure
+function of a `Layout` and the list of state-dict names.
+
+No tensors pass through here, so every rank computes the same plan before anything is gathered, and the
+rules can be tested without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .layout import Layout
+from .names import is_under, strip_adapter_name
+
+__all__ = ["AdapterPlan", "select_adapter"]
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPlan:
+    """One adapter's file: checkpoint key -> canonical state-dict name, in PEFT's insertion order."""
+
+    adapter_name: str
+    entries: dict[str, str]
+
+    @property
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys(self.entries.values()))
+
+
+def select_adapter(
+    layout: Layout,
+    names: Sequence[str],
+    adapter_name: str,
+    *,
+    bias: str = "none",
+    use_dora: bool = False,
+    save_embeddings: bool = False,
+    embedding_targeted: bool = False,
+) -> AdapterPlan:
+    """Plan the checkpoint of `adapter_name` from the state-dict `names` (in state-dict order).
+
+    Selection is structural: a tensor belongs to the adapter because it sits in that adapter's slot of a
+    tuner layer or auxiliary module, never because its name contains a string, so no adapter name (not even
+    `model`) can pull in another adapter's tensors.
+    """
+    others_slots = {
+        f"{t.path}.{member}.{name}"
+        for t in layout.tuners
+        for member, adapters in t.keyed.items()
+        for name in adapters
+        if name != adapter_name
+    }
+    mine = [n for n in names if not is_under(n, others_slots)]
+    present = set(mine)
+
+    tuner_prefixes: set[str] = set()
+    for t in layout.tuners:
+        if t.inside_aux:
+            continue
+        for member in t.members:
+            if member in t.keyed:
+                if adapter_name in t.keyed[member]:
+                    tuner_prefixes.add(f"{t.path}.{member}.{adapter_name}")
+            else:
+                tuner_prefixes.add(f"{t.path}.{member}")
+    picked: dict[str, str] = {n: n for n in mine if is_under(n, tuner_prefixes)}
+
+    if bias == "all":
+        picked.update({n: n for n in mine if n == "bias" or n.endswith(".bias")})
+    elif bias.endswith("_only"):
+        for t in layout.tuners:
+            name = f"{t.path}.base_layer.bias" if t.path else "base_layer.bias"
+            if t.is_layer and name in present:
+                picked[name] = name
+
+    if use_dora:
+        dora_suffix = f"lora_magnitude_vector.{adapter_name}.weight"
+        picked = {(k[: -len(".weight")] if k.endswith(dora_suffix) else k): v for k, v in picked.items()}
+
+    for a in layout.aux:
+        if a.kind == "modules_to_save" and adapter_name in a.adapters:
+            inner = f"{a.path}.modules_to_save.{adapter_name}."
+            picked.update({f"{a.path}.{n[len(inner):]}": n for n in mine if n.startswith(inner)})
+        elif a.kind == "trainable_tokens" and not a.tied:
+            source = f"{a.path}.token_adapter.trainable_tokens_delta.{adapter_name}"
+            if source in present:
+                picked[f"{a.path}.token_adapter.trainable_tokens_delta"] = source
+
+    if save_embeddings:
+        for e in layout.embeddings:
+            if embedding_targeted and not e.has_valid_base:
+                continue
+            module = e.base_name if embedding_targeted else e.name
+            if module:
+                picked.update({n: n for n in mine if n.startswith(f"{module}.")})
+
+    return AdapterPlan(adapter_name, {strip_adapter_name(k, adapter_name): v for k, v in picked.items()})

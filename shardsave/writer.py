@@ -1,0 +1,203 @@
+"""Files on disk: adapter weights, config, model card, and the atomic publish of a whole adapter directory.
+
+Runs on the writing rank only and knows nothing of ranks or sharding. `publish` builds the new directory
+as a hidden sibling, fsyncs it, and renames it into place, so readers see the old adapter or the new one,
+never a mix; files in an existing directory that are not part of the adapter are carried over by hard link.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = [
+    "SAFETENSORS_NAME",
+    "BIN_NAME",
+    "CONFIG_NAME",
+    "CARD_NAME",
+    "write_weights",
+    "write_config",
+    "publish",
+    "check_destination",
+]
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+CARD_NAME = "README.md"
+_ADAPTER_FILES = frozenset({SAFETENSORS_NAME, BIN_NAME, CONFIG_NAME})
+TMP_MARK = ".shardsave-tmp-"
+OLD_MARK = ".shardsave-old-"
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    if t.numel() == 0:
+        return None
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _for_safetensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, each with storage of its own (safetensors refuses aliases); values unchanged."""
+    seen: set[tuple[str, int]] = set()
+    out = {}
+    for name, t in tensors.items():
+        key = _storage_key(t)
+        if key is not None and key in seen:
+            t = t.clone()
+        elif key is not None:
+            seen.add(key)
+        out[name] = t.contiguous()
+    return out
+
+
+def _fsync(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], *, safe: bool) -> Path:
+    """`adapter_model.safetensors` (with PEFT's `{"format": "pt"}` metadata) or `adapter_model.bin`."""
+    if safe:
+        path = directory / SAFETENSORS_NAME
+        save_file(_for_safetensors(tensors), str(path), metadata={"format": "pt"})
+    else:
+        path = directory / BIN_NAME
+        torch.save(dict(tensors), str(path))
+    return path
+
+
+def write_config(directory: Path, config, *, base_model_name_or_path: str | None, auto_mapping: dict | None) -> Path:
+    """`adapter_config.json` as PEFT writes it, from a copy: the caller's config is never modified."""
+    config = copy.deepcopy(config)
+    config.inference_mode = True
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = base_model_name_or_path or None
+    config.save_pretrained(str(directory), auto_mapping_dict=auto_mapping)
+    return directory / CONFIG_NAME
+
+
+def check_destination(save_directory: str | os.PathLike) -> Path:
+    """The absolute destination, or `ValueError` if it cannot hold an adapter directory."""
+    if not isinstance(save_directory, (str, os.PathLike)) or not os.fspath(save_directory):
+        raise ValueError(f"save_directory must be a non-empty path, got {save_directory!r}.")
+    dest = Path(os.path.abspath(os.fspath(save_directory)))
+    if dest.is_symlink():
+        dest = dest.resolve()
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(
+            f"Provided path ({save_directory}) should be a directory, not a file: shardsave writes an adapter "
+            f"directory there. Remove the file or choose another save_directory."
+        )
+    return dest
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Bring into `new` what `old` holds and the new adapter does not replace."""
+    adapter_dir = (new / CONFIG_NAME).exists()
+    for entry in os.scandir(old):
+        target = new / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if target.is_dir() and not target.is_symlink():
+                _carry_over(Path(entry.path), target)
+            elif not os.path.lexists(target):
+                shutil.copytree(entry.path, target, symlinks=True, copy_function=_link_or_copy)
+        elif os.path.lexists(target) or (adapter_dir and entry.name in _ADAPTER_FILES):
+            continue  # replaced, or a stale weights file of the other format
+        else:
+            _link_or_copy(entry.path, str(target))
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                _fsync(path)
+        _fsync(dirpath)
+
+
+def _cwd_inside(path: Path) -> bool:
+    try:
+        cwd = Path(os.getcwd())
+    except OSError:
+        return False
+    return cwd == path or path in cwd.parents
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    if not os.path.lexists(dest):
+        os.rename(tmp, dest)
+        return
+    old = dest.parent / f".{dest.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace_in_place(tmp: Path, dest: Path) -> None:
+    """Fallback when `dest` itself cannot be renamed (a mount point, or the working directory): each file
+    is replaced atomically, weights last, so a crash leaves at worst a new config beside old weights."""
+    files = [Path(d) / f for d, _, fs in os.walk(tmp) for f in fs]
+    files.sort(key=lambda p: p.name in (SAFETENSORS_NAME, BIN_NAME))
+    for src in files:
+        target = dest / src.relative_to(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, target)
+    stale_of = {SAFETENSORS_NAME: BIN_NAME, BIN_NAME: SAFETENSORS_NAME}
+    for src in files:
+        if src.name in stale_of:
+            (dest / src.relative_to(tmp)).with_name(stale_of[src.name]).unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(save_directory: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Create or replace the adapter directory `save_directory` with what `fill(tmp)` writes into `tmp`.
+
+    `fill` gets an empty hidden sibling directory. On any error the sibling is removed and the destination
+    is untouched.
+    """
+    dest = check_destination(save_directory)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}{TMP_MARK}", dir=dest.parent))
+    try:
+        fill(tmp)
+        if dest.is_dir():
+            _carry_over(dest, tmp)
+        _fsync_tree(tmp)
+        if dest.is_dir() and _cwd_inside(dest):
+            _replace_in_place(tmp, dest)
+        else:
+            try:
+                _swap_in(tmp, dest)
+            except OSError as exc:
+                if exc.errno not in (errno.EBUSY, errno.EXDEV, errno.EPERM):
+                    raise
+                _replace_in_place(tmp, dest)
+        _fsync(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

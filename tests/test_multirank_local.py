@@ -1,0 +1,74 @@
+"""Two gloo ranks, parameters whole on each (DDP): every rank calls, one writes, failures reach all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multirank import check_ok, run_ranks
+from tiny import assert_same_files, load_and_compare
+
+pytestmark = pytest.mark.multirank
+
+
+def test_ddp_save_matches_peft_after_training(tmp_path):
+    results = run_ranks("ddp_save", tmp_path, lora={"target_modules": ["q_proj", "v_proj"],
+                                                    "modules_to_save": ["lm_head"]})
+    check_ok(results)
+    from peft import PeftModel
+    from tiny import base_model, logits
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    loaded = PeftModel.from_pretrained(base_model(), str(ours)).eval()
+    torch.testing.assert_close(logits(loaded), torch.load(tmp_path / "logits.pt"), atol=1e-5, rtol=1e-4)
+    for rel in ("adapter_model.safetensors", "README.md"):
+        assert (ours / rel).read_bytes() == (theirs / rel).read_bytes()
+
+
+def test_ddp_gather_state_dict(tmp_path):
+    results = run_ranks("ddp_gather", tmp_path)
+    check_ok(results)
+    assert results[0].result["count"] > 0 and results[1].result["count"] == 0
+
+
+def test_is_main_process_picks_the_writer(tmp_path):
+    results = run_ranks("writer_rank1", tmp_path)
+    check_ok(results)
+    # every rank returns only after the adapter is published
+    assert all(r.result["exists_after_return"] for r in results)
+
+
+def test_missing_rank_is_named_within_timeout(tmp_path):
+    results = run_ranks("only_rank0_calls", tmp_path, timeout=3)
+    r0 = results[0]
+    assert r0.result["type"] == "MissingRanksError", r0.output[-3000:]
+    assert "rank(s) [1]" in r0.error and "Every rank must call" in r0.error
+    assert float((tmp_path / "elapsed").read_text()) < 3 + 10
+    assert not (tmp_path / "ours").exists()
+
+
+def test_writer_failure_raises_on_every_rank(tmp_path):
+    results = run_ranks("writer_fails", tmp_path)
+    assert results[0].result["type"] in ("NotADirectoryError", "FileExistsError", "OSError"), results[0].output
+    assert results[1].result["type"] == "RemoteError" and "rank 0" in results[1].error
+    leftovers = [p.name for p in tmp_path.iterdir() if "shardsave" in p.name]
+    assert leftovers == []
+
+
+def test_two_writers_refused_on_all_ranks(tmp_path):
+    results = run_ranks("two_writers", tmp_path)
+    for r in results:
+        assert r.result["type"] == "ValueError" and "is_main_process is true on rank(s) [0, 1]" in r.error
+    assert not (tmp_path / "ours").exists()
+
+
+def test_different_directories_refused(tmp_path):
+    results = run_ranks("mismatched_args", tmp_path)
+    for r in results:
+        assert r.result["type"] == "ValueError" and "save_directory" in r.error
+    assert not any(p.name.startswith("ours") for p in tmp_path.iterdir())
+
+
+def test_bad_argument_on_one_rank_raises_everywhere(tmp_path):
+    results = run_ranks("bad_adapter_on_one_rank", tmp_path)
+    assert results[1].result["type"] == "ValueError" and "nope" in results[1].error
+    assert results[0].result["type"] == "RemoteError" and "rank 1" in results[0].error

@@ -1,0 +1,153 @@
+"""Per-rank bodies of the multi-rank tests. Run by tests/multirank.py as `workers.py SCENARIO DIR PARAMS`.
+
+Each scenario returns a JSON-able dict; an exception becomes {"ok": false, "error": ..., "type": ...}
+so that the test can assert on the error every rank raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import shardsave
+
+SCENARIOS = {}
+
+
+def scenario(fn):
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+def lora_model(params: dict):
+    from peft import LoraConfig
+    from tiny import peft_model
+
+    lora = dict(params.get("lora", {"target_modules": ["q_proj", "v_proj"]}))
+    return peft_model(LoraConfig(**lora), **params.get("model", {}))
+
+
+def train_steps(model, rank: int, steps: int = 2) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(1, 90, (2, 8), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def reference_outputs(inner, out: Path, rank: int) -> None:
+    """Rank 0 writes PEFT's own single-process save and the trained logits, for the test to compare."""
+    from tiny import logits
+
+    if rank == 0:
+        inner.save_pretrained(str(out / "theirs"))
+        torch.save(logits(inner), out / "logits.pt")
+
+
+@scenario
+def ddp_save(rank, world, out: Path, params):
+    model = lora_model(params)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    train_steps(ddp, rank)
+    shardsave.save_pretrained(ddp, out / "ours", **params.get("save", {}))
+    reference_outputs(model, out, rank)
+    return {}
+
+
+@scenario
+def ddp_gather(rank, world, out: Path, params):
+    model = lora_model(params)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    train_steps(ddp, rank)
+    got = shardsave.gather_state_dict(ddp)
+    expected = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    if rank == 0:
+        assert set(got) == set(expected), (sorted(got)[:3], sorted(expected)[:3])
+        assert all(torch.equal(got[k], expected[k].detach()) for k in expected)
+    else:
+        assert got == {}
+    return {"count": len(got)}
+
+
+@scenario
+def writer_rank1(rank, world, out: Path, params):
+    model = lora_model(params)
+    shardsave.save_pretrained(model, out / "ours", is_main_process=(rank == 1))
+    return {"exists_after_return": (out / "ours" / "adapter_model.safetensors").exists()}
+
+
+@scenario
+def only_rank0_calls(rank, world, out: Path, params):
+    model = lora_model(params)
+    if rank == 0:
+        start = time.monotonic()
+        try:
+            shardsave.save_pretrained(model, out / "ours", timeout=params["timeout"])
+        finally:
+            (out / "elapsed").write_text(str(time.monotonic() - start))
+    else:
+        time.sleep(params["timeout"] + 5)  # alive, but never calls the save
+    return {}
+
+
+@scenario
+def writer_fails(rank, world, out: Path, params):
+    (out / "a_file").write_text("not a directory")
+    model = lora_model(params)
+    shardsave.save_pretrained(model, out / "a_file" / "adapter")
+    return {}
+
+
+@scenario
+def two_writers(rank, world, out: Path, params):
+    model = lora_model(params)
+    shardsave.save_pretrained(model, out / "ours", is_main_process=True)
+    return {}
+
+
+@scenario
+def mismatched_args(rank, world, out: Path, params):
+    model = lora_model(params)
+    shardsave.save_pretrained(model, out / f"ours-{rank}")
+    return {}
+
+
+@scenario
+def bad_adapter_on_one_rank(rank, world, out: Path, params):
+    model = lora_model(params)
+    shardsave.save_pretrained(model, out / "ours", selected_adapters=["default"] if rank == 0 else ["nope"])
+    return {}
+
+
+def main() -> None:
+    name, out, params = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        result = {"ok": True, **(SCENARIOS[name](rank, world, out, params) or {})}
+    except Exception as exc:
+        traceback.print_exc()
+        result = {"ok": False, "type": type(exc).__name__, "error": str(exc)}
+    (out / f"result-{rank}.json").write_text(json.dumps(result))
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -87,9 +87,7 @@ def peel(model: nn.Module) -> nn.Module:
     seen = 0
     while seen < 16:
         seen += 1
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_deepspeed_engine(
-            model
-        ):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_deepspeed_engine(model):
             model = model.module
         elif isinstance(model, OptimizedModule):
             model = model._orig_mod
@@ -213,7 +211,9 @@ def resolve_save_embedding_layers(value, *, config, peft_model, candidates: tupl
         getattr(config, "trainable_token_indices", None) is not None
     )
     if targeted and not trainable_tokens:
-        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
+        warnings.warn(
+            "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", stacklevel=3
+        )
         return True, targeted
 
     model_config = getattr(peft_model, "config", None)
@@ -222,9 +222,15 @@ def resolve_save_embedding_layers(value, *, config, peft_model, candidates: tupl
     if not model_id:
         return False, targeted
     if not os.path.exists(os.path.join(model_id, "config.json")):
-        warnings.warn(f"Could not find a config file in {model_id} - will assume that the vocabulary was not modified.")
+        warnings.warn(
+            f"Could not find a config file in {model_id} - will assume that the vocabulary was not modified.",
+            stacklevel=3,
+        )
         return False, targeted
     if vocab_size and vocab_size != type(model_config).from_pretrained(model_id).vocab_size:
-        warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.")
+        warnings.warn(
+            "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.",
+            stacklevel=3,
+        )
         return True, targeted
     return False, targeted

@@ -103,7 +103,7 @@ class Rendezvous:
         try:
             self._store.wait(keys, timedelta(seconds=self.timeout))
         except (RuntimeError, dist.DistError) as exc:
-            missing = tuple(r for r, k in zip(ranks, keys) if not self._check(k))
+            missing = tuple(r for r, k in zip(ranks, keys, strict=True) if not self._check(k))
             if not missing:
                 raise
             raise MissingRanksError(
@@ -113,7 +113,7 @@ class Rendezvous:
                 f"choose the writer, and timeout= to wait longer.",
                 missing,
             ) from exc
-        return {r: json.loads(self._store.get(k)) for r, k in zip(ranks, keys)}
+        return {r: json.loads(self._store.get(k)) for r, k in zip(ranks, keys, strict=True)}
 
     def _check(self, key: str) -> bool:
         try:

@@ -114,8 +114,10 @@ def _prepare_save(
     plans = tuple(_plan(peft_model, infos, selected, save_embedding_layers))
     plan_digest = hashlib.sha256(
         json.dumps(
-            [[p.adapter_name, [[k, v, list(infos[v].shape), str(infos[v].dtype)] for k, v in p.entries.items()]]
-             for p in plans]
+            [
+                [p.adapter_name, [[k, v, list(infos[v].shape), str(infos[v].dtype)] for k, v in p.entries.items()]]
+                for p in plans
+            ]
         ).encode()
     ).hexdigest()[:16]
     args = {
@@ -260,7 +262,11 @@ def save_pretrained(
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         logger.info(
             "saved %d adapter(s), %d tensors, %.2f MiB to %s in %.2f s",
-            len(request.plans), len(tensors), nbytes / 2**20, request.destination, time.perf_counter() - started,
+            len(request.plans),
+            len(tensors),
+            nbytes / 2**20,
+            request.destination,
+            time.perf_counter() - started,
         )
     else:
         statuses = rdv.collect("done", [writer])

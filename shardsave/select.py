@@ -81,7 +81,7 @@ def select_adapter(
     for a in layout.aux:
         if a.kind == "modules_to_save" and adapter_name in a.adapters:
             inner = f"{a.path}.modules_to_save.{adapter_name}."
-            picked.update({f"{a.path}.{n[len(inner):]}": n for n in mine if n.startswith(inner)})
+            picked.update({f"{a.path}.{n[len(inner) :]}": n for n in mine if n.startswith(inner)})
         elif a.kind == "trainable_tokens" and not a.tied:
             source = f"{a.path}.token_adapter.trainable_tokens_delta.{adapter_name}"
             if source in present:

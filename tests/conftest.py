@@ -3,10 +3,8 @@ against PEFT's own `save_pretrained`."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT's vocab check must not reach the Hub

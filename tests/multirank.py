@@ -31,16 +31,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(scenario: str, tmp_path: Path, *, world_size: int = 2, limit: float = 240,
-              extra_env: dict | None = None, **params) -> list[RankResult]:
+def run_ranks(
+    scenario: str, tmp_path: Path, *, world_size: int = 2, limit: float = 240, extra_env: dict | None = None, **params
+) -> list[RankResult]:
     port = free_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ)
         env.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), HF_HUB_OFFLINE="1",
-            OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world_size),
+            HF_HUB_OFFLINE="1",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]),
         )
         env.update(extra_env or {})
         cmd = [sys.executable, str(HERE / "workers.py"), scenario, str(tmp_path), json.dumps(params)]

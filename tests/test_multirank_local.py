@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from multirank import check_ok, run_ranks
-from tiny import assert_same_files, load_and_compare
 
 pytestmark = pytest.mark.multirank
 
 
 def test_ddp_save_matches_peft_after_training(tmp_path):
-    results = run_ranks("ddp_save", tmp_path, lora={"target_modules": ["q_proj", "v_proj"],
-                                                    "modules_to_save": ["lm_head"]})
+    results = run_ranks(
+        "ddp_save", tmp_path, lora={"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    )
     check_ok(results)
     from peft import PeftModel
     from tiny import base_model, logits

@@ -103,8 +103,16 @@ def logits(model, seed: int = 3) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-def load_and_compare(model: PeftModel, directory: Path, *, seq_cls: bool = False, adapter: str = "default",
-                     atol: float = 1e-5, dtype=None, **config_kwargs) -> None:
+def load_and_compare(
+    model: PeftModel,
+    directory: Path,
+    *,
+    seq_cls: bool = False,
+    adapter: str = "default",
+    atol: float = 1e-5,
+    dtype=None,
+    **config_kwargs,
+) -> None:
     """Load `directory` onto a fresh base with PEFT and check it reproduces `model`'s logits."""
     sub = Path(directory) if adapter == "default" else Path(directory, adapter)
     base = base_model(seq_cls=seq_cls, **config_kwargs)

@@ -149,5 +149,37 @@ def main() -> None:
         pass
 
 
+@scenario
+def backend_save(rank, world, out: Path, params):
+    """Train under a backend, save with shardsave; rank 0 writes PEFT's save of the same weights."""
+    from backends import full_state, sharded_logits, train, wrap
+    from peft import LoraConfig
+    from tiny import peft_model
+
+    backend = params["backend"]
+    lora = LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"]}))
+    model = peft_model(lora, **params.get("model", {}))
+    wrapped, opt = wrap(
+        model, backend, checkpointing=params.get("checkpointing", False), compile=params.get("compile", False)
+    )
+    train(wrapped, opt, backend, rank)
+    target = model if params.get("pass_inner") else wrapped
+    shardsave.save_pretrained(target, out / "ours", **params.get("save", {}))
+    if params.get("also_gather"):
+        got = shardsave.gather_state_dict(target)
+        if rank == 0:
+            torch.save(got, out / "gathered.pt")
+    torch_logits = sharded_logits(wrapped)
+    state = full_state(wrapped, backend)
+    if rank == 0:
+        reference = peft_model(lora, **params.get("model", {}))
+        missing, unexpected = reference.load_state_dict(state, strict=False)
+        assert not unexpected, unexpected[:5]
+        reference.save_pretrained(str(out / "theirs"), **params.get("save", {}))
+        torch.save(torch_logits, out / "logits.pt")
+        torch.save({k: v for k, v in state.items()}, out / "full_state.pt")
+    return {}
+
+
 if __name__ == "__main__":
     main()

@@ -8,18 +8,20 @@ from ..ranks import Ranks
 from .base import Collector, TensorInfo
 from .local import LocalCollector
 
-__all__ = ["Collector", "TensorInfo", "LocalCollector", "detect_backend", "collector_for"]
+__all__ = ["Collector", "TensorInfo", "detect_backend", "collector_for"]
 
 
 def detect_backend(root: nn.Module) -> str:
     """`"zero3"`, `"fsdp1"`, `"fsdp2"` or `"local"` (whole parameters: one process, DDP, ZeRO-1/2)."""
     from torch.distributed.tensor import DTensor
 
+    from .zero3 import is_zero3_param
+
     for module in root.modules():
         if type(module).__name__ == "FullyShardedDataParallel":
             return "fsdp1"
     for p in root.parameters():
-        if hasattr(p, "ds_id") and hasattr(p, "ds_tensor"):
+        if is_zero3_param(p):
             return "zero3"
         if isinstance(p, DTensor):
             return "fsdp2"
@@ -27,10 +29,18 @@ def detect_backend(root: nn.Module) -> str:
 
 
 def collector_for(root: nn.Module, ranks: Ranks) -> Collector:
+    """The collector for `root` (the model with DDP / DeepSpeed / compile wrappers peeled off)."""
     backend = detect_backend(root)
-    if backend == "local":
-        return LocalCollector(root, ranks.rank)
-    raise NotImplementedError(
-        f"shardsave cannot yet collect parameters sharded by {backend}; only whole parameters (one process, "
-        f"DDP, DeepSpeed ZeRO-1/2) are supported in this version."
-    )
+    if backend == "fsdp1":
+        from .fsdp1 import FSDP1Collector
+
+        return FSDP1Collector(root, ranks.rank, ranks.world_size)
+    if backend == "fsdp2":
+        from .fsdp2 import FSDP2Collector
+
+        return FSDP2Collector(root, ranks.rank, ranks.world_size)
+    if backend == "zero3":
+        from .zero3 import Zero3Collector
+
+        return Zero3Collector(root, ranks.rank, ranks.world_size)
+    return LocalCollector(root, ranks.rank)

@@ -1,0 +1,136 @@
+"""FSDP1 (`FullyShardedDataParallel`): each unit's parameters live flattened in one `FlatParameter`, of
+which rank r holds elements `[r*S, (r+1)*S)`; original parameter i occupies a known range of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..names import canonical_name
+from .base import TensorInfo
+from .sharded import ShardedCollector, Slice
+from .walk import state_entries
+
+__all__ = ["FSDP1Collector"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Where one original parameter lives inside its unit's flat parameter."""
+
+    flat: nn.Parameter
+    offset: int  # in the unsharded flat parameter
+    shard: int  # elements per rank
+    group_ranks: tuple[int, ...] | None  # global rank of each shard; None: not sharded (NO_SHARD)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _is_flat_param(t: torch.Tensor) -> bool:
+    return hasattr(t, "_fqns") and hasattr(t, "_numels_with_padding")
+
+
+class FSDP1Collector(ShardedCollector):
+    backend = "fsdp1"
+
+    def __init__(self, root: nn.Module, rank: int, world_size: int):
+        super().__init__(rank, world_size)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        order = {}
+        for raw, _ in root.named_modules(remove_duplicate=False):
+            order.setdefault(canonical_name(raw), len(order))
+
+        self._runs: dict[str, _Run] = {}
+        infos: dict[str, TensorInfo] = {}
+        keys: dict[str, tuple] = {}  # state-dict position: (module in pre-order, params before buffers, index)
+        for raw_path, module in root.named_modules():
+            if not isinstance(module, FSDP) or module._handle is None:
+                continue
+            handle = module._handle
+            flat = handle.flat_param
+            group = None
+            if handle.uses_sharded_strategy:
+                pg = handle.process_group
+                if pg.size() != world_size:
+                    raise NotImplementedError(
+                        f"FSDP1 unit {canonical_name(raw_path) or '<root>'} shards over {pg.size()} of {world_size} "
+                        f"ranks (HYBRID_SHARD); shardsave's FSDP1 collector supports FULL_SHARD, SHARD_GRAD_OP "
+                        f"and NO_SHARD."
+                    )
+                group = tuple(dist.get_global_rank(pg, i) for i in range(pg.size()))
+            starts = [0, *accumulate(flat._numels_with_padding)][:-1]
+            offsets = [s for s, pad in zip(starts, flat._is_padding_mask, strict=True) if not pad]
+            shard = int(flat._sharded_size[0]) if group is not None else 0
+            for index, (fqn, shape, offset) in enumerate(zip(flat._fqns, flat._shapes, offsets, strict=True)):
+                name = canonical_name(_join(raw_path, fqn))
+                self._runs[name] = _Run(flat, offset, shard, group)
+                infos[name] = TensorInfo(tuple(shape), flat.dtype, bool(flat.requires_grad))
+                keys[name] = (order.get(name.rpartition(".")[0], len(order)), 0, index)
+            for spi in flat._shared_param_infos:
+                name = canonical_name(_join(raw_path, spi.module_name, spi.param_name))
+                primary = canonical_name(_join(raw_path, spi.prim_module_name, spi.prim_param_name))
+                self._aliases[name] = primary
+                keys[name] = (order.get(name.rpartition(".")[0], len(order)), 0, len(keys))
+
+        self._tensors: dict[str, torch.Tensor] = {}
+        registered_grad: dict[str, bool] = {}
+        for position, (name, tensor, is_param) in enumerate(state_entries(root)):
+            if _is_flat_param(tensor):
+                continue
+            if name in self._runs or name in self._aliases:  # use_orig_params=True: a sharded view
+                registered_grad[name] = bool(tensor.requires_grad)
+                continue
+            self._tensors[name] = tensor
+            infos[name] = TensorInfo(tuple(tensor.shape), tensor.dtype, bool(tensor.requires_grad) and is_param)
+            keys[name] = (order.get(name.rpartition(".")[0], len(order)), int(not is_param), position)
+
+        for name, primary in self._aliases.items():
+            infos[name] = infos[primary]
+        for name, requires_grad in registered_grad.items():  # per original parameter, not per unit
+            infos[name] = TensorInfo(infos[name].shape, infos[name].dtype, requires_grad)
+        self._infos = {name: infos[name] for name in sorted(infos, key=keys.__getitem__)}
+
+    def slices(self, name: str) -> list[Slice] | None:
+        run = self._runs.get(name)
+        if run is None or run.group_ranks is None:
+            return None
+        numel = 1
+        for d in self._infos[name].shape:
+            numel *= d
+        out = []
+        for i, rank in enumerate(run.group_ranks):
+            lo = max(run.offset, i * run.shard)
+            hi = min(run.offset + numel, (i + 1) * run.shard)
+            if hi > lo:
+                out.append(Slice(rank, lo - run.offset, hi - run.offset))
+        return out
+
+    def local(self, name: str, piece: Slice) -> torch.Tensor:
+        run = self._runs[name]
+        shard = run.flat.data
+        if shard.numel() != run.shard:
+            raise RuntimeError(
+                f"{name}: the FSDP1 flat parameter holds {shard.numel()} elements on this rank, expected its "
+                f"{run.shard}-element shard; do not save inside summon_full_params() or a forward pass."
+            )
+        begin = run.offset + piece.start - self._group_index(run) * run.shard
+        return shard[begin : begin + piece.stop - piece.start]
+
+    def _group_index(self, run: _Run) -> int:
+        return run.group_ranks.index(self.rank)
+
+    def whole(self, name: str) -> torch.Tensor:
+        run = self._runs.get(name)
+        if run is None:
+            return self._tensors[name]
+        numel = 1
+        for d in self._infos[name].shape:
+            numel *= d
+        return run.flat.data[run.offset : run.offset + numel].view(self._infos[name].shape)

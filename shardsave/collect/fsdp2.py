@@ -1,0 +1,70 @@
+"""FSDP2 (`fully_shard`): parameters are DTensors sharded on dim 0 over a 1-D mesh."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .base import TensorInfo
+from .sharded import ShardedCollector, Slice, chunk_ranges
+from .walk import state_entries
+
+__all__ = ["FSDP2Collector"]
+
+
+class FSDP2Collector(ShardedCollector):
+    """Each rank's `to_local()` is a run of whole rows, i.e. one contiguous range of the flattened tensor."""
+
+    backend = "fsdp2"
+
+    def __init__(self, root: nn.Module, rank: int, world_size: int):
+        super().__init__(rank, world_size)
+        self._tensors: dict[str, torch.Tensor] = {}
+        seen: dict[int, str] = {}
+        for name, tensor, is_param in state_entries(root):
+            if id(tensor) in seen:  # tied: gather once, save under both names
+                self._aliases[name] = seen[id(tensor)]
+            seen.setdefault(id(tensor), name)
+            self._tensors[name] = tensor
+            requires_grad = bool(tensor.requires_grad) if is_param else False
+            self._infos[name] = TensorInfo(tuple(tensor.shape), tensor.dtype, requires_grad)
+
+    def _mesh_ranks(self, tensor: DTensor) -> list[int] | None:
+        mesh = tensor.device_mesh
+        if mesh.ndim != 1:
+            return None
+        ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+        return ranks if sorted(ranks) == list(range(self.world_size)) else None
+
+    def slices(self, name: str) -> list[Slice] | None:
+        tensor = self._tensors[name]
+        if not isinstance(tensor, DTensor):
+            return None
+        placements = tensor.placements
+        if all(isinstance(p, Replicate) for p in placements):
+            return None
+        ranks = self._mesh_ranks(tensor)
+        if ranks is None or placements != (Shard(0),):
+            raise NotImplementedError(
+                f"{name}: DTensor placements {placements} on mesh {tensor.device_mesh} are not supported by "
+                f"shardsave's FSDP2 collector (it handles Shard(0) or Replicate on a 1-D mesh over all ranks)."
+            )
+        rows = tensor.shape[0] if tensor.ndim else 1
+        row = tensor.numel() // rows if rows else 0
+        return [
+            Slice(ranks[i], start * row, stop * row) for i, (start, stop) in enumerate(chunk_ranges(rows, len(ranks)))
+        ]
+
+    def local(self, name: str, piece: Slice) -> torch.Tensor:
+        data = self._tensors[name].to_local().reshape(-1)
+        if data.numel() < piece.stop - piece.start:
+            raise RuntimeError(
+                f"{name}: this rank holds {data.numel()} elements but FSDP2's dim-0 sharding says "
+                f"{piece.stop - piece.start}; is the model inside an unshard() / forward?"
+            )
+        return data[: piece.stop - piece.start]
+
+    def whole(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor

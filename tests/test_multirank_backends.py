@@ -31,3 +31,84 @@ def check_backend(tmp_path, backend, lora=QV, model=None, **params):
 @pytest.mark.parametrize("backend", ["fsdp2", "fsdp1", "fsdp1_flat", "zero3", "zero2", "ddp"])
 def test_backend_qv(backend, tmp_path):
     check_backend(tmp_path, backend)
+
+
+VARIANTS = {
+    "modules_to_save": dict(lora={"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}),
+    # PEFT's DoRA cannot train under FSDP1 (its forward reads lora_A.weight.shape[1] of a flat view)
+    "dora_embed": dict(lora={"target_modules": ["embed_tokens", "q_proj"], "use_dora": True}, skip=("fsdp1",)),
+    "tokens_bias": dict(
+        lora={"target_modules": ["q_proj"], "trainable_token_indices": [3, 5], "bias": "lora_only"},
+        model={"bias": True},
+    ),
+    "tied_embed": dict(lora={"target_modules": ["v_proj", "embed_tokens"]}, model={"tie": True}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("backend", ["fsdp2", "fsdp1", "zero3"])
+def test_backend_variants(backend, variant, tmp_path):
+    params = dict(VARIANTS[variant])
+    if backend in params.pop("skip", ()):
+        pytest.skip(f"{variant} cannot be trained under {backend} by PEFT itself")
+    check_backend(tmp_path, backend, **params)
+
+
+@pytest.mark.parametrize(
+    "backend,wrappers",
+    [
+        ("fsdp2", {"compile": True, "checkpointing": True}),
+        ("fsdp1", {"checkpointing": True, "pass_inner": True}),
+        ("fsdp1_flat", {"compile": True, "pass_inner": True}),
+        ("zero3", {"compile": True, "pass_inner": True}),
+        ("fsdp2", {"pass_inner": True}),
+    ],
+)
+def test_backend_wrappers(backend, wrappers, tmp_path):
+    check_backend(tmp_path, backend, **wrappers)
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "fsdp1_flat", "zero3"])
+def test_gather_state_dict_under_backend(backend, tmp_path):
+    check_backend(tmp_path, backend, also_gather=True)
+    gathered = torch.load(tmp_path / "gathered.pt")
+    full = torch.load(tmp_path / "full_state.pt")
+    assert gathered and all("lora_" in k for k in gathered), sorted(gathered)[:4]
+    for name, tensor in gathered.items():
+        assert torch.equal(tensor, full[name]), name
+
+
+@pytest.mark.parametrize("backend", ["fsdp1", "fsdp1_flat"])
+def test_fsdp1_inner_model_with_root_unit_tensors(backend, tmp_path):
+    """Embeddings live in the root FSDP unit; passing the inner PeftModel must still find them."""
+    check_backend(
+        tmp_path,
+        backend,
+        pass_inner=True,
+        save={"save_embedding_layers": True},
+        lora={"target_modules": ["q_proj"], "modules_to_save": ["norm"]},
+    )
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "fsdp1", "fsdp1_flat", "zero3", "ddp"])
+def test_only_adapter_bytes_move(backend, tmp_path):
+    """The save issues at most one gather, carrying no more than the adapter's bytes (plus alignment);
+    frozen base weights are never gathered (the base model here is ~15x the adapter)."""
+    import json
+
+    check_backend(tmp_path, backend)
+    from safetensors.torch import load_file
+
+    adapter_bytes = sum(
+        t.numel() * t.element_size() for t in load_file(tmp_path / "ours" / "adapter_model.safetensors").values()
+    )
+    base_bytes = sum(v.numel() * v.element_size() for v in torch.load(tmp_path / "full_state.pt").values())
+    assert base_bytes > 10 * adapter_bytes
+    for rank in (0, 1):
+        calls = json.loads((tmp_path / f"comm-{rank}.json").read_text())
+        assert all(name == "gather" for name, _ in calls), calls
+        assert len(calls) <= 1
+        sent = sum(nbytes for _, nbytes in calls)
+        assert sent <= adapter_bytes + 16 * 64, (sent, adapter_bytes)
+        if backend == "ddp":
+            assert calls == []

@@ -21,6 +21,45 @@ import shardsave
 
 SCENARIOS = {}
 
+_COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "all_gather_object",
+    "broadcast",
+    "all_reduce",
+    "reduce_scatter_tensor",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "all_to_all_single",
+)
+
+
+class CommAudit:
+    """Records every torch.distributed collective (name, bytes) called while active."""
+
+    def __enter__(self):
+        self.calls, self._saved = [], {}
+        for name in _COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            self._saved[name] = original
+
+            def spy(*args, _name=name, _original=original, **kwargs):
+                tensors = [a for a in args if torch.is_tensor(a)]
+                self.calls.append([_name, sum(t.numel() * t.element_size() for t in tensors)])
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, spy)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
 
 def scenario(fn):
     SCENARIOS[fn.__name__] = fn
@@ -164,7 +203,9 @@ def backend_save(rank, world, out: Path, params):
     )
     train(wrapped, opt, backend, rank)
     target = model if params.get("pass_inner") else wrapped
-    shardsave.save_pretrained(target, out / "ours", **params.get("save", {}))
+    with CommAudit() as audit:
+        shardsave.save_pretrained(target, out / "ours", **params.get("save", {}))
+    (out / f"comm-{rank}.json").write_text(json.dumps(audit.calls))
     if params.get("also_gather"):
         got = shardsave.gather_state_dict(target)
         if rank == 0:

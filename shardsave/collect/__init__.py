@@ -30,6 +30,10 @@ def detect_backend(root: nn.Module) -> str:
 
 def collector_for(root: nn.Module, ranks: Ranks) -> Collector:
     """The collector for `root` (the model with DDP / DeepSpeed / compile wrappers peeled off)."""
+    if getattr(root, "_is_fsdp_managed_module", False):  # the inner model of an FSDP1 wrapper
+        from .fsdp1 import outermost_fsdp
+
+        root = outermost_fsdp(root)
     backend = detect_backend(root)
     if backend == "fsdp1":
         from .fsdp1 import FSDP1Collector

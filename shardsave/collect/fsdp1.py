@@ -3,6 +3,7 @@ which rank r holds elements `[r*S, (r+1)*S)`; original parameter i occupies a kn
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -134,3 +135,41 @@ class FSDP1Collector(ShardedCollector):
         for d in self._infos[name].shape:
             numel *= d
         return run.flat.data[run.offset : run.offset + numel].view(self._infos[name].shape)
+
+
+def outermost_fsdp(module: nn.Module) -> nn.Module:
+    """The FSDP1 root that wraps `module`, when the caller passed the inner model (what
+    `accelerator.unwrap_model` returns): the root's own flat parameter holds some of its tensors.
+
+    A module has no link to its wrapper, so the wrapper is found among the objects that refer to it; FSDP1
+    marks every module it manages (`_is_fsdp_managed_module`), so this search only runs when it must.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    current = module
+    for _ in range(64):
+        if not getattr(current, "_is_fsdp_managed_module", False) or isinstance(current, FSDP):
+            break
+        owner = _wrapper_of(current, FSDP)
+        if owner is None:
+            break
+        current = owner
+        if not getattr(current, "_is_fsdp_managed_module", False):
+            break
+    return current
+
+
+def _wrapper_of(module: nn.Module, fsdp_cls: type) -> nn.Module | None:
+    """The FSDP1 instance whose `_fsdp_wrapped_module` is `module`: module <- `_modules` dict <- instance
+    `__dict__` <- instance."""
+    frontier: list = [module]
+    for _ in range(3):
+        found = []
+        for obj in frontier:
+            for ref in gc.get_referrers(obj):
+                if isinstance(ref, fsdp_cls) and ref._modules.get("_fsdp_wrapped_module") is module:
+                    return ref
+                if isinstance(ref, dict):
+                    found.append(ref)
+        frontier = found[:64]
+    return None

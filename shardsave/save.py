@@ -171,7 +171,28 @@ def _agree(rdv: Rendezvous, ranks: Ranks, op: str, prepare: Callable[[], object]
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v if v.device.type == "cpu" else v.to("cpu")) for k, v in tensors.items()}
+    """CPU tensors as they are; device tensors in one device-to-host transfer."""
+    on_device = {k: v for k, v in tensors.items() if v.device.type != "cpu"}
+    return {**tensors, **_pack_to_host(on_device)} if on_device else dict(tensors)
+
+
+def _pack_to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pack `tensors` (one device) into one byte buffer, copy it to the host once, and view it back.
+    A tensor listed under several names (tied weights) is copied once."""
+    unique = list({id(v): v for v in tensors.values()}.values())
+    spans, total = {}, 0
+    for t in unique:
+        spans[id(t)] = total
+        total += -(-t.numel() * t.element_size() // 16) * 16
+    packed = torch.empty(total, dtype=torch.uint8, device=unique[0].device)
+    for t in unique:
+        begin = spans[id(t)]
+        packed[begin : begin + t.numel() * t.element_size()].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
+    host = packed.cpu()
+    return {
+        k: host[spans[id(v)] : spans[id(v)] + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
+        for k, v in tensors.items()
+    }
 
 
 def _base_name_or_path(peft_model) -> str | None:

@@ -39,10 +39,11 @@ TMP_MARK = ".shardsave-tmp-"
 OLD_MARK = ".shardsave-old-"
 
 
-def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:
+    """Identifies exact aliases (tied weights saved under two names); disjoint views of one buffer differ."""
     if t.numel() == 0:
         return None
-    return (str(t.device), t.untyped_storage().data_ptr())
+    return (str(t.device), t.data_ptr(), t.numel() * t.element_size())
 
 
 def _for_safetensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,7 +75,12 @@ def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], *, safe:
         save_file(_for_safetensors(tensors), str(path), metadata={"format": "pt"})
     else:
         path = directory / BIN_NAME
-        torch.save(dict(tensors), str(path))
+        # a view into a larger buffer would drag the whole buffer into the pickle
+        own = {
+            k: (v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v)
+            for k, v in tensors.items()
+        }
+        torch.save(own, str(path))
     return path
 
 

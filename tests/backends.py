@@ -23,8 +23,11 @@ def apply_checkpointing(model: nn.Module) -> None:
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer))
 
 
-def wrap(model, backend: str, *, checkpointing: bool = False, compile: bool = False):
+def wrap(model, backend: str, *, checkpointing: bool = False, compile: bool = False, device: str = "cpu"):
     """Returns (trainable object to call, optimizer-step function)."""
+    if device == "cuda":
+        torch.cuda.set_device(dist.get_rank())
+        model.to("cuda")
     if checkpointing:
         apply_checkpointing(model)
     params = None
@@ -43,7 +46,7 @@ def wrap(model, backend: str, *, checkpointing: bool = False, compile: bool = Fa
 
         wrapped = FSDP(
             model,
-            device_id=torch.device("cpu"),
+            device_id=torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu"),
             use_orig_params=(backend == "fsdp1"),
             auto_wrap_policy=fsdp_auto_wrap_policy(model),
         )
@@ -73,7 +76,7 @@ def train(wrapped, opt, backend: str, rank: int, steps: int = 2) -> None:
     gen = torch.Generator().manual_seed(100 + rank)
     wrapped.train()
     for _ in range(steps):
-        ids = torch.randint(1, 90, (2, 8), generator=gen)
+        ids = torch.randint(1, 90, (2, 8), generator=gen).to(next(iter(wrapped.parameters())).device)
         loss = wrapped(input_ids=ids, labels=ids).loss
         if backend.startswith("zero"):
             engine = getattr(wrapped, "_orig_mod", wrapped)
@@ -98,9 +101,13 @@ def full_state(wrapped, backend: str) -> dict[str, torch.Tensor]:
     if backend == "fsdp2":
         from torch.distributed.tensor import DTensor
 
+        # from the parameters themselves: under accelerate's FSDP2, state_dict() returned stale values
+        from shardsave.collect.walk import state_entries
+
+        module = getattr(wrapped, "_orig_mod", wrapped)
         return {
-            canonical_name(k): (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-            for k, v in getattr(wrapped, "_orig_mod", wrapped).state_dict().items()
+            k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v, _ in state_entries(module)
         }
     if backend in ("fsdp1", "fsdp1_flat"):
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
@@ -108,8 +115,8 @@ def full_state(wrapped, backend: str) -> dict[str, torch.Tensor]:
 
         inner = getattr(wrapped, "_orig_mod", wrapped)
         cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
-        with FSDP.state_dict_type(inner, StateDictType.FULL_STATE_DICT, cfg):
-            return {canonical_name(k): v.detach().clone() for k, v in inner.state_dict().items()}
+        FSDP.set_state_dict_type(inner, StateDictType.FULL_STATE_DICT, cfg)
+        return {canonical_name(k): v.detach().cpu().clone() for k, v in inner.state_dict().items()}
     if backend.startswith("zero"):
         import deepspeed
 

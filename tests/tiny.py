@@ -57,7 +57,7 @@ def peft_model(lora_config, *, seed: int = 0, seq_cls: bool = False, dtype=None,
             p.requires_grad_(True)
     randomize_trainable(model)
     if dtype is not None:  # the whole model in half precision, adapters included (no fp32 autocast)
-        model.to(dtype)
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model.eval()
 
 
@@ -99,8 +99,9 @@ def assert_same_files(ours: Path, theirs: Path, model: PeftModel) -> None:
 def logits(model, seed: int = 3) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (2, 7), generator=gen)
+    device = next(iter(model.parameters())).device
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(input_ids=ids.to(device)).logits.float().cpu()
 
 
 def load_and_compare(

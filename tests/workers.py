@@ -175,7 +175,9 @@ def bad_adapter_on_one_rank(rank, world, out: Path, params):
 def main() -> None:
     name, out, params = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    backend = os.environ.get("SHARDSAVE_TEST_PG", "gloo")
+    if name != "accelerate_save":  # accelerate sets up its own process group
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         result = {"ok": True, **(SCENARIOS[name](rank, world, out, params) or {})}
     except Exception as exc:
@@ -199,7 +201,11 @@ def backend_save(rank, world, out: Path, params):
     lora = LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"]}))
     model = peft_model(lora, **params.get("model", {}))
     wrapped, opt = wrap(
-        model, backend, checkpointing=params.get("checkpointing", False), compile=params.get("compile", False)
+        model,
+        backend,
+        checkpointing=params.get("checkpointing", False),
+        compile=params.get("compile", False),
+        device=params.get("device", "cpu"),
     )
     train(wrapped, opt, backend, rank)
     target = model if params.get("pass_inner") else wrapped
@@ -220,6 +226,75 @@ def backend_save(rank, world, out: Path, params):
         torch.save(torch_logits, out / "logits.pt")
         torch.save({k: v for k, v in state.items()}, out / "full_state.pt")
     return {}
+
+
+@scenario
+def accelerate_save(rank, world, out: Path, params):
+    """`accelerate`'s prepare() with its FSDP or DeepSpeed plugin; save the prepared model and the
+    unwrapped one; rank 0 writes PEFT's save of the natively gathered weights."""
+    from accelerate import Accelerator, DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from backends import full_state
+    from peft import LoraConfig
+    from tiny import peft_model
+
+    kind = params["plugin"]
+    lora = LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"]}))
+    model = peft_model(lora)
+    if kind.startswith("fsdp"):
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        version = 2 if kind == "fsdp2" else 1
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=version,
+            auto_wrap_policy=fsdp_auto_wrap_policy(model) if version == 1 else "transformer_based_wrap",
+            transformer_cls_names_to_wrap=None if version == 1 else ["LlamaDecoderLayer"],
+            use_orig_params=True if version == 1 else None,
+        )
+        accelerator = Accelerator(fsdp_plugin=plugin, cpu=not torch.cuda.is_available())
+        if accelerator.state.distributed_type.name == "MULTI_CPU":
+            # accelerate only enables FSDP on accelerators; on CPU, force the same prepare() path
+            from accelerate.utils import DistributedType
+
+            accelerator.state.distributed_type = DistributedType.FSDP
+            accelerator.state.fsdp_plugin = plugin
+        backend = "fsdp2" if version == 2 else "fsdp1"
+    else:
+        plugin = DeepSpeedPlugin(
+            hf_ds_config={
+                "train_micro_batch_size_per_gpu": 2,
+                "zero_allow_untested_optimizer": True,
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            }
+        )
+        accelerator = Accelerator(deepspeed_plugin=plugin)
+        backend = "zero3"
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    prepared, opt = accelerator.prepare(model, opt)
+    gen = torch.Generator().manual_seed(100 + rank)
+    prepared.train()
+    for _ in range(2):
+        ids = torch.randint(1, 90, (2, 8), generator=gen)
+        loss = prepared(input_ids=ids, labels=ids).loss
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    prepared.eval()
+    # on CPU, accelerate's DeepSpeed state believes it is alone (num_processes == 1, so every rank is "main")
+    # while DeepSpeed runs 2 ranks; shardsave refuses two writers, so let it pick rank 0 there
+    main = accelerator.is_main_process if accelerator.num_processes == world else None
+    shardsave.save_pretrained(prepared, out / "ours", is_main_process=main)
+    shardsave.save_pretrained(accelerator.unwrap_model(prepared), out / "ours_inner", is_main_process=main)
+    from tiny import logits
+
+    torch_logits = logits(prepared)
+    state = full_state(prepared, backend)
+    if rank == 0:
+        reference = peft_model(lora)
+        _, unexpected = reference.load_state_dict(state, strict=False)
+        assert not unexpected, unexpected[:5]
+        reference.save_pretrained(str(out / "theirs"))
+        torch.save(torch_logits, out / "logits.pt")
+    return {"type": type(prepared).__name__}
 
 
 if __name__ == "__main__":

@@ -4,10 +4,33 @@ Public API::
 
     shardsave.save_pretrained(model, save_directory, ...)   # every rank calls; the main process writes
     shardsave.gather_state_dict(model, keep=None)           # full tensors of chosen parameters on one rank
+    shardsave.save_shards(model, shards_directory, ...)     # every rank writes what it holds
+    shardsave.merge_shards(shards_directory, output, ...)   # files only: python -m shardsave.merge
 """
+
+from __future__ import annotations
 
 from .ranks import MissingRanksError, RemoteError, SaveError
 from .save import gather_state_dict, save_pretrained
+from .shards import save_shards
 
-__all__ = ["save_pretrained", "gather_state_dict", "SaveError", "MissingRanksError", "RemoteError"]
+__all__ = [
+    "save_pretrained",
+    "gather_state_dict",
+    "save_shards",
+    "merge_shards",
+    "ShardSetError",
+    "SaveError",
+    "MissingRanksError",
+    "RemoteError",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # imported lazily so that `python -m shardsave.merge` does not find the module already imported
+    if name in ("merge_shards", "ShardSetError"):
+        from . import merge
+
+        return getattr(merge, name)
+    raise AttributeError(f"module 'shardsave' has no attribute {name!r}")

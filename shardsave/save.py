@@ -27,7 +27,7 @@ from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_
 from .select import AdapterPlan, select_adapter
 from .writer import CARD_NAME, check_destination, publish, write_config, write_weights
 
-__all__ = ["save_pretrained", "gather_state_dict"]
+__all__ = ["save_pretrained", "gather_state_dict", "adapter_dir", "render_text_files"]
 
 logger = logging.getLogger("shardsave")
 
@@ -206,25 +206,36 @@ def _auto_mapping(peft_model, config) -> dict | None:
     return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
 
+def adapter_dir(root: Path, adapter_name: str) -> Path:
+    """Where PEFT puts an adapter: the root for `default`, a subdirectory named after it otherwise."""
+    return root if adapter_name == "default" else root / adapter_name
+
+
+def render_text_files(peft_model, adapter_names: Sequence[str], root: Path) -> None:
+    """The model card and each adapter's `adapter_config.json`, as PEFT writes them, into `root`."""
+    peft_model.create_or_update_model_card(str(root))
+    for name in adapter_names:
+        out = adapter_dir(root, name)
+        out.mkdir(exist_ok=True)
+        config = peft_model.peft_config[name]
+        write_config(
+            out,
+            config,
+            base_model_name_or_path=_base_name_or_path(peft_model),
+            auto_mapping=_auto_mapping(peft_model, config),
+        )
+
+
 def _write_adapters(request: _SaveRequest, tensors: dict[str, torch.Tensor]) -> None:
-    peft_model = request.peft_model
     existing_card = request.destination / CARD_NAME
 
     def fill(tmp: Path) -> None:
         if existing_card.is_file():  # PEFT updates an existing card rather than replacing it
             shutil.copyfile(existing_card, tmp / CARD_NAME)
-        peft_model.create_or_update_model_card(str(tmp))
+        render_text_files(request.peft_model, [p.adapter_name for p in request.plans], tmp)
         for plan in request.plans:
-            out = tmp if plan.adapter_name == "default" else tmp / plan.adapter_name
-            out.mkdir(exist_ok=True)
+            out = adapter_dir(tmp, plan.adapter_name)
             write_weights(out, {key: tensors[src] for key, src in plan.entries.items()}, safe=request.safe)
-            config = peft_model.peft_config[plan.adapter_name]
-            write_config(
-                out,
-                config,
-                base_model_name_or_path=_base_name_or_path(peft_model),
-                auto_mapping=_auto_mapping(peft_model, config),
-            )
 
     publish(request.destination, fill)
 

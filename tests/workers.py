@@ -212,6 +212,10 @@ def backend_save(rank, world, out: Path, params):
     with CommAudit() as audit:
         shardsave.save_pretrained(target, out / "ours", **params.get("save", {}))
     (out / f"comm-{rank}.json").write_text(json.dumps(audit.calls))
+    if params.get("shards"):
+        with CommAudit() as shard_audit:
+            shardsave.save_shards(target, out / "shards", **params.get("save_shards", {}))
+        (out / f"shard-comm-{rank}.json").write_text(json.dumps(shard_audit.calls))
     if params.get("also_gather"):
         got = shardsave.gather_state_dict(target)
         if rank == 0:

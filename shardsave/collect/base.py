@@ -26,7 +26,8 @@ class Collector(Protocol):
     `infos()` lists every state-dict entry under its canonical name, in state-dict order, identically on all
     ranks and without communication. `gather(names, dst)` is called by every rank with the same `names`;
     it returns the full tensors (on their training device, dtype unchanged) on rank `dst` and `{}` on the
-    others, and moves nothing but those tensors.
+    others, and moves nothing but those tensors. `slices(name)` says which rank holds which element range
+    of a tensor (`None`: every rank holds it whole, read with `whole`), `local` reads this rank's range.
     """
 
     backend: str
@@ -34,3 +35,12 @@ class Collector(Protocol):
     def infos(self) -> dict[str, TensorInfo]: ...
 
     def gather(self, names: Sequence[str], dst: int) -> dict[str, torch.Tensor]: ...
+
+    # what the per-rank shard writer reads locally, without communication
+    def primary(self, name: str) -> str: ...
+
+    def slices(self, name: str) -> list | None: ...
+
+    def local(self, name: str, piece) -> torch.Tensor: ...
+
+    def whole(self, name: str) -> torch.Tensor: ...

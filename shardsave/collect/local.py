@@ -28,6 +28,15 @@ class LocalCollector:
             for k, v in self._tensors.items()
         }
 
+    def primary(self, name: str) -> str:
+        return name
+
+    def slices(self, name: str) -> None:
+        return None  # whole on every rank
+
+    def whole(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
     def gather(self, names: Sequence[str], dst: int) -> dict[str, torch.Tensor]:
         if self._rank != dst:
             return {}

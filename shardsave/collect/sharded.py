@@ -64,6 +64,10 @@ class ShardedCollector:
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
+    def primary(self, name: str) -> str:
+        """The name whose tensor `name` shares (tied weights), or `name` itself."""
+        return self._aliases.get(name, name)
+
     # -- what a backend provides -------------------------------------------------------------------
     def slices(self, name: str) -> list[Slice] | None:
         """Who holds which part of `name`; `None` when every rank holds it whole."""

@@ -1,0 +1,283 @@
+"""Stitch a shard set (see `shardsave.shards`) into the adapter directory `save_pretrained` would write.
+
+    python -m shardsave.merge SHARDS_DIR [-o OUTPUT_DIR] [--bin] [--overwrite]
+
+Reads only the files: no process group, no GPU. The whole set is checked before anything is written
+(manifest, sizes, checksums, headers, one run, one world size, one configuration, every element of every
+tensor covered exactly once); the output is then published atomically. Safetensors output is streamed one
+tensor at a time, so memory stays around the largest tensor (`--bin` needs the whole adapter in memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .shards import FORMAT, MANIFEST_NAME, SHARD_PATTERN, sha256_of
+from .stream import TensorSpec, dtype_from_name, write_streaming
+from .writer import BIN_NAME, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME, check_destination, publish
+
+__all__ = ["ShardSetError", "ShardSet", "read_shard_set", "merge_shards", "default_output", "main"]
+
+
+class ShardSetError(ValueError):
+    """The shard set is incomplete, inconsistent or damaged; the message names the file and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    path: Path
+    tensor: str
+    start: int
+    stop: int
+
+
+@dataclass
+class ShardSet:
+    """A validated shard set: what to write, and where each tensor's runs are."""
+
+    directory: Path
+    run_id: str
+    world_size: int
+    card: str
+    adapters: dict[str, dict]  # name -> {"config": text, "keys": [...]}
+    specs: dict[str, dict[str, TensorSpec]] = field(default_factory=dict)  # adapter -> key -> spec
+    runs: dict[tuple[str, str], list[_Run]] = field(default_factory=dict)
+
+
+def default_output(shards_directory: str | os.PathLike) -> Path:
+    """Where the merge writes without `-o`: next to the shards, `<shards>-merged`."""
+    shards = Path(os.path.abspath(os.fspath(shards_directory)))
+    return shards.parent / f"{shards.name}-merged"
+
+
+def _load_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise ShardSetError(f"{directory}: not a directory of shards.")
+    if not path.is_file():
+        raise ShardSetError(
+            f"{path}: missing. The manifest is written last, once every rank has written its shard: without it "
+            f"the set is incomplete (a rank failed or is still writing). Re-run shardsave.save_shards."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        files, world = manifest["files"], int(manifest["world_size"])
+        run_id = manifest["run_id"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShardSetError(f"{path}: not a shardsave manifest ({exc}).") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardSetError(f"{path}: format {manifest.get('format')!r}, this shardsave reads {FORMAT!r}.")
+    ranks = sorted(int(f["rank"]) for f in files)
+    if ranks != list(range(world)):
+        missing = sorted(set(range(world)) - set(ranks))
+        raise ShardSetError(f"{path}: lists ranks {ranks} for a world of {world}; missing rank(s) {missing}.")
+    listed = {f["name"] for f in files}
+    foreign = sorted(p.name for p in directory.iterdir() if SHARD_PATTERN.match(p.name) and p.name not in listed)
+    if foreign:
+        raise ShardSetError(
+            f"{directory / foreign[0]}: a shard file that the manifest (run {run_id}, {world} ranks) does not list; "
+            f"it belongs to another run or world size. Remove it, or re-run save_shards into an empty directory."
+        )
+    return manifest
+
+
+def _read_header(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise ShardSetError(f"{path}: unreadable safetensors header ({exc}); the file is corrupt.") from None
+
+
+def read_shard_set(shards_directory: str | os.PathLike) -> ShardSet:
+    """Validate the set in `shards_directory` completely, reading headers only (and checksums)."""
+    directory = Path(os.path.abspath(os.fspath(shards_directory)))
+    manifest = _load_manifest(directory)
+    run_id, world = manifest["run_id"], int(manifest["world_size"])
+    shard_set: ShardSet | None = None
+    for item in sorted(manifest["files"], key=lambda f: int(f["rank"])):
+        path = directory / item["name"]
+        if not path.is_file():
+            raise ShardSetError(f"{path}: missing (rank {item['rank']} of {world}).")
+        if path.stat().st_size != int(item["size"]):
+            raise ShardSetError(
+                f"{path}: {path.stat().st_size} bytes, the manifest says {item['size']}: truncated or rewritten."
+            )
+        if sha256_of(path) != item["sha256"]:
+            raise ShardSetError(f"{path}: checksum differs from the manifest: the file was modified or corrupted.")
+        meta = _read_header(path)
+        if meta.get("format") != FORMAT:
+            raise ShardSetError(f"{path}: not a shardsave shard (format {meta.get('format')!r}).")
+        if meta.get("run_id") != run_id:
+            raise ShardSetError(
+                f"{path}: from run {meta.get('run_id')}, but the manifest is for run {run_id}: two runs are mixed."
+            )
+        if int(meta.get("world_size", -1)) != world or int(meta.get("rank", -1)) != int(item["rank"]):
+            raise ShardSetError(
+                f"{path}: written as rank {meta.get('rank')} of {meta.get('world_size')}, the manifest expects rank "
+                f"{item['rank']} of {world}."
+            )
+        adapters = json.loads(meta["adapters"])
+        if shard_set is None:
+            shard_set = ShardSet(directory, run_id, world, meta["card"], adapters)
+        elif adapters != shard_set.adapters or meta["card"] != shard_set.card:
+            raise ShardSetError(f"{path}: its adapter configuration or card differs from rank 0's.")
+        for e in json.loads(meta["entries"]):
+            spec = TensorSpec(tuple(e["shape"]), dtype_from_name(e["dtype"]))
+            known = shard_set.specs.setdefault(e["adapter"], {}).setdefault(e["key"], spec)
+            if known != spec:
+                raise ShardSetError(f"{path}: {e['key']} is {spec} here but {known} in another shard.")
+            shard_set.runs.setdefault((e["adapter"], e["key"]), []).append(
+                _Run(path, e["tensor"], int(e["start"]), int(e["stop"]))
+            )
+    assert shard_set is not None
+    _check_coverage(shard_set)
+    return shard_set
+
+
+def _check_coverage(shard_set: ShardSet) -> None:
+    for name, adapter in shard_set.adapters.items():
+        for key in adapter["keys"]:
+            runs = sorted(shard_set.runs.get((name, key), []), key=lambda r: (r.start, r.stop))
+            spec = shard_set.specs.get(name, {}).get(key)
+            numel = 0 if spec is None else spec.nbytes // spec.dtype.itemsize
+            position = 0
+            for run in runs:
+                if run.start != position:
+                    problem = "overlap" if run.start < position else "gap"
+                    raise ShardSetError(
+                        f"{run.path}: {key} (adapter {name!r}) has a {problem} at element {min(position, run.start)}: "
+                        f"every element must be covered exactly once."
+                    )
+                position = run.stop
+            if spec is None or position != numel:
+                raise ShardSetError(
+                    f"{shard_set.directory}: {key} (adapter {name!r}) covers {position} of {numel} elements: a shard "
+                    f"is missing data."
+                )
+        extra = set(k for (a, k) in shard_set.runs if a == name) - set(adapter["keys"])
+        if extra:
+            raise ShardSetError(f"{shard_set.directory}: tensors {sorted(extra)[:3]} are not part of adapter {name!r}.")
+
+
+def _assemble(shard_set: ShardSet, adapter: str, key: str, handles: dict) -> torch.Tensor:
+    spec = shard_set.specs[adapter][key]
+    flat = torch.empty(spec.nbytes // spec.dtype.itemsize, dtype=spec.dtype)
+    for run in shard_set.runs[(adapter, key)]:
+        if run.path not in handles:
+            handles[run.path] = safe_open(str(run.path), framework="pt")
+        flat[run.start : run.stop] = handles[run.path].get_tensor(run.tensor)
+    return flat.view(spec.shape)
+
+
+def _progress(total: int, enabled: bool | None):
+    enabled = sys.stderr.isatty() if enabled is None else enabled
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="merging", unit="tensor", file=sys.stderr)
+
+
+def merge_shards(
+    shards_directory: str | os.PathLike,
+    output_directory: str | os.PathLike | None = None,
+    *,
+    safe_serialization: bool = True,
+    path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Write the adapter directory for the shard set in `shards_directory`; return its path.
+
+    Everything is validated first; on any problem `ShardSetError` is raised and nothing is written. An
+    existing output is only replaced with `overwrite=True`, and then whole (see `shardsave.writer.publish`).
+    """
+    if path_initial_model_for_weight_conversion is not None:
+        raise NotImplementedError(
+            "PiSSA / CorDA / OLoRA conversion in the merge (--initial-adapter) is not supported by this version."
+        )
+    output = check_destination(output_directory if output_directory is not None else default_output(shards_directory))
+    shard_set = read_shard_set(shards_directory)
+    if output.exists() and not overwrite:
+        raise ShardSetError(f"{output}: already exists; pass overwrite=True (--overwrite) to replace it.")
+    if output == shard_set.directory or shard_set.directory in output.parents:
+        raise ShardSetError(f"{output}: inside the shard directory; write the adapter elsewhere.")
+
+    bar = _progress(sum(len(a["keys"]) for a in shard_set.adapters.values()), progress)
+
+    def fill(tmp: Path) -> None:
+        (tmp / CARD_NAME).write_text(shard_set.card)
+        handles: dict = {}
+        for name, adapter in shard_set.adapters.items():
+            out = tmp if name == "default" else tmp / name
+            out.mkdir(exist_ok=True)
+            (out / CONFIG_NAME).write_text(adapter["config"])
+            if safe_serialization:
+                write_streaming(
+                    out / SAFETENSORS_NAME,
+                    shard_set.specs.get(name, {}),
+                    lambda key, name=name: _assemble(shard_set, name, key, handles),
+                    metadata={"format": "pt"},
+                    on_tensor=(lambda _: bar.update(1)) if bar is not None else None,
+                )
+            else:
+                tensors = {key: _assemble(shard_set, name, key, handles) for key in adapter["keys"]}
+                torch.save(tensors, out / BIN_NAME)
+                if bar is not None:
+                    bar.update(len(tensors))
+
+    try:
+        publish(output, fill)
+    finally:
+        if bar is not None:
+            bar.close()
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m shardsave.merge",
+        description="Merge the per-rank shards written by shardsave.save_shards into the adapter directory that "
+        "PeftModel.save_pretrained would write (adapter_model.safetensors, adapter_config.json, README.md).",
+        epilog="Exit status: 0 merged; 2 the shard set or the output is not acceptable (nothing written); "
+        "1 an unexpected error.",
+    )
+    parser.add_argument("shards", help="directory written by shardsave.save_shards (holds manifest.json)")
+    parser.add_argument(
+        "-o", "--output", help="adapter directory to write (default: next to the shards, SHARDS-merged)"
+    )
+    parser.add_argument("--initial-adapter", help="initial PiSSA/CorDA/OLoRA adapter, to convert to plain LoRA")
+    parser.add_argument("--bin", action="store_true", help="write adapter_model.bin instead of .safetensors")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    args = parser.parse_args(argv)
+    try:
+        out = merge_shards(
+            args.shards,
+            args.output,
+            safe_serialization=not args.bin,
+            path_initial_model_for_weight_conversion=args.initial_adapter,
+            overwrite=args.overwrite,
+            progress=False if args.no_progress else None,
+        )
+    except (ValueError, NotImplementedError) as exc:  # ShardSetError, or a bad output path
+        print(f"shardsave.merge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"shardsave.merge: wrote the adapter to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

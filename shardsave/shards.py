@@ -1,0 +1,213 @@
+"""Per-rank shard files: every rank writes what it holds, and a manifest written last marks the set complete.
+
+Format (version `shardsave-shards/1`), in a directory:
+
+- `shard-RRRRR-of-WWWWW.safetensors`, one per rank. Each tensor is a 1-D run of elements `[start, stop)` of
+  the flattened full tensor. The safetensors metadata (all strings) holds:
+  `format`, `run_id`, `world_size`, `rank`; `entries`: a JSON list of
+  `{"tensor": <key in this file>, "adapter": <adapter name>, "key": <PEFT checkpoint key>,
+  "shape": [...], "dtype": <safetensors dtype>, "start": s, "stop": e}`; `adapters`: a JSON object
+  `{<adapter name>: {"config": <adapter_config.json text>, "keys": [<checkpoint keys in PEFT's order>]}}`;
+  `card`: the README.md text.
+- `manifest.json`, written by rank 0 after every rank reported its file written and fsynced:
+  `{"format", "run_id", "world_size", "files": [{"rank", "name", "size", "sha256"}]}`.
+
+Tensors that every rank holds whole (DDP, buffers, unsharded parameters) are written once in total, by
+ranks in turn. Reading needs only these files: `shardsave.merge`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
+from .save import _agree, _prepare_save, _to_host, adapter_dir, logger, render_text_files
+from .stream import dtype_name
+from .writer import CARD_NAME, CONFIG_NAME, _fsync
+
+__all__ = ["FORMAT", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name", "save_shards", "sha256_of"]
+
+FORMAT = "shardsave-shards/1"
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _texts(peft_model, adapter_names: list[str]) -> tuple[str, dict[str, str]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        render_text_files(peft_model, adapter_names, root)
+        card = (root / CARD_NAME).read_text()
+        configs = {name: (adapter_dir(root, name) / CONFIG_NAME).read_text() for name in adapter_names}
+    return card, configs
+
+
+def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """This rank's entries and tensors: its slices of sharded tensors, and its turn of whole ones."""
+    collector = request.collector
+    infos = collector.infos()
+    entries, tensors = [], {}
+    turn = 0
+    for plan in request.plans:
+        for key, source in plan.entries.items():
+            primary = collector.primary(source)
+            info = infos[primary]
+            numel = 1
+            for d in info.shape:
+                numel *= d
+            pieces = collector.slices(primary)
+            if pieces is None:  # whole on every rank: written once, by ranks in turn
+                owner, turn = turn % ranks.world_size, turn + 1
+                mine = [(0, numel, None)] if owner == ranks.rank else []
+            else:
+                mine = [(p.start, p.stop, p) for p in pieces if p.rank == ranks.rank and p.stop > p.start]
+            for start, stop, piece in mine:
+                data = collector.whole(primary).reshape(-1) if piece is None else collector.local(primary, piece)
+                name = f"{plan.adapter_name}/{key}@{start}"
+                tensors[name] = data.detach()
+                entries.append({"tensor": name, "adapter": plan.adapter_name, "key": key, "shape": list(info.shape),
+                                "dtype": dtype_name(info.dtype), "start": start, "stop": stop})  # fmt: skip
+    return entries, tensors
+
+
+def save_shards(
+    model,
+    shards_directory: str | os.PathLike,
+    *,
+    selected_adapters=None,
+    save_embedding_layers: str | bool = "auto",
+    timeout: float | None = None,
+) -> Path:
+    """Every rank writes the adapter slices it holds to `shards_directory`; merge them with
+    `shardsave.merge_shards` or `python -m shardsave.merge`.
+
+    Call it on every rank. No tensor crosses ranks; the ranks only agree at the start and confirm at the
+    end, when rank 0 writes `manifest.json`. Returns once the set is complete, or raises on every rank.
+    """
+    ranks = Ranks.current()
+    started = time.perf_counter()
+    rdv = Rendezvous(ranks, op="save_shards", timeout=resolve_timeout(timeout))
+    request, _ = _agree(
+        rdv,
+        ranks,
+        "save_shards",
+        lambda: _prepare_save(
+            model,
+            shards_directory,
+            safe_serialization=True,
+            selected_adapters=selected_adapters,
+            save_embedding_layers=save_embedding_layers,
+            initial=None,
+            ranks=ranks,
+        ),
+        None,
+    )
+    directory = request.destination
+    names = [p.adapter_name for p in request.plans]
+    if ranks.rank == 0:  # before anyone writes: no manifest may vouch for a set being rewritten
+        error, card, configs = None, "", {}
+        try:
+            # rank 0's texts go into every shard: set-valued config fields serialise in a per-process order
+            card, configs = _texts(request.peft_model, names)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / MANIFEST_NAME).unlink(missing_ok=True)
+            for stale in directory.iterdir():
+                if SHARD_PATTERN.match(stale.name):
+                    stale.unlink()
+        except Exception as exc:
+            error = exc
+        run_id = uuid.uuid4().hex
+        if ranks.distributed:
+            rdv.post("run", status_of(error, run_id=run_id, card=card, configs=configs))
+        if error is not None:
+            raise error
+    else:
+        run = rdv.collect("run", [0])
+        raise_on_failure(run, own=None, ranks=ranks, op="save_shards")
+        run_id, card, configs = run[0]["run_id"], run[0]["card"], run[0]["configs"]
+
+    error, report = None, {}
+    try:
+        entries, tensors = _local_runs(request, ranks)
+        adapters = {p.adapter_name: {"config": configs[p.adapter_name], "keys": list(p.entries)} for p in request.plans}
+        metadata = {
+            "format": FORMAT, "run_id": run_id, "world_size": str(ranks.world_size), "rank": str(ranks.rank),
+            "entries": json.dumps(entries), "adapters": json.dumps(adapters), "card": card,
+        }  # fmt: skip
+        path = directory / shard_name(ranks.rank, ranks.world_size)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+        os.close(fd)
+        try:
+            save_file(_to_host(tensors), tmp, metadata=metadata)
+            _fsync(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        report = {"name": path.name, "size": path.stat().st_size, "sha256": sha256_of(path)}
+    except Exception as exc:
+        error = exc
+
+    if not ranks.distributed:
+        if error is not None:
+            raise error
+        statuses = {0: status_of(None, **report)}
+    else:
+        rdv.post("done", status_of(error, **report))
+        if ranks.rank != 0:
+            if error is not None:
+                raise error
+            outcome = rdv.collect("published", [0])
+            raise_on_failure(outcome, own=None, ranks=ranks, op="save_shards")
+            return directory
+        statuses = rdv.collect("done", range(ranks.world_size))
+
+    publish_error = None
+    try:
+        raise_on_failure(statuses, own=error, ranks=ranks, op="save_shards")
+        files = [{"rank": r, **{k: s[k] for k in ("name", "size", "sha256")}} for r, s in sorted(statuses.items())]
+        manifest = {"format": FORMAT, "run_id": run_id, "world_size": ranks.world_size, "files": files}
+        _atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2))
+    except Exception as exc:
+        publish_error = exc
+    if ranks.distributed:
+        rdv.post("published", status_of(publish_error))
+    if publish_error is not None:
+        raise publish_error
+    logger.info("wrote %d shard files to %s in %.2f s", ranks.world_size, directory, time.perf_counter() - started)
+    return directory

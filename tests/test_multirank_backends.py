@@ -3,11 +3,15 @@ same (natively gathered) weights, and loads into a fresh unsharded model with th
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from multirank import check_ok, run_ranks
 from peft import PeftModel
-from tiny import assert_same_files, base_model, logits
+from tiny import assert_same_files, base_model, files_under, logits
 
 pytestmark = pytest.mark.multirank
 
@@ -33,9 +37,55 @@ def check_backend(tmp_path, backend, lora=QV, model=None, dtype=None, **params):
     return results
 
 
+def check_gathered(tmp_path):
+    gathered = torch.load(tmp_path / "gathered.pt")
+    full = torch.load(tmp_path / "full_state.pt")
+    assert gathered and all("lora_" in k for k in gathered), sorted(gathered)[:4]
+    for name, tensor in gathered.items():
+        assert torch.equal(tensor, full[name]), name
+
+
+def check_only_adapter_bytes_move(tmp_path, backend):
+    """The save issues at most one gather, carrying no more than the adapter's bytes (plus alignment);
+    frozen base weights are never gathered (the base model here is ~15x the adapter)."""
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "ours" / "adapter_model.safetensors").values()
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapter)
+    base_bytes = sum(v.numel() * v.element_size() for v in torch.load(tmp_path / "full_state.pt").values())
+    assert base_bytes > 10 * adapter_bytes
+    for rank in (0, 1):
+        calls = json.loads((tmp_path / f"comm-{rank}.json").read_text())
+        assert all(name == "gather" for name, _ in calls), calls
+        assert len(calls) <= 1
+        sent = sum(nbytes for _, nbytes in calls)
+        assert sent <= adapter_bytes + 16 * 64, (sent, adapter_bytes)
+        if backend in ("ddp", "zero1", "zero2"):
+            assert calls == []
+
+
+def check_shards_merge(tmp_path):
+    """save_shards wrote a set that merges (CLI, as a subprocess) into the same bytes, with no collective."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardsave.merge", str(tmp_path / "shards"), "-o", str(tmp_path / "merged")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for rel in files_under(tmp_path / "ours"):
+        assert (tmp_path / "merged" / rel).read_bytes() == (tmp_path / "ours" / rel).read_bytes(), rel
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"shard-comm-{rank}.json").read_text()) == []
+    sizes = [p.stat().st_size for p in sorted((tmp_path / "shards").glob("shard-*.safetensors"))]
+    assert len(sizes) == 2 and all(size > 0 for size in sizes)
+
+
 @pytest.mark.parametrize("backend", ["fsdp2", "fsdp1", "fsdp1_flat", "zero3", "zero2", "zero1", "ddp"])
 def test_backend_qv(backend, tmp_path):
-    check_backend(tmp_path, backend)
+    """One run per backend checks the file, gather_state_dict, the shard set and the traffic of a save."""
+    check_backend(tmp_path, backend, also_gather=True, shards=True)
+    check_gathered(tmp_path)
+    check_only_adapter_bytes_move(tmp_path, backend)
+    check_shards_merge(tmp_path)
 
 
 VARIANTS = {
@@ -74,16 +124,6 @@ def test_backend_wrappers(backend, wrappers, tmp_path):
     check_backend(tmp_path, backend, **wrappers)
 
 
-@pytest.mark.parametrize("backend", ["fsdp2", "fsdp1_flat", "zero3"])
-def test_gather_state_dict_under_backend(backend, tmp_path):
-    check_backend(tmp_path, backend, also_gather=True)
-    gathered = torch.load(tmp_path / "gathered.pt")
-    full = torch.load(tmp_path / "full_state.pt")
-    assert gathered and all("lora_" in k for k in gathered), sorted(gathered)[:4]
-    for name, tensor in gathered.items():
-        assert torch.equal(tensor, full[name]), name
-
-
 @pytest.mark.parametrize("backend", ["fsdp1", "fsdp1_flat"])
 def test_fsdp1_inner_model_with_root_unit_tensors(backend, tmp_path):
     """Embeddings live in the root FSDP unit; passing the inner PeftModel must still find them."""
@@ -94,30 +134,6 @@ def test_fsdp1_inner_model_with_root_unit_tensors(backend, tmp_path):
         save={"save_embedding_layers": True},
         lora={"target_modules": ["q_proj"], "modules_to_save": ["norm"]},
     )
-
-
-@pytest.mark.parametrize("backend", ["fsdp2", "fsdp1", "fsdp1_flat", "zero3", "ddp"])
-def test_only_adapter_bytes_move(backend, tmp_path):
-    """The save issues at most one gather, carrying no more than the adapter's bytes (plus alignment);
-    frozen base weights are never gathered (the base model here is ~15x the adapter)."""
-    import json
-
-    check_backend(tmp_path, backend)
-    from safetensors.torch import load_file
-
-    adapter_bytes = sum(
-        t.numel() * t.element_size() for t in load_file(tmp_path / "ours" / "adapter_model.safetensors").values()
-    )
-    base_bytes = sum(v.numel() * v.element_size() for v in torch.load(tmp_path / "full_state.pt").values())
-    assert base_bytes > 10 * adapter_bytes
-    for rank in (0, 1):
-        calls = json.loads((tmp_path / f"comm-{rank}.json").read_text())
-        assert all(name == "gather" for name, _ in calls), calls
-        assert len(calls) <= 1
-        sent = sum(nbytes for _, nbytes in calls)
-        assert sent <= adapter_bytes + 16 * 64, (sent, adapter_bytes)
-        if backend == "ddp":
-            assert calls == []
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL, device_id=cuda)")

@@ -21,6 +21,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .convert import (
+    check_convertible,
+    check_initial,
+    convert_config_dict,
+    convert_tensor,
+    converted_shape,
+    read_initial_adapter,
+)
 from .shards import FORMAT, MANIFEST_NAME, SHARD_PATTERN, sha256_of
 from .stream import TensorSpec, dtype_from_name, write_streaming
 from .writer import BIN_NAME, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME, check_destination, publish
@@ -204,12 +212,11 @@ def merge_shards(
     Everything is validated first; on any problem `ShardSetError` is raised and nothing is written. An
     existing output is only replaced with `overwrite=True`, and then whole (see `shardsave.writer.publish`).
     """
-    if path_initial_model_for_weight_conversion is not None:
-        raise NotImplementedError(
-            "PiSSA / CorDA / OLoRA conversion in the merge (--initial-adapter) is not supported by this version."
-        )
     output = check_destination(output_directory if output_directory is not None else default_output(shards_directory))
     shard_set = read_shard_set(shards_directory)
+    initial = None
+    if path_initial_model_for_weight_conversion is not None:
+        initial = _check_conversion(shard_set, path_initial_model_for_weight_conversion)
     if output.exists() and not overwrite:
         raise ShardSetError(f"{output}: already exists; pass overwrite=True (--overwrite) to replace it.")
     if output == shard_set.directory or shard_set.directory in output.parents:
@@ -223,17 +230,31 @@ def merge_shards(
         for name, adapter in shard_set.adapters.items():
             out = tmp if name == "default" else tmp / name
             out.mkdir(exist_ok=True)
-            (out / CONFIG_NAME).write_text(adapter["config"])
+            config = adapter["config"]
+            specs = shard_set.specs.get(name, {})
+            if initial is not None:
+                config = json.dumps(convert_config_dict(json.loads(config)), indent=2, sort_keys=True)
+                specs = {
+                    k: TensorSpec(converted_shape(k, v.shape, tuple(initial[k].shape)) if k in initial else v.shape,
+                                  v.dtype)
+                    for k, v in specs.items()
+                }  # fmt: skip
+            (out / CONFIG_NAME).write_text(config)
+
+            def produce(key: str, name: str = name) -> torch.Tensor:
+                tensor = _assemble(shard_set, name, key, handles)
+                return tensor if initial is None else convert_tensor(key, tensor, initial.get(key))
+
             if safe_serialization:
                 write_streaming(
                     out / SAFETENSORS_NAME,
-                    shard_set.specs.get(name, {}),
-                    lambda key, name=name: _assemble(shard_set, name, key, handles),
+                    specs,
+                    produce,
                     metadata={"format": "pt"},
                     on_tensor=(lambda _: bar.update(1)) if bar is not None else None,
                 )
             else:
-                tensors = {key: _assemble(shard_set, name, key, handles) for key in adapter["keys"]}
+                tensors = {key: produce(key) for key in adapter["keys"]}
                 torch.save(tensors, out / BIN_NAME)
                 if bar is not None:
                     bar.update(len(tensors))
@@ -244,6 +265,19 @@ def merge_shards(
         if bar is not None:
             bar.close()
     return output
+
+
+def _check_conversion(shard_set: ShardSet, initial_path) -> dict[str, torch.Tensor]:
+    if len(shard_set.adapters) != 1:
+        raise ShardSetError(
+            f"--initial-adapter converts one adapter, but the set holds {sorted(shard_set.adapters)}; save the "
+            f"PiSSA/CorDA/OLoRA adapter's shards on their own (selected_adapters=[name])."
+        )
+    ((name, adapter),) = shard_set.adapters.items()
+    check_convertible(name, json.loads(adapter["config"]))
+    initial = read_initial_adapter(initial_path)
+    check_initial({k: v.shape for k, v in shard_set.specs.get(name, {}).items()}, initial, os.fspath(initial_path))
+    return initial
 
 
 def main(argv: Sequence[str] | None = None) -> int:

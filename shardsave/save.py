@@ -21,11 +21,20 @@ import torch
 from torch import nn
 
 from .collect import Collector, TensorInfo, collector_for
+from .convert import (
+    check_convertible,
+    check_initial,
+    convert_into,
+    converted_shape,
+    kind_of,
+    read_initial_adapter,
+    rewrite_config_file,
+)
 from .layout import build_layout, find_peft_model, peel, resolve_save_embedding_layers
 from .names import check_adapter_name
 from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
 from .select import AdapterPlan, select_adapter
-from .writer import CARD_NAME, check_destination, publish, write_config, write_weights
+from .writer import CARD_NAME, CONFIG_NAME, check_destination, publish, write_config, write_weights
 
 __all__ = ["save_pretrained", "gather_state_dict", "adapter_dir", "render_text_files"]
 
@@ -44,6 +53,7 @@ class _SaveRequest:
     destination: Path
     safe: bool
     args: dict
+    initial: dict[str, torch.Tensor] | None = None  # PiSSA/CorDA/OLoRA initial adapter, by checkpoint key
 
 
 def _check_selected(peft_model, selected_adapters: Sequence[str] | None) -> list[str]:
@@ -101,17 +111,15 @@ def _plan(peft_model, infos: dict[str, TensorInfo], selected: list[str], save_em
 def _prepare_save(
     model, save_directory, *, safe_serialization, selected_adapters, save_embedding_layers, initial, ranks
 ) -> _SaveRequest:
-    if initial is not None:
-        raise NotImplementedError(
-            "path_initial_model_for_weight_conversion (PiSSA / CorDA / OLoRA conversion) is not supported by "
-            "this version of shardsave; save without it, or convert with PeftModel.save_pretrained in one process."
-        )
     destination = check_destination(save_directory)
     peft_model = find_peft_model(model)
     selected = _check_selected(peft_model, selected_adapters)
     collector = collector_for(peel(model), ranks)
     infos = collector.infos()
     plans = tuple(_plan(peft_model, infos, selected, save_embedding_layers))
+    initial_tensors = None
+    if initial is not None:
+        initial_tensors = _check_conversion(peft_model, plans, infos, initial)
     plan_digest = hashlib.sha256(
         json.dumps(
             [
@@ -126,8 +134,23 @@ def _prepare_save(
         "selected_adapters": selected,
         "save_embedding_layers": save_embedding_layers,
         "plan": plan_digest,
+        "initial": None if initial is None else os.path.abspath(os.fspath(initial)),
     }
-    return _SaveRequest(peft_model, collector, plans, destination, bool(safe_serialization), args)
+    return _SaveRequest(peft_model, collector, plans, destination, bool(safe_serialization), args, initial_tensors)
+
+
+def _check_conversion(peft_model, plans, infos: dict[str, TensorInfo], initial) -> dict[str, torch.Tensor]:
+    """Read and check the initial adapter for a PiSSA/CorDA/OLoRA conversion (read-only, on every rank)."""
+    if len(plans) != 1:
+        raise ValueError(
+            f"path_initial_model_for_weight_conversion converts one adapter, but {[p.adapter_name for p in plans]} "
+            f"are selected; pass selected_adapters=[<the PiSSA/CorDA/OLoRA adapter>]."
+        )
+    plan = plans[0]
+    check_convertible(plan.adapter_name, peft_model.peft_config[plan.adapter_name])
+    tensors = read_initial_adapter(initial)
+    check_initial({k: infos[src].shape for k, src in plan.entries.items()}, tensors, os.fspath(initial))
+    return tensors
 
 
 def _agree_on_args(statuses: dict[int, dict]) -> None:
@@ -170,29 +193,69 @@ def _agree(rdv: Rendezvous, ranks: Ranks, op: str, prepare: Callable[[], object]
     return result, (ranks.rank if is_main else -1)
 
 
-def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU tensors as they are; device tensors in one device-to-host transfer."""
-    on_device = {k: v for k, v in tensors.items() if v.device.type != "cpu"}
-    return {**tensors, **_pack_to_host(on_device)} if on_device else dict(tensors)
+def _to_host(tensors: dict, initial: dict[str, torch.Tensor] | None = None) -> dict:
+    """The tensors on the host, converted (PiSSA/CorDA/OLoRA) first when `initial` is given.
+
+    CPU tensors are used as they are (converted in place of a copy); device tensors are converted straight
+    into one packed device buffer, which reaches the host in a single copy. Keys may be any hashable; the
+    conversion rule is read from the last element of a tuple key.
+    """
+
+    def key_name(k) -> str:
+        return k[-1] if isinstance(k, tuple) else k
+
+    def shape_of(k, t: torch.Tensor) -> tuple[int, ...]:
+        if initial is None or kind_of(key_name(k)) == "keep":
+            return tuple(t.shape)
+        return converted_shape(key_name(k), tuple(t.shape), tuple(initial[key_name(k)].shape))
+
+    def fill(out: torch.Tensor, k, t: torch.Tensor) -> torch.Tensor:
+        if initial is None:
+            return out.copy_(t.detach())
+        return convert_into(out, key_name(k), t.detach(), initial.get(key_name(k)))
+
+    out = {}
+    on_device = {}
+    for k, t in tensors.items():
+        if t.device.type != "cpu":
+            on_device[k] = t
+        elif initial is None or kind_of(key_name(k)) == "keep":
+            out[k] = t
+        else:
+            out[k] = fill(torch.empty(shape_of(k, t), dtype=t.dtype), k, t)
+    if on_device:
+        out.update(_pack_to_host(on_device, shape_of, fill))
+    return {k: out[k] for k in tensors}
 
 
-def _pack_to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Pack `tensors` (one device) into one byte buffer, copy it to the host once, and view it back.
-    A tensor listed under several names (tied weights) is copied once."""
-    unique = list({id(v): v for v in tensors.values()}.values())
+def _pack_to_host(tensors: dict, shape_of=None, fill=None) -> dict:
+    """Write `tensors` (one device) into one packed byte buffer on that device, copy it to the host once, and
+    view it back. A tensor listed under several names (tied weights) is written once."""
+    shape_of = shape_of or (lambda k, t: tuple(t.shape))
+    fill = fill or (lambda out, k, t: out.copy_(t.detach()))
+    first = {}
+    for k, t in tensors.items():
+        first.setdefault(id(t), k)
     spans, total = {}, 0
-    for t in unique:
-        spans[id(t)] = total
-        total += -(-t.numel() * t.element_size() // 16) * 16
-    packed = torch.empty(total, dtype=torch.uint8, device=unique[0].device)
-    for t in unique:
-        begin = spans[id(t)]
-        packed[begin : begin + t.numel() * t.element_size()].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
+    for ident, k in first.items():
+        t = tensors[k]
+        numel = 1
+        for d in shape_of(k, t):
+            numel *= d
+        spans[ident] = (total, numel * t.element_size(), shape_of(k, t))
+        total += -(-numel * t.element_size() // 16) * 16
+    device = next(iter(tensors.values())).device
+    packed = torch.empty(total, dtype=torch.uint8, device=device)
+    for ident, k in first.items():
+        t = tensors[k]
+        begin, nbytes, shape = spans[ident]
+        fill(packed[begin : begin + nbytes].view(t.dtype).view(shape), k, t)
     host = packed.cpu()
-    return {
-        k: host[spans[id(v)] : spans[id(v)] + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
-        for k, v in tensors.items()
-    }
+    result = {}
+    for k, t in tensors.items():
+        begin, nbytes, shape = spans[id(t)]
+        result[k] = host[begin : begin + nbytes].view(t.dtype).view(shape)
+    return result
 
 
 def _base_name_or_path(peft_model) -> str | None:
@@ -227,6 +290,9 @@ def render_text_files(peft_model, adapter_names: Sequence[str], root: Path) -> N
 
 
 def _write_adapters(request: _SaveRequest, tensors: dict[str, torch.Tensor]) -> None:
+    """Convert if asked, bring to the host in one copy, publish. `tensors`: full tensors by source name."""
+    by_key = {(p.adapter_name, key): tensors[src] for p in request.plans for key, src in p.entries.items()}
+    host = _to_host(by_key, request.initial)
     existing_card = request.destination / CARD_NAME
 
     def fill(tmp: Path) -> None:
@@ -235,7 +301,9 @@ def _write_adapters(request: _SaveRequest, tensors: dict[str, torch.Tensor]) -> 
         render_text_files(request.peft_model, [p.adapter_name for p in request.plans], tmp)
         for plan in request.plans:
             out = adapter_dir(tmp, plan.adapter_name)
-            write_weights(out, {key: tensors[src] for key, src in plan.entries.items()}, safe=request.safe)
+            write_weights(out, {key: host[(plan.adapter_name, key)] for key in plan.entries}, safe=request.safe)
+            if request.initial is not None:
+                rewrite_config_file(out / CONFIG_NAME)
 
     publish(request.destination, fill)
 
@@ -284,7 +352,7 @@ def save_pretrained(
     error = None
     if ranks.rank == writer:
         try:
-            _write_adapters(request, _to_host(tensors))
+            _write_adapters(request, tensors)
         except Exception as exc:
             error = exc
         if ranks.distributed:

@@ -42,13 +42,15 @@ def test_adapter_with_separator_in_model_is_rejected(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
 
 
-def test_conversion_fails_loudly_until_supported(tmp_path):
-    with pytest.raises(NotImplementedError, match="path_initial_model_for_weight_conversion"):
+def test_conversion_without_initial_adapter_files(tmp_path):
+    (tmp_path / "init").mkdir()
+    with pytest.raises(ValueError, match="no adapter_model.safetensors or adapter_model.bin"):
         shardsave.save_pretrained(
             peft_model(LoraConfig(target_modules=QV)),
             tmp_path / "o",
             path_initial_model_for_weight_conversion=str(tmp_path / "init"),
         )
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("timeout", [0, -1, "10", True])

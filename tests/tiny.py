@@ -127,3 +127,35 @@ def load_and_compare(
     finally:
         model.set_adapter("default")
     torch.testing.assert_close(logits(loaded), expected, atol=atol, rtol=1e-4)
+
+
+def pissa_model(lora_kwargs: dict, *, init: str = "pissa", seed: int = 0, dtype=None, **config_kwargs):
+    """A PiSSA/OLoRA-initialised PeftModel (base weights mutated to W_res), its initial adapter saved with
+    `save_initial(dir)`, then `train_a_little()` to move the adapter away from the initial values."""
+    from peft import LoraConfig
+
+    model = get_peft_model(base_model(seed=seed, **config_kwargs), LoraConfig(init_lora_weights=init, **lora_kwargs))
+    if dtype is not None:
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return model.eval()
+
+
+def save_initial(model, directory) -> None:
+    """What PEFT's docs ask for: the adapter right after initialisation, with init_lora_weights=True."""
+    import copy
+
+    config = model.peft_config["default"]
+    saved = copy.deepcopy(config)
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(str(directory))
+    finally:
+        model.peft_config["default"] = saved
+
+
+def train_a_little(model, seed: int = 7) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_((torch.randn(p.shape, generator=gen) * 0.05).to(p.dtype))

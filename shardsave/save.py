@@ -24,12 +24,13 @@ from .collect import Collector, TensorInfo, collector_for
 from .convert import (
     check_convertible,
     check_initial,
-    convert_into,
+    convert_tensor,
     converted_shape,
     kind_of,
     read_initial_adapter,
     rewrite_config_file,
 )
+from .kernels import Segment, fill_segments
 from .layout import build_layout, find_peft_model, peel, resolve_save_embedding_layers
 from .names import check_adapter_name
 from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
@@ -196,65 +197,78 @@ def _agree(rdv: Rendezvous, ranks: Ranks, op: str, prepare: Callable[[], object]
 def _to_host(tensors: dict, initial: dict[str, torch.Tensor] | None = None) -> dict:
     """The tensors on the host, converted (PiSSA/CorDA/OLoRA) first when `initial` is given.
 
-    CPU tensors are used as they are (converted in place of a copy); device tensors are converted straight
-    into one packed device buffer, which reaches the host in a single copy. Keys may be any hashable; the
-    conversion rule is read from the last element of a tuple key.
+    CPU tensors are used as they are (or converted with the reference path); device tensors are converted
+    straight into one packed device buffer (one Triton launch per dtype on CUDA), which reaches the host in a
+    single copy. Keys may be any hashable; the conversion rule reads the last element of a tuple key.
     """
-
-    def key_name(k) -> str:
-        return k[-1] if isinstance(k, tuple) else k
-
-    def shape_of(k, t: torch.Tensor) -> tuple[int, ...]:
-        if initial is None or kind_of(key_name(k)) == "keep":
-            return tuple(t.shape)
-        return converted_shape(key_name(k), tuple(t.shape), tuple(initial[key_name(k)].shape))
-
-    def fill(out: torch.Tensor, k, t: torch.Tensor) -> torch.Tensor:
-        if initial is None:
-            return out.copy_(t.detach())
-        return convert_into(out, key_name(k), t.detach(), initial.get(key_name(k)))
-
     out = {}
     on_device = {}
     for k, t in tensors.items():
+        name = k[-1] if isinstance(k, tuple) else k
         if t.device.type != "cpu":
             on_device[k] = t
-        elif initial is None or kind_of(key_name(k)) == "keep":
+        elif initial is None or kind_of(name) == "keep":
             out[k] = t
         else:
-            out[k] = fill(torch.empty(shape_of(k, t), dtype=t.dtype), k, t)
+            out[k] = convert_tensor(name, t.detach(), initial[name])
     if on_device:
-        out.update(_pack_to_host(on_device, shape_of, fill))
+        out.update(_pack_to_host(on_device, initial))
     return {k: out[k] for k in tensors}
 
 
-def _pack_to_host(tensors: dict, shape_of=None, fill=None) -> dict:
-    """Write `tensors` (one device) into one packed byte buffer on that device, copy it to the host once, and
-    view it back. A tensor listed under several names (tied weights) is written once."""
-    shape_of = shape_of or (lambda k, t: tuple(t.shape))
-    fill = fill or (lambda out, k, t: out.copy_(t.detach()))
-    first = {}
+def _upload(initial: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The initial tensors that `like` needs, cast to their trained dtype, on its device: one copy per dtype."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, t in like.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    device = next(iter(like.values())).device
+    result = {}
+    for dtype, names in by_dtype.items():
+        flat = torch.cat([initial[n].reshape(-1).to(dtype) for n in names]).to(device, non_blocking=True)
+        start = 0
+        for n in names:
+            size = initial[n].numel()
+            result[n] = flat[start : start + size].view(initial[n].shape)
+            start += size
+    return result
+
+
+def _pack_to_host(tensors: dict, initial: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write `tensors` (one device), converted if `initial` is given, into one packed byte buffer on that
+    device; copy it to the host once and view it back. A tensor under several names is written once."""
+    first: dict[int, object] = {}
     for k, t in tensors.items():
         first.setdefault(id(t), k)
-    spans, total = {}, 0
+
+    def name(k) -> str:
+        return k[-1] if isinstance(k, tuple) else k
+
+    converting = {} if initial is None else {name(k): t for k, t in tensors.items() if kind_of(name(k)) != "keep"}
+    on_device = _upload(initial, converting) if converting else {}
+    segments, shapes, total = {}, {}, 0
     for ident, k in first.items():
-        t = tensors[k]
-        numel = 1
-        for d in shape_of(k, t):
-            numel *= d
-        spans[ident] = (total, numel * t.element_size(), shape_of(k, t))
-        total += -(-numel * t.element_size() // 16) * 16
+        t = tensors[k].detach()
+        y = on_device.get(name(k))
+        if y is None:
+            segment = Segment(total, t, None, 1, t.numel(), 0, False)
+            shapes[ident] = tuple(t.shape)
+        elif kind_of(name(k)) == "A":
+            segment = Segment(total, t, y, 1, t.numel(), y.numel(), False)
+            shapes[ident] = converted_shape(name(k), tuple(t.shape), tuple(y.shape))
+        else:
+            rows = t.numel() // t.shape[-1]
+            segment = Segment(total, t, y, rows, t.shape[-1], y.shape[-1], True)
+            shapes[ident] = converted_shape(name(k), tuple(t.shape), tuple(y.shape))
+        segments[ident] = segment
+        total += -(-segment.nbytes // 16) * 16
     device = next(iter(tensors.values())).device
-    packed = torch.empty(total, dtype=torch.uint8, device=device)
-    for ident, k in first.items():
-        t = tensors[k]
-        begin, nbytes, shape = spans[ident]
-        fill(packed[begin : begin + nbytes].view(t.dtype).view(shape), k, t)
+    packed = torch.empty(max(total, 16), dtype=torch.uint8, device=device)
+    fill_segments(packed, list(segments.values()))
     host = packed.cpu()
     result = {}
     for k, t in tensors.items():
-        begin, nbytes, shape = spans[id(t)]
-        result[k] = host[begin : begin + nbytes].view(t.dtype).view(shape)
+        s = segments[id(t)]
+        result[k] = host[s.offset : s.offset + s.nbytes].view(t.dtype).view(shapes[id(t)])
     return result
 
 

@@ -80,7 +80,9 @@ def test_keeps_bf16(tmp_path):
 def test_refuses_what_cannot_be_converted_exactly(lora, init, match, tmp_path):
     model = prepare(tmp_path, lora, init=init)
     with pytest.raises(ValueError, match=match):
-        shardsave.save_pretrained(model, tmp_path / "o", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+        shardsave.save_pretrained(
+            model, tmp_path / "o", path_initial_model_for_weight_conversion=str(tmp_path / "init")
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -89,15 +91,21 @@ def test_initial_adapter_of_another_shape(tmp_path):
     other = pissa_model(dict(target_modules=["q_proj"], r=4))
     save_initial(other, tmp_path / "other")
     with pytest.raises(ValueError, match="does not match the trained adapter"):
-        shardsave.save_pretrained(model, tmp_path / "o", path_initial_model_for_weight_conversion=str(tmp_path / "other"))
+        shardsave.save_pretrained(
+            model, tmp_path / "o", path_initial_model_for_weight_conversion=str(tmp_path / "other")
+        )
     assert not (tmp_path / "o").exists()
 
 
 def test_merge_converts_like_save_pretrained(tmp_path):
     model = prepare(tmp_path, dict(target_modules=QV, modules_to_save=["lm_head"]))
-    shardsave.save_pretrained(model, tmp_path / "direct", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    shardsave.save_pretrained(
+        model, tmp_path / "direct", path_initial_model_for_weight_conversion=str(tmp_path / "init")
+    )
     shardsave.save_shards(model, tmp_path / "shards")
-    shardsave.merge_shards(tmp_path / "shards", tmp_path / "merged", path_initial_model_for_weight_conversion=tmp_path / "init")
+    shardsave.merge_shards(
+        tmp_path / "shards", tmp_path / "merged", path_initial_model_for_weight_conversion=tmp_path / "init"
+    )
     assert snapshot(tmp_path / "merged") == snapshot(tmp_path / "direct")
 
 

@@ -24,7 +24,7 @@ def sample(device):
 
 def test_pack_roundtrip_and_same_file(tmp_path):
     tensors = sample("cpu")
-    packed = _pack_to_host(tensors)
+    packed = _pack_to_host(tensors)  # the device path, exercised here on CPU tensors
     for k, v in tensors.items():
         assert packed[k].dtype == v.dtype and packed[k].shape == v.shape and torch.equal(packed[k], v)
     assert packed["tied1"].data_ptr() == packed["tied2"].data_ptr()

@@ -170,3 +170,10 @@ def test_accelerate_prepare(plugin, tmp_path):
     assert_same_files(tmp_path / "ours_inner", tmp_path / "theirs", fake)
     loaded = PeftModel.from_pretrained(base_model(), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(logits(loaded), torch.load(tmp_path / "logits.pt"), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "fsdp1", "zero3", "ddp"])
+def test_pissa_conversion_under_backend(backend, tmp_path):
+    """Trained from PiSSA under the backend, saved converted: PEFT's single-process conversion of the same
+    weights, byte for byte, and the original (unmutated) base plus the file gives the sharded model's logits."""
+    check_backend(tmp_path, backend, pissa=True)

@@ -198,8 +198,20 @@ def backend_save(rank, world, out: Path, params):
     from tiny import peft_model
 
     backend = params["backend"]
-    lora = LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"]}))
-    model = peft_model(lora, **params.get("model", {}))
+    lora_kwargs = params.get("lora", {"target_modules": ["q_proj", "v_proj"]})
+    save_kwargs = dict(params.get("save", {}))
+    if params.get("pissa"):  # PiSSA-initialised (base weights mutated); rank 0 keeps the initial adapter
+        from tiny import pissa_model, save_initial
+
+        lora = LoraConfig(init_lora_weights="pissa", **lora_kwargs)
+        model = pissa_model(lora_kwargs, **params.get("model", {}))
+        if rank == 0:
+            save_initial(model, out / "initial")
+        dist.barrier()
+        save_kwargs["path_initial_model_for_weight_conversion"] = str(out / "initial")
+    else:
+        lora = LoraConfig(**lora_kwargs)
+        model = peft_model(lora, **params.get("model", {}))
     wrapped, opt = wrap(
         model,
         backend,
@@ -210,7 +222,7 @@ def backend_save(rank, world, out: Path, params):
     train(wrapped, opt, backend, rank)
     target = model if params.get("pass_inner") else wrapped
     with CommAudit() as audit:
-        shardsave.save_pretrained(target, out / "ours", **params.get("save", {}))
+        shardsave.save_pretrained(target, out / "ours", **save_kwargs)
     (out / f"comm-{rank}.json").write_text(json.dumps(audit.calls))
     if params.get("shards"):
         with CommAudit() as shard_audit:
@@ -226,7 +238,7 @@ def backend_save(rank, world, out: Path, params):
         reference = peft_model(lora, **params.get("model", {}))
         missing, unexpected = reference.load_state_dict(state, strict=False)
         assert not unexpected, unexpected[:5]
-        reference.save_pretrained(str(out / "theirs"), **params.get("save", {}))
+        reference.save_pretrained(str(out / "theirs"), **save_kwargs)
         torch.save(torch_logits, out / "logits.pt")
         torch.save({k: v for k, v in state.items()}, out / "full_state.pt")
     return {}

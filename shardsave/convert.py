@@ -29,7 +29,7 @@ __all__ = [
     "check_initial",
     "converted_shape",
     "convert_tensor",
-    "convert_into",
+    "segment",
     "rewrite_config_file",
 ]
 
@@ -139,28 +139,29 @@ def check_initial(shapes: Mapping[str, tuple[int, ...]], initial: Mapping[str, t
         )
 
 
-def convert_tensor(key: str, tensor: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
-    """The converted tensor, on `tensor`'s device and in its dtype (reference path, one key)."""
-    kind = kind_of(key)
-    if kind == "keep":
-        return tensor
-    out = torch.empty(converted_shape(key, tuple(tensor.shape), tuple(initial.shape)), dtype=tensor.dtype,
-                      device=tensor.device)  # fmt: skip
-    return convert_into(out, key, tensor, initial)
+def segment(key: str, tensor: torch.Tensor, initial: torch.Tensor | None, offset: int):
+    """The packed-buffer segment that writes `key`'s converted tensor at byte `offset`, and its shape.
+    `initial` must already be on `tensor`'s device and in its dtype (or None: a plain copy)."""
+    from .kernels import Segment
 
-
-def convert_into(out: torch.Tensor, key: str, tensor: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
-    """Write the converted `tensor` into `out` (which has the converted shape): no temporaries."""
-    kind = kind_of(key)
+    kind = kind_of(key) if initial is not None else "keep"
     if kind == "keep":
-        return out.copy_(tensor)
-    initial = initial.to(device=out.device, dtype=out.dtype, non_blocking=True)
+        return Segment(offset, tensor, None, 1, tensor.numel(), 0, False), tuple(tensor.shape)
+    shape = converted_shape(key, tuple(tensor.shape), tuple(initial.shape))
     if kind == "A":
-        rows = tensor.shape[0]
-        out[:rows].copy_(tensor)
-        out[rows:].copy_(initial)
-    else:
-        cols = tensor.shape[-1]
-        out[..., :cols].copy_(tensor)
-        torch.neg(initial, out=out[..., cols:])
-    return out
+        return Segment(offset, tensor, initial, 1, tensor.numel(), initial.numel(), False), shape
+    rows = tensor.numel() // tensor.shape[-1]
+    return Segment(offset, tensor, initial, rows, tensor.shape[-1], initial.shape[-1], True), shape
+
+
+def convert_tensor(key: str, tensor: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
+    """One converted tensor, on `tensor`'s device and in its dtype (used by the merge, one tensor at a time)."""
+    from .kernels import fill_segments
+
+    if initial is None or kind_of(key) == "keep":
+        return tensor
+    initial = initial.to(device=tensor.device, dtype=tensor.dtype)
+    seg, shape = segment(key, tensor.detach().contiguous(), initial, 0)
+    buffer = torch.empty(seg.nbytes, dtype=torch.uint8, device=tensor.device)
+    fill_segments(buffer, [seg])
+    return buffer.view(tensor.dtype).view(shape)

@@ -24,13 +24,12 @@ from .collect import Collector, TensorInfo, collector_for
 from .convert import (
     check_convertible,
     check_initial,
-    convert_tensor,
-    converted_shape,
     kind_of,
     read_initial_adapter,
     rewrite_config_file,
+    segment,
 )
-from .kernels import Segment, fill_segments
+from .kernels import fill_segments
 from .layout import build_layout, find_peft_model, peel, resolve_save_embedding_layers
 from .names import check_adapter_name
 from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
@@ -194,25 +193,30 @@ def _agree(rdv: Rendezvous, ranks: Ranks, op: str, prepare: Callable[[], object]
     return result, (ranks.rank if is_main else -1)
 
 
+def _key_name(key) -> str:
+    """The checkpoint key inside a `(adapter, key)` pair, or the key itself."""
+    return key[-1] if isinstance(key, tuple) else key
+
+
 def _to_host(tensors: dict, initial: dict[str, torch.Tensor] | None = None) -> dict:
     """The tensors on the host, converted (PiSSA/CorDA/OLoRA) first when `initial` is given.
 
-    CPU tensors are used as they are (or converted with the reference path); device tensors are converted
-    straight into one packed device buffer (one Triton launch per dtype on CUDA), which reaches the host in a
-    single copy. Keys may be any hashable; the conversion rule reads the last element of a tuple key.
+    Tensors already on the CPU that need no conversion are used as they are. Everything else is written,
+    converted where needed, into one packed buffer on its device (one Triton launch per dtype on CUDA, the
+    same segments with torch elsewhere), which reaches the host in a single copy. Keys may be any hashable;
+    the conversion rule reads the last element of a tuple key.
     """
-    out = {}
-    on_device = {}
+    name = _key_name
+    as_is = {
+        k: t for k, t in tensors.items() if t.device.type == "cpu" and (initial is None or kind_of(name(k)) == "keep")
+    }
+    by_device: dict[torch.device, dict] = {}
     for k, t in tensors.items():
-        name = k[-1] if isinstance(k, tuple) else k
-        if t.device.type != "cpu":
-            on_device[k] = t
-        elif initial is None or kind_of(name) == "keep":
-            out[k] = t
-        else:
-            out[k] = convert_tensor(name, t.detach(), initial[name])
-    if on_device:
-        out.update(_pack_to_host(on_device, initial))
+        if k not in as_is:
+            by_device.setdefault(t.device, {})[k] = t
+    out = dict(as_is)
+    for group in by_device.values():
+        out.update(_pack_to_host(group, initial))
     return {k: out[k] for k in tensors}
 
 
@@ -239,28 +243,13 @@ def _pack_to_host(tensors: dict, initial: dict[str, torch.Tensor] | None = None)
     first: dict[int, object] = {}
     for k, t in tensors.items():
         first.setdefault(id(t), k)
-
-    def name(k) -> str:
-        return k[-1] if isinstance(k, tuple) else k
-
+    name = _key_name
     converting = {} if initial is None else {name(k): t for k, t in tensors.items() if kind_of(name(k)) != "keep"}
     on_device = _upload(initial, converting) if converting else {}
     segments, shapes, total = {}, {}, 0
     for ident, k in first.items():
-        t = tensors[k].detach()
-        y = on_device.get(name(k))
-        if y is None:
-            segment = Segment(total, t, None, 1, t.numel(), 0, False)
-            shapes[ident] = tuple(t.shape)
-        elif kind_of(name(k)) == "A":
-            segment = Segment(total, t, y, 1, t.numel(), y.numel(), False)
-            shapes[ident] = converted_shape(name(k), tuple(t.shape), tuple(y.shape))
-        else:
-            rows = t.numel() // t.shape[-1]
-            segment = Segment(total, t, y, rows, t.shape[-1], y.shape[-1], True)
-            shapes[ident] = converted_shape(name(k), tuple(t.shape), tuple(y.shape))
-        segments[ident] = segment
-        total += -(-segment.nbytes // 16) * 16
+        segments[ident], shapes[ident] = segment(name(k), tensors[k].detach(), on_device.get(name(k)), total)
+        total += -(-segments[ident].nbytes // 16) * 16
     device = next(iter(tensors.values())).device
     packed = torch.empty(max(total, 16), dtype=torch.uint8, device=device)
     fill_segments(packed, list(segments.values()))

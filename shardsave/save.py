@@ -36,7 +36,7 @@ from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_
 from .select import AdapterPlan, select_adapter
 from .writer import CARD_NAME, CONFIG_NAME, check_destination, publish, write_config, write_weights
 
-__all__ = ["save_pretrained", "gather_state_dict", "adapter_dir", "render_text_files"]
+__all__ = ["save_pretrained", "gather_state_dict", "start_save", "adapter_dir", "render_text_files"]
 
 logger = logging.getLogger("shardsave")
 
@@ -151,6 +151,13 @@ def _check_conversion(peft_model, plans, infos: dict[str, TensorInfo], initial) 
     tensors = read_initial_adapter(initial)
     check_initial({k: infos[src].shape for k, src in plan.entries.items()}, tensors, os.fspath(initial))
     return tensors
+
+
+def start_save(rdv: Rendezvous, model, directory, *, is_main_process, **options) -> tuple[_SaveRequest, int]:
+    """Every rank plans the save (`_prepare_save` options) and all agree on it; returns the plan and the
+    writer rank (-1: a single process that is not the main process)."""
+    ranks = rdv.ranks
+    return _agree(rdv, ranks, rdv.op, lambda: _prepare_save(model, directory, ranks=ranks, **options), is_main_process)
 
 
 def _agree_on_args(statuses: dict[int, dict]) -> None:
@@ -332,20 +339,15 @@ def save_pretrained(
     ranks = Ranks.current()
     started = time.perf_counter()
     rdv = Rendezvous(ranks, op="save_pretrained", timeout=resolve_timeout(timeout))
-    request, writer = _agree(
+    request, writer = start_save(
         rdv,
-        ranks,
-        "save_pretrained",
-        lambda: _prepare_save(
-            model,
-            save_directory,
-            safe_serialization=safe_serialization,
-            selected_adapters=selected_adapters,
-            save_embedding_layers=save_embedding_layers,
-            initial=path_initial_model_for_weight_conversion,
-            ranks=ranks,
-        ),
-        is_main_process,
+        model,
+        save_directory,
+        safe_serialization=safe_serialization,
+        selected_adapters=selected_adapters,
+        save_embedding_layers=save_embedding_layers,
+        initial=path_initial_model_for_weight_conversion,
+        is_main_process=is_main_process,
     )
     sources = list(dict.fromkeys(s for plan in request.plans for s in plan.sources))
     if writer < 0:  # one process that is not the main process: PEFT writes nothing either

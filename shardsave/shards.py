@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
-from .save import _agree, _prepare_save, _to_host, adapter_dir, logger, render_text_files
+from .save import _to_host, adapter_dir, logger, render_text_files, start_save
 from .stream import dtype_name
 from .writer import CARD_NAME, CONFIG_NAME, _fsync
 
@@ -122,20 +122,15 @@ def save_shards(
     ranks = Ranks.current()
     started = time.perf_counter()
     rdv = Rendezvous(ranks, op="save_shards", timeout=resolve_timeout(timeout))
-    request, _ = _agree(
+    request, _ = start_save(
         rdv,
-        ranks,
-        "save_shards",
-        lambda: _prepare_save(
-            model,
-            shards_directory,
-            safe_serialization=True,
-            selected_adapters=selected_adapters,
-            save_embedding_layers=save_embedding_layers,
-            initial=None,
-            ranks=ranks,
-        ),
-        None,
+        model,
+        shards_directory,
+        safe_serialization=True,
+        selected_adapters=selected_adapters,
+        save_embedding_layers=save_embedding_layers,
+        initial=None,
+        is_main_process=None,
     )
     directory = request.destination
     names = [p.adapter_name for p in request.plans]

@@ -6,9 +6,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .base import TensorInfo
 from .sharded import ShardedCollector, Slice, chunk_ranges
-from .walk import state_entries
 
 __all__ = ["FSDP2Collector"]
 
@@ -20,15 +18,7 @@ class FSDP2Collector(ShardedCollector):
 
     def __init__(self, root: nn.Module, rank: int, world_size: int):
         super().__init__(rank, world_size)
-        self._tensors: dict[str, torch.Tensor] = {}
-        seen: dict[int, str] = {}
-        for name, tensor, is_param in state_entries(root):
-            if id(tensor) in seen:  # tied: gather once, save under both names
-                self._aliases[name] = seen[id(tensor)]
-            seen.setdefault(id(tensor), name)
-            self._tensors[name] = tensor
-            requires_grad = bool(tensor.requires_grad) if is_param else False
-            self._infos[name] = TensorInfo(tuple(tensor.shape), tensor.dtype, requires_grad)
+        self._register(root, lambda t: tuple(t.shape))  # a DTensor reports its global shape
 
     def _mesh_ranks(self, tensor: DTensor) -> list[int] | None:
         mesh = tensor.device_mesh

@@ -64,6 +64,21 @@ class ShardedCollector:
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
+    def _register(self, root, full_shape) -> None:
+        """Record every state-dict entry of `root` (tied names as aliases of the first), with its full shape
+        as `full_shape(tensor)` reports it."""
+        from .walk import state_entries
+
+        self._tensors: dict[str, torch.Tensor] = {}
+        seen: dict[int, str] = {}
+        for name, tensor, is_param in state_entries(root):
+            if id(tensor) in seen:  # tied: gathered once, saved under both names
+                self._aliases[name] = seen[id(tensor)]
+            seen.setdefault(id(tensor), name)
+            self._tensors[name] = tensor
+            requires_grad = bool(tensor.requires_grad) and is_param
+            self._infos[name] = TensorInfo(full_shape(tensor), tensor.dtype, requires_grad)
+
     def primary(self, name: str) -> str:
         """The name whose tensor `name` shares (tied weights), or `name` itself."""
         return self._aliases.get(name, name)

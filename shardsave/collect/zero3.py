@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import TensorInfo
 from .sharded import ShardedCollector, Slice
-from .walk import state_entries
 
 __all__ = ["Zero3Collector", "is_zero3_param"]
 
@@ -25,16 +23,7 @@ class Zero3Collector(ShardedCollector):
 
     def __init__(self, root: nn.Module, rank: int, world_size: int):
         super().__init__(rank, world_size)
-        self._tensors: dict[str, torch.Tensor] = {}
-        seen: dict[int, str] = {}
-        for name, tensor, is_param in state_entries(root):
-            if id(tensor) in seen:
-                self._aliases[name] = seen[id(tensor)]
-            seen.setdefault(id(tensor), name)
-            self._tensors[name] = tensor
-            shape = tuple(tensor.ds_shape) if is_zero3_param(tensor) else tuple(tensor.shape)
-            requires_grad = bool(tensor.requires_grad) if is_param else False
-            self._infos[name] = TensorInfo(shape, tensor.dtype, requires_grad)
+        self._register(root, lambda t: tuple(t.ds_shape) if is_zero3_param(t) else tuple(t.shape))
 
     def _partitioned(self, tensor: torch.Tensor) -> bool:
         if not is_zero3_param(tensor):

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from .convert import (
     converted_shape,
     read_initial_adapter,
 )
+from .log import logger
 from .shards import FORMAT, MANIFEST_NAME, SHARD_PATTERN, sha256_of
 from .stream import TensorSpec, dtype_from_name, write_streaming
 from .writer import BIN_NAME, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME, check_destination, publish
@@ -259,11 +261,15 @@ def merge_shards(
                 if bar is not None:
                     bar.update(len(tensors))
 
+    started = time.perf_counter()
     try:
         publish(output, fill)
     finally:
         if bar is not None:
             bar.close()
+    tensors = sum(len(a["keys"]) for a in shard_set.adapters.values())
+    logger.info("merged %d shard files (%d tensors) from %s into %s in %.2f s", shard_set.world_size, tensors,
+                shard_set.directory, output, time.perf_counter() - started)  # fmt: skip
     return output
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -31,6 +30,7 @@ from .convert import (
 )
 from .kernels import fill_segments
 from .layout import build_layout, find_peft_model, peel, resolve_save_embedding_layers
+from .log import logger
 from .names import check_adapter_name
 from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
 from .select import AdapterPlan, select_adapter
@@ -38,7 +38,6 @@ from .writer import CARD_NAME, CONFIG_NAME, check_destination, publish, write_co
 
 __all__ = ["save_pretrained", "gather_state_dict", "start_save", "adapter_dir", "render_text_files"]
 
-logger = logging.getLogger("shardsave")
 
 KeepSpec = Callable[[str, TensorInfo], bool] | Iterable[str] | None
 
@@ -372,6 +371,7 @@ def save_pretrained(
             nbytes / 2**20,
             request.destination,
             time.perf_counter() - started,
+            extra={"writer": True},
         )
     else:
         statuses = rdv.collect("done", [writer])

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .log import logger
 from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
-from .save import _to_host, adapter_dir, logger, render_text_files, start_save
+from .save import _to_host, adapter_dir, render_text_files, start_save
 from .stream import dtype_name
 from .writer import CARD_NAME, CONFIG_NAME, _fsync
 

@@ -1,0 +1,51 @@
+"""LoRA training with `accelerate launch` (its FSDP or DeepSpeed plugin), saved with shardsave (gathered, and
+shards + merge), choosing the writer with `accelerator.is_main_process`.
+
+    accelerate launch --config_file configs/accelerate_fsdp2.yaml launch_scripts/train_accelerate.py
+    accelerate launch --config_file configs/accelerate_fsdp1.yaml launch_scripts/train_accelerate.py
+    accelerate launch --config_file configs/accelerate_deepspeed_zero3.yaml launch_scripts/train_accelerate.py
+
+Needs GPUs: accelerate 1.15 enables FSDP and DeepSpeed only on accelerators; launched on a CPU-only machine
+every process believes it is alone (`DistributedType.NO`, one process), so this script refuses to run there.
+(The accelerate prepare() path itself is tested on CPU in tests/test_multirank_backends.py.) With DeepSpeed,
+should accelerate count fewer processes than torch.distributed, the writer is left to shardsave (rank 0)
+rather than `is_main_process`, which would then be true on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from common import batches, check_with_peft, finish, lora_model, parser, probe_logits, save_both_ways
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    accelerator = Accelerator()
+    if accelerator.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            "accelerate sees one process although WORLD_SIZE > 1: its FSDP / DeepSpeed plugins need GPUs. On CPU use "
+            "launch_scripts/train_fsdp2.py, train_fsdp1.py (torchrun) or train_deepspeed.py (deepspeed launcher)."
+        )
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model = lora_model(args.lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model, opt = accelerator.prepare(model, opt)
+    model.train()
+    for step, batch in enumerate(batches(rank, args.steps, accelerator.device)):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        if rank == 0:
+            print(f"step {step}: loss {loss.item():.4f} ({type(model).__name__})")
+    expected = probe_logits(model, accelerator.device)
+    main_process = accelerator.is_main_process if accelerator.num_processes == world else None
+    adapter, merged = save_both_ways(model, args.out, rank, is_main_process=main_process)
+    finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""FSDP1 (`FullyShardedDataParallel`) LoRA training with torchrun, PEFT's auto-wrap policy, saved with
+shardsave (gathered, and shards + merge).
+
+    torchrun --standalone --nproc_per_node 2 launch_scripts/train_fsdp1.py [--use-orig-params] [--out demo_output]
+
+CPU with gloo by default (`device_id=cpu`), one GPU per rank with NCCL when CUDA is present.
+"""
+
+from __future__ import annotations
+
+import torch
+from common import (
+    batches,
+    check_with_peft,
+    device,
+    finish,
+    init_distributed,
+    lora_model,
+    parser,
+    probe_logits,
+    save_both_ways,
+)  # fmt: skip
+from peft.utils.other import fsdp_auto_wrap_policy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--use-orig-params", action="store_true", help="FSDP1 use_orig_params=True")
+    args = p.parse_args()
+    rank, _ = init_distributed()
+    dev = device()
+    model = lora_model(args.lora).to(dev)
+    wrapped = FSDP(model, device_id=dev, use_orig_params=args.use_orig_params,
+                   auto_wrap_policy=fsdp_auto_wrap_policy(model))  # fmt: skip
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
+    wrapped.train()
+    for step, batch in enumerate(batches(rank, args.steps, dev)):
+        loss = wrapped(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if rank == 0:
+            print(f"step {step}: loss {loss.item():.4f}")
+    expected = probe_logits(wrapped, dev)
+    adapter, merged = save_both_ways(wrapped, args.out, rank)
+    finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)
+
+
+if __name__ == "__main__":
+    main()

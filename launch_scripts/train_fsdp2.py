@@ -1,0 +1,49 @@
+"""FSDP2 (`fully_shard`) LoRA training with torchrun, saved with shardsave (gathered, and shards + merge).
+
+    torchrun --standalone --nproc_per_node 2 launch_scripts/train_fsdp2.py [--out demo_output] [--steps 3]
+
+CPU with gloo by default, one GPU per rank with NCCL when CUDA is present. Prints whether PEFT loads both
+saved adapters and reproduces the trained (sharded) model's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from common import (
+    batches,
+    check_with_peft,
+    device,
+    finish,
+    init_distributed,
+    lora_model,
+    parser,
+    probe_logits,
+    save_both_ways,
+)  # fmt: skip
+from torch.distributed.fsdp import fully_shard
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    rank, _ = init_distributed()
+    dev = device()
+    model = lora_model(args.lora).to(dev)
+    for layer in model.base_model.model.model.layers:  # one FSDP unit per decoder layer, plus the root
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for step, batch in enumerate(batches(rank, args.steps, dev)):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if rank == 0:
+            print(f"step {step}: loss {loss.item():.4f}")
+    expected = probe_logits(model, dev)
+    adapter, merged = save_both_ways(model, args.out, rank)
+    finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)
+
+
+if __name__ == "__main__":
+    main()

@@ -313,5 +313,28 @@ def accelerate_save(rank, world, out: Path, params):
     return {"type": type(prepared).__name__}
 
 
+@scenario
+def trainer_callback(rank, world, out: Path, params):
+    """transformers.Trainer on 2 ranks with ShardSaveCallback; rank 0 records the final model's logits."""
+    from datasets_free import token_dataset
+    from peft import LoraConfig
+    from tiny import logits, peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from shardsave.integrations import ShardSaveCallback
+
+    model = peft_model(LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    model.train()
+    args = TrainingArguments(
+        output_dir=str(out / "run"), max_steps=2, save_steps=1, per_device_train_batch_size=2, use_cpu=True,
+        report_to=[], logging_steps=1, learning_rate=1e-2,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(rank), callbacks=[ShardSaveCallback()])
+    trainer.train()
+    if rank == 0:
+        torch.save(logits(model.eval()), out / "logits.pt")
+    return {"checkpoints": sorted(p.name for p in (out / "run").glob("checkpoint-*"))}
+
+
 if __name__ == "__main__":
     main()

@@ -30,7 +30,10 @@ def detect_backend(root: nn.Module) -> str:
 
 def collector_for(root: nn.Module, ranks: Ranks) -> Collector:
     """The collector for `root` (the model with DDP / DeepSpeed / compile wrappers peeled off)."""
-    if getattr(root, "_is_fsdp_managed_module", False):  # the inner model of an FSDP1 wrapper
+    from torch.distributed.fsdp import FSDPModule
+
+    # FSDP1 and FSDP2 both mark the modules they manage; only FSDP1 hides the root unit in a wrapper
+    if getattr(root, "_is_fsdp_managed_module", False) and not isinstance(root, FSDPModule):
         from .fsdp1 import outermost_fsdp
 
         root = outermost_fsdp(root)

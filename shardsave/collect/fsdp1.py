@@ -4,6 +4,7 @@ which rank r holds elements `[r*S, (r+1)*S)`; original parameter i occupies a kn
 from __future__ import annotations
 
 import gc
+import weakref
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -159,9 +160,22 @@ def outermost_fsdp(module: nn.Module) -> nn.Module:
     return current
 
 
+_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the search costs ~50 ms in a big process
+
+
 def _wrapper_of(module: nn.Module, fsdp_cls: type) -> nn.Module | None:
     """The FSDP1 instance whose `_fsdp_wrapped_module` is `module`: module <- `_modules` dict <- instance
-    `__dict__` <- instance."""
+    `__dict__` <- instance. Remembered per module."""
+    cached = _WRAPPERS.get(module)
+    if cached is not None and cached._modules.get("_fsdp_wrapped_module") is module:
+        return cached
+    found = _search_wrapper(module, fsdp_cls)
+    if found is not None:
+        _WRAPPERS[module] = found
+    return found
+
+
+def _search_wrapper(module: nn.Module, fsdp_cls: type) -> nn.Module | None:
     frontier: list = [module]
     for _ in range(3):
         found = []

@@ -86,9 +86,10 @@ def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75), num_hidden_layers=args.layers,
-                         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-                         vocab_size=args.vocab)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75), num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, vocab_size=args.vocab,
+    )  # fmt: skip
     model = LlamaForCausalLM(config)
     return get_peft_model(model, LoraConfig(r=args.rank, target_modules=["q_proj", "v_proj"]))
 
@@ -158,7 +159,8 @@ def main() -> None:
             peft_save(get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
 
         def native():
-            state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+            options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+            state = get_model_state_dict(wrapped, options=options)
             peft_save(state)
     elif args.backend == "fsdp1":
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
@@ -202,7 +204,12 @@ def main() -> None:
               f"({len(lora_names)} tensors), 2 ranks, gloo on CPU, median of {args.repeat}")  # fmt: skip
         print(f"{'path':12} {'time':>9} {'rank-0 extra':>13}  {'shardsave is':>14}  {'extra / adapter':>15}")
         for name, (t, m) in results.items():
-            speed = "" if name == "shardsave" else f"{t / ours_t:8.1f}x faster" if name != "floor" else f"{ours_t / t:6.2f}x the floor"
+            if name == "shardsave":
+                speed = ""
+            elif name == "floor":
+                speed = f"{ours_t / t:6.2f}x the floor"
+            else:
+                speed = f"{t / ours_t:8.1f}x faster"
             print(f"{name:12} {t * 1e3:7.1f}ms {m / 2**20:10.1f}MiB  {speed:>14}  {m / max(adapter_bytes, 1):14.1f}x")
     dist.barrier()
     dist.destroy_process_group()

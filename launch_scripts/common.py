@@ -72,6 +72,26 @@ def batches(rank: int, steps: int, dev: torch.device):
         yield {"input_ids": ids, "labels": ids}
 
 
+def train(model, rank: int, steps: int, dev: torch.device, *, backward=None, step=None) -> None:
+    """A few AdamW steps on random tokens. `backward(loss)` / `step()` default to `loss.backward()` and an
+    AdamW step over the trainable parameters (DeepSpeed and accelerate pass their own)."""
+    if step is None:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+        def step():
+            opt.step()
+            opt.zero_grad()
+
+    backward = backward or (lambda loss: loss.backward())
+    model.train()
+    for i, batch in enumerate(batches(rank, steps, dev)):
+        loss = model(**batch).loss
+        backward(loss)
+        step()
+        if rank == 0:
+            print(f"step {i}: loss {loss.item():.4f} ({type(model).__name__})")
+
+
 def probe_logits(model, dev: torch.device) -> torch.Tensor:
     """Logits of the (sharded) training model on a fixed input; every rank must call it."""
     ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7)).to(dev)

@@ -18,7 +18,7 @@ import os
 
 import torch
 from accelerate import Accelerator
-from common import batches, check_with_peft, finish, lora_model, parser, probe_logits, save_both_ways
+from common import check_with_peft, finish, lora_model, parser, probe_logits, save_both_ways, train
 
 
 def main() -> None:
@@ -33,14 +33,12 @@ def main() -> None:
     model = lora_model(args.lora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model, opt = accelerator.prepare(model, opt)
-    model.train()
-    for step, batch in enumerate(batches(rank, args.steps, accelerator.device)):
-        loss = model(**batch).loss
-        accelerator.backward(loss)
+
+    def step():
         opt.step()
         opt.zero_grad()
-        if rank == 0:
-            print(f"step {step}: loss {loss.item():.4f} ({type(model).__name__})")
+
+    train(model, rank, args.steps, accelerator.device, backward=accelerator.backward, step=step)
     expected = probe_logits(model, accelerator.device)
     main_process = accelerator.is_main_process if accelerator.num_processes == world else None
     adapter, merged = save_both_ways(model, args.out, rank, is_main_process=main_process)

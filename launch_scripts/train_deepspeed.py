@@ -16,7 +16,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from common import batches, check_with_peft, device, finish, lora_model, parser, probe_logits, save_both_ways
+from common import check_with_peft, device, finish, lora_model, parser, probe_logits, save_both_ways, train
 
 
 def main() -> None:
@@ -30,13 +30,7 @@ def main() -> None:
     model = lora_model(args.lora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=json.loads(args.deepspeed_config.read_text()))
-    engine.train()
-    for step, batch in enumerate(batches(rank, args.steps, dev)):
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        if rank == 0:
-            print(f"step {step}: loss {loss.item():.4f}")
+    train(engine, rank, args.steps, dev, backward=engine.backward, step=engine.step)
     expected = probe_logits(engine, dev)
     adapter, merged = save_both_ways(engine, args.out, rank)
     finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)

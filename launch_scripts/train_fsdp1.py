@@ -8,9 +8,7 @@ CPU with gloo by default (`device_id=cpu`), one GPU per rank with NCCL when CUDA
 
 from __future__ import annotations
 
-import torch
-from common import (
-    batches,
+from common import (  # noqa: E501
     check_with_peft,
     device,
     finish,
@@ -19,7 +17,8 @@ from common import (
     parser,
     probe_logits,
     save_both_ways,
-)  # fmt: skip
+    train,
+)
 from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -33,15 +32,7 @@ def main() -> None:
     model = lora_model(args.lora).to(dev)
     wrapped = FSDP(model, device_id=dev, use_orig_params=args.use_orig_params,
                    auto_wrap_policy=fsdp_auto_wrap_policy(model))  # fmt: skip
-    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
-    wrapped.train()
-    for step, batch in enumerate(batches(rank, args.steps, dev)):
-        loss = wrapped(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if rank == 0:
-            print(f"step {step}: loss {loss.item():.4f}")
+    train(wrapped, rank, args.steps, dev)
     expected = probe_logits(wrapped, dev)
     adapter, merged = save_both_ways(wrapped, args.out, rank)
     finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)

@@ -8,9 +8,7 @@ saved adapters and reproduces the trained (sharded) model's logits.
 
 from __future__ import annotations
 
-import torch
-from common import (
-    batches,
+from common import (  # noqa: E501
     check_with_peft,
     device,
     finish,
@@ -19,7 +17,8 @@ from common import (
     parser,
     probe_logits,
     save_both_ways,
-)  # fmt: skip
+    train,
+)
 from torch.distributed.fsdp import fully_shard
 
 
@@ -31,15 +30,7 @@ def main() -> None:
     for layer in model.base_model.model.model.layers:  # one FSDP unit per decoder layer, plus the root
         fully_shard(layer)
     fully_shard(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model.train()
-    for step, batch in enumerate(batches(rank, args.steps, dev)):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if rank == 0:
-            print(f"step {step}: loss {loss.item():.4f}")
+    train(model, rank, args.steps, dev)
     expected = probe_logits(model, dev)
     adapter, merged = save_both_ways(model, args.out, rank)
     finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)

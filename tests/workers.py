@@ -184,10 +184,18 @@ def main() -> None:
         traceback.print_exc()
         result = {"ok": False, "type": type(exc).__name__, "error": str(exc)}
     (out / f"result-{rank}.json").write_text(json.dumps(result))
+    # leave together, then skip interpreter teardown: a rank that tore down gloo while its peer was still
+    # busy occasionally aborted in C++ ("terminate called without an active exception") after its result
+    # was written
     try:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.monitored_barrier(timeout=timedelta(seconds=30)) if backend == "gloo" else dist.barrier()
+            dist.destroy_process_group()
     except Exception:
         pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @scenario

@@ -134,6 +134,15 @@ def check_with_peft(expected: torch.Tensor, *directories: Path) -> bool:
     return ok and same
 
 
+def run(model, out: Path, rank: int, dev: torch.device, steps: int, *, is_main_process=None, **train_hooks) -> None:
+    """What every launch script does once the model is wrapped: train, save both ways, check with PEFT, exit
+    non-zero on rank 0 if the check fails."""
+    train(model, rank, steps, dev, **train_hooks)
+    expected = probe_logits(model, dev)
+    adapter, merged = save_both_ways(model, out, rank, is_main_process=is_main_process)
+    finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)
+
+
 def finish(ok: bool, rank: int) -> None:
     if rank == 0:
         print("OK: both saves load with PEFT and reproduce the trained model." if ok else "MISMATCH")

@@ -18,7 +18,9 @@ import os
 
 import torch
 from accelerate import Accelerator
-from common import check_with_peft, finish, lora_model, parser, probe_logits, save_both_ways, train
+from common import lora_model, parser, run
+
+from shardsave.integrations import main_process_of
 
 
 def main() -> None:
@@ -29,7 +31,7 @@ def main() -> None:
             "accelerate sees one process although WORLD_SIZE > 1: its FSDP / DeepSpeed plugins need GPUs. On CPU use "
             "launch_scripts/train_fsdp2.py, train_fsdp1.py (torchrun) or train_deepspeed.py (deepspeed launcher)."
         )
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
     model = lora_model(args.lora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model, opt = accelerator.prepare(model, opt)
@@ -38,11 +40,8 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
 
-    train(model, rank, args.steps, accelerator.device, backward=accelerator.backward, step=step)
-    expected = probe_logits(model, accelerator.device)
-    main_process = accelerator.is_main_process if accelerator.num_processes == world else None
-    adapter, merged = save_both_ways(model, args.out, rank, is_main_process=main_process)
-    finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)
+    run(model, args.out, rank, accelerator.device, args.steps, is_main_process=main_process_of(accelerator),
+        backward=accelerator.backward, step=step)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from common import check_with_peft, device, finish, lora_model, parser, probe_logits, save_both_ways, train
+from common import device, lora_model, parser, run
 
 
 def main() -> None:
@@ -30,10 +30,7 @@ def main() -> None:
     model = lora_model(args.lora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=json.loads(args.deepspeed_config.read_text()))
-    train(engine, rank, args.steps, dev, backward=engine.backward, step=engine.step)
-    expected = probe_logits(engine, dev)
-    adapter, merged = save_both_ways(engine, args.out, rank)
-    finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)
+    run(engine, args.out, rank, dev, args.steps, backward=engine.backward, step=engine.step)
 
 
 if __name__ == "__main__":

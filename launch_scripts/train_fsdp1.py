@@ -8,17 +8,7 @@ CPU with gloo by default (`device_id=cpu`), one GPU per rank with NCCL when CUDA
 
 from __future__ import annotations
 
-from common import (  # noqa: E501
-    check_with_peft,
-    device,
-    finish,
-    init_distributed,
-    lora_model,
-    parser,
-    probe_logits,
-    save_both_ways,
-    train,
-)
+from common import device, init_distributed, lora_model, parser, run
 from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -32,10 +22,7 @@ def main() -> None:
     model = lora_model(args.lora).to(dev)
     wrapped = FSDP(model, device_id=dev, use_orig_params=args.use_orig_params,
                    auto_wrap_policy=fsdp_auto_wrap_policy(model))  # fmt: skip
-    train(wrapped, rank, args.steps, dev)
-    expected = probe_logits(wrapped, dev)
-    adapter, merged = save_both_ways(wrapped, args.out, rank)
-    finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)
+    run(wrapped, args.out, rank, dev, args.steps)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,7 @@ saved adapters and reproduces the trained (sharded) model's logits.
 
 from __future__ import annotations
 
-from common import (  # noqa: E501
-    check_with_peft,
-    device,
-    finish,
-    init_distributed,
-    lora_model,
-    parser,
-    probe_logits,
-    save_both_ways,
-    train,
-)
+from common import device, init_distributed, lora_model, parser, run
 from torch.distributed.fsdp import fully_shard
 
 
@@ -30,10 +20,7 @@ def main() -> None:
     for layer in model.base_model.model.model.layers:  # one FSDP unit per decoder layer, plus the root
         fully_shard(layer)
     fully_shard(model)
-    train(model, rank, args.steps, dev)
-    expected = probe_logits(model, dev)
-    adapter, merged = save_both_ways(model, args.out, rank)
-    finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)
+    run(model, args.out, rank, dev, args.steps)
 
 
 if __name__ == "__main__":

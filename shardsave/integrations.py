@@ -12,18 +12,23 @@ from transformers import TrainerCallback
 from .save import save_pretrained
 from .shards import save_shards
 
-__all__ = ["ShardSaveCallback", "save_with_accelerator"]
+__all__ = ["ShardSaveCallback", "save_with_accelerator", "main_process_of"]
 
 
-def save_with_accelerator(accelerator, model, save_directory, **kwargs) -> None:
-    """`shardsave.save_pretrained` with the writer chosen by `accelerator.is_main_process`; call it on every
-    process. Should accelerate count fewer processes than torch.distributed (it does with DeepSpeed on CPU,
-    where every rank then reports being the main process), rank 0 writes instead."""
+def main_process_of(accelerator) -> bool | None:
+    """`accelerator.is_main_process` as shardsave's `is_main_process`, or None (rank 0 writes) when accelerate
+    counts fewer processes than torch.distributed (it does with DeepSpeed on CPU, where every rank then
+    reports being the main process)."""
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    main = accelerator.is_main_process if accelerator.num_processes == world else None
-    save_pretrained(model, save_directory, is_main_process=main, **kwargs)
+    return accelerator.is_main_process if accelerator.num_processes == world else None
+
+
+def save_with_accelerator(accelerator, model, save_directory, **kwargs) -> None:
+    """`shardsave.save_pretrained` with the writer chosen by `accelerator` (see `main_process_of`); call it
+    on every process."""
+    save_pretrained(model, save_directory, is_main_process=main_process_of(accelerator), **kwargs)
 
 
 class ShardSaveCallback(TrainerCallback):

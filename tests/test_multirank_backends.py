@@ -82,7 +82,8 @@ def check_shards_merge(tmp_path):
 @pytest.mark.parametrize("backend", ["fsdp2", "fsdp1", "fsdp1_flat", "zero3", "zero2", "zero1", "ddp"])
 def test_backend_qv(backend, tmp_path):
     """One run per backend checks the file, gather_state_dict, the shard set and the traffic of a save."""
-    check_backend(tmp_path, backend, also_gather=True, shards=True)
+    results = check_backend(tmp_path, backend, also_gather=True, shards=True)
+    assert results[0].result["gathered"] > 0 and results[1].result["gathered"] == 0  # {} off the main process
     check_gathered(tmp_path)
     check_only_adapter_bytes_move(tmp_path, backend)
     check_shards_merge(tmp_path)

@@ -74,54 +74,6 @@ def lora_model(params: dict):
     return peft_model(LoraConfig(**lora), **params.get("model", {}))
 
 
-def train_steps(model, rank: int, steps: int = 2) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.1)
-    gen = torch.Generator().manual_seed(100 + rank)
-    model.train()
-    for _ in range(steps):
-        ids = torch.randint(1, 90, (2, 8), generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
-def reference_outputs(inner, out: Path, rank: int) -> None:
-    """Rank 0 writes PEFT's own single-process save and the trained logits, for the test to compare."""
-    from tiny import logits
-
-    if rank == 0:
-        inner.save_pretrained(str(out / "theirs"))
-        torch.save(logits(inner), out / "logits.pt")
-
-
-@scenario
-def ddp_save(rank, world, out: Path, params):
-    model = lora_model(params)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    train_steps(ddp, rank)
-    shardsave.save_pretrained(ddp, out / "ours", **params.get("save", {}))
-    reference_outputs(model, out, rank)
-    return {}
-
-
-@scenario
-def ddp_gather(rank, world, out: Path, params):
-    model = lora_model(params)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    train_steps(ddp, rank)
-    got = shardsave.gather_state_dict(ddp)
-    expected = {k: v for k, v in model.named_parameters() if v.requires_grad}
-    if rank == 0:
-        assert set(got) == set(expected), (sorted(got)[:3], sorted(expected)[:3])
-        assert all(torch.equal(got[k], expected[k].detach()) for k in expected)
-    else:
-        assert got == {}
-    return {"count": len(got)}
-
-
 @scenario
 def writer_rank1(rank, world, out: Path, params):
     model = lora_model(params)
@@ -236,8 +188,10 @@ def backend_save(rank, world, out: Path, params):
         with CommAudit() as shard_audit:
             shardsave.save_shards(target, out / "shards", **params.get("save_shards", {}))
         (out / f"shard-comm-{rank}.json").write_text(json.dumps(shard_audit.calls))
+    gathered = None
     if params.get("also_gather"):
         got = shardsave.gather_state_dict(target)
+        gathered = len(got)
         if rank == 0:
             torch.save(got, out / "gathered.pt")
     torch_logits = sharded_logits(wrapped)
@@ -249,7 +203,7 @@ def backend_save(rank, world, out: Path, params):
         reference.save_pretrained(str(out / "theirs"), **save_kwargs)
         torch.save(torch_logits, out / "logits.pt")
         torch.save({k: v for k, v in state.items()}, out / "full_state.pt")
-    return {}
+    return {"gathered": gathered}
 
 
 @scenario
@@ -305,7 +259,9 @@ def accelerate_save(rank, world, out: Path, params):
     prepared.eval()
     # on CPU, accelerate's DeepSpeed state believes it is alone (num_processes == 1, so every rank is "main")
     # while DeepSpeed runs 2 ranks; shardsave refuses two writers, so let it pick rank 0 there
-    main = accelerator.is_main_process if accelerator.num_processes == world else None
+    from shardsave.integrations import main_process_of
+
+    main = main_process_of(accelerator)
     shardsave.save_pretrained(prepared, out / "ours", is_main_process=main)
     shardsave.save_pretrained(accelerator.unwrap_model(prepared), out / "ours_inner", is_main_process=main)
     from tiny import logits

@@ -13,6 +13,8 @@ from multirank import check_ok, run_ranks
 from peft import PeftModel
 from tiny import assert_same_files, base_model, files_under, logits
 
+import shardsave
+
 pytestmark = pytest.mark.multirank
 
 QV = {"target_modules": ["q_proj", "v_proj"]}
@@ -171,6 +173,22 @@ def test_accelerate_prepare(plugin, tmp_path):
     assert_same_files(tmp_path / "ours_inner", tmp_path / "theirs", fake)
     loaded = PeftModel.from_pretrained(base_model(), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(logits(loaded), torch.load(tmp_path / "logits.pt"), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "fsdp1", "zero3"])
+def test_trainer_callback_under_backend(backend, tmp_path):
+    """ShardSaveCallback.on_save as Trainer calls it under FSDP / ZeRO-3 (with the unwrapped model Trainer
+    gives callbacks): the checkpoint's adapter is PEFT's save of the same weights and Trainer's other files
+    stay; the shards mode writes a set into the checkpoint that merges into the same bytes."""
+    lora = {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    check_backend(tmp_path, backend, lora=lora, via_callback=True)
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert (checkpoint / "trainer_state.json").read_text() == "{}"
+    merged = tmp_path / "merged"
+    assert shardsave.merge_shards(checkpoint / "adapter_shards", merged) == merged
+    assert files_under(merged) == files_under(tmp_path / "ours")
+    for rel in files_under(merged):
+        assert (merged / rel).read_bytes() == (checkpoint / rel).read_bytes(), rel
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "fsdp1", "zero3", "ddp"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -182,7 +183,10 @@ def backend_save(rank, world, out: Path, params):
     train(wrapped, opt, backend, rank)
     target = model if params.get("pass_inner") else wrapped
     with CommAudit() as audit:
-        shardsave.save_pretrained(target, out / "ours", **save_kwargs)
+        if params.get("via_callback"):
+            trainer_on_save(model, rank, out, save_kwargs)
+        else:
+            shardsave.save_pretrained(target, out / "ours", **save_kwargs)
     (out / f"comm-{rank}.json").write_text(json.dumps(audit.calls))
     if params.get("shards"):
         with CommAudit() as shard_audit:
@@ -204,6 +208,30 @@ def backend_save(rank, world, out: Path, params):
         torch.save(torch_logits, out / "logits.pt")
         torch.save({k: v for k, v in state.items()}, out / "full_state.pt")
     return {"gathered": gathered}
+
+
+def trainer_on_save(model, rank: int, out: Path, save_kwargs: dict) -> None:
+    """What Trainer does at a save step, minus Trainer (whose FSDP / ZeRO-3 setup needs accelerators): rank 0
+    writes its own files into `checkpoint-3/`, then every rank runs the callbacks' `on_save` with the model
+    Trainer hands to callbacks (the unwrapped one it was given). Rank 0 copies the adapter's files to `out/ours`."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from shardsave.integrations import ShardSaveCallback
+
+    args = TrainingArguments(output_dir=str(out / "run"), use_cpu=True, report_to=[])
+    state = TrainerState(global_step=3)
+    checkpoint = out / "run" / "checkpoint-3"
+    if rank == 0:
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text("{}")
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"Trainer's empty adapter")
+    dist.barrier()
+    for callback in (ShardSaveCallback(**save_kwargs), ShardSaveCallback(shards=True)):
+        callback.on_save(args, state, TrainerControl(), model=model)
+    if rank == 0:
+        (out / "ours").mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+            shutil.copyfile(checkpoint / name, out / "ours" / name)
 
 
 @scenario

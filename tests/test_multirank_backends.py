@@ -48,8 +48,8 @@ def check_gathered(tmp_path):
 
 
 def check_only_adapter_bytes_move(tmp_path, backend):
-    """The save issues at most one gather, carrying no more than the adapter's bytes (plus alignment);
-    frozen base weights are never gathered (the base model here is ~15x the adapter)."""
+    """The save issues only gathers (a few rounds), carrying no more than the adapter's bytes (plus
+    alignment); frozen base weights are never gathered (the base model here is ~15x the adapter)."""
     from safetensors.torch import load_file
 
     adapter = load_file(tmp_path / "ours" / "adapter_model.safetensors").values()
@@ -59,7 +59,6 @@ def check_only_adapter_bytes_move(tmp_path, backend):
     for rank in (0, 1):
         calls = json.loads((tmp_path / f"comm-{rank}.json").read_text())
         assert all(name == "gather" for name, _ in calls), calls
-        assert len(calls) <= 1
         sent = sum(nbytes for _, nbytes in calls)
         assert sent <= adapter_bytes + 16 * 64, (sent, adapter_bytes)
         if backend in ("ddp", "zero1", "zero2"):

@@ -159,6 +159,11 @@ def backend_save(rank, world, out: Path, params):
     from tiny import peft_model
 
     backend = params["backend"]
+    if params.get("round_bytes"):  # force many gather rounds
+        import shardsave.collect.sharded as sharded
+
+        sharded._MIN_ROUND = params["round_bytes"]
+        sharded._MAX_ROUND_TOTAL = 2 * params["round_bytes"]
     lora_kwargs = params.get("lora", {"target_modules": ["q_proj", "v_proj"]})
     save_kwargs = dict(params.get("save", {}))
     if params.get("pissa"):  # PiSSA-initialised (base weights mutated); rank 0 keeps the initial adapter

@@ -19,13 +19,14 @@ class FSDP2Collector(ShardedCollector):
     def __init__(self, root: nn.Module, rank: int, world_size: int):
         super().__init__(rank, world_size)
         self._register(root, lambda t: tuple(t.shape))  # a DTensor reports its global shape
+        self._meshes: dict[int, list[int] | None] = {}  # reading `mesh.mesh` costs ~0.1 ms: once per mesh
 
     def _mesh_ranks(self, tensor: DTensor) -> list[int] | None:
         mesh = tensor.device_mesh
-        if mesh.ndim != 1:
-            return None
-        ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
-        return ranks if sorted(ranks) == list(range(self.world_size)) else None
+        if id(mesh) not in self._meshes:
+            ranks = [int(r) for r in mesh.mesh.flatten().tolist()] if mesh.ndim == 1 else None
+            self._meshes[id(mesh)] = ranks if ranks and sorted(ranks) == list(range(self.world_size)) else None
+        return self._meshes[id(mesh)]
 
     def slices(self, name: str) -> list[Slice] | None:
         tensor = self._tensors[name]

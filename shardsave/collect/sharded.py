@@ -1,5 +1,6 @@
-"""The gather shared by every sharded backend: each rank's slices of the selected tensors travel in one
-packed buffer, in one `gather` to the writer, and nothing else moves.
+"""The gather shared by every sharded backend: each rank's slices of the selected tensors travel packed
+into one buffer per round, by `gather` to the writer, and nothing else moves. Rounds (a few; see
+`round_budget`) keep the writer's receive buffers to about half the adapter.
 
 FSDP1, FSDP2 and ZeRO-3 all hold a parameter as contiguous runs of its flattened elements, one run per
 rank. A backend only says, for a tensor, which rank holds which element range (`slices`, computed from
@@ -9,6 +10,7 @@ held whole by the writer (buffers, unsharded or persistent parameters) are read 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,9 +19,11 @@ import torch.distributed as dist
 
 from .base import TensorInfo
 
-__all__ = ["Slice", "ShardedCollector", "comm_device", "chunk_ranges"]
+__all__ = ["Slice", "Move", "ShardedCollector", "comm_device", "chunk_ranges", "plan_rounds", "round_budget"]
 
 _ALIGN = 16  # bytes; every slice starts aligned so that it can be viewed back as its dtype
+_MIN_ROUND = 2**20
+_MAX_ROUND_TOTAL = 256 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +104,18 @@ class ShardedCollector:
     def gather(self, names: Sequence[str], dst: int) -> dict[str, torch.Tensor]:
         primaries = list(dict.fromkeys(self._aliases.get(n, n) for n in names))
         layout = {n: self.slices(n) for n in primaries}
-        offsets: dict[tuple[str, int], int] = {}
-        sizes = [0] * self.world_size
-        for name in primaries:
-            itemsize = self._infos[name].dtype.itemsize
-            for piece in layout[name] or ():
-                if piece.rank != dst and piece.stop > piece.start:
-                    offsets[(name, piece.start)] = sizes[piece.rank]
-                    sizes[piece.rank] += _aligned((piece.stop - piece.start) * itemsize)
-
-        received = self._exchange(primaries, layout, offsets, sizes, dst)
+        moves = [
+            (name, piece, (piece.stop - piece.start) * self._infos[name].dtype.itemsize)
+            for name in primaries
+            for piece in layout[name] or ()
+            if piece.rank != dst and piece.stop > piece.start
+        ]
+        rounds = plan_rounds(moves, self.world_size)
         if self.rank != dst:
+            for moved in rounds:
+                self._exchange(moved, dst)
             return {}
+
         device = comm_device()
         out: dict[str, torch.Tensor] = {}
         for name in primaries:
@@ -119,35 +123,72 @@ class ShardedCollector:
             if layout[name] is None:
                 out[name] = self.whole(name).detach()
                 continue
-            numel = 1
-            for d in info.shape:
-                numel *= d
-            flat = torch.empty(numel, dtype=info.dtype, device=device)
+            flat = torch.empty(math.prod(info.shape), dtype=info.dtype, device=device)
             for piece in layout[name]:
-                if piece.stop <= piece.start:
-                    continue
-                if piece.rank == dst:
+                if piece.rank == dst and piece.stop > piece.start:
                     flat[piece.start : piece.stop].copy_(self.local(name, piece))
-                else:
-                    begin = offsets[(name, piece.start)]
-                    nbytes = (piece.stop - piece.start) * info.dtype.itemsize
-                    flat[piece.start : piece.stop].copy_(received[piece.rank][begin : begin + nbytes].view(info.dtype))
-            out[name] = flat.view(info.shape)
+            out[name] = flat
+        for moved in rounds:
+            received = self._exchange(moved, dst)
+            for move in moved:
+                name, piece = move.name, move.piece
+                data = received[piece.rank][move.offset : move.offset + move.nbytes]
+                out[name][piece.start : piece.stop].copy_(data.view(self._infos[name].dtype))
+            del received
+        out = {n: t if layout[n] is None else t.view(self._infos[n].shape) for n, t in out.items()}
         return {n: out[self._aliases.get(n, n)] for n in names}
 
-    def _exchange(self, primaries, layout, offsets, sizes, dst) -> list[torch.Tensor]:
-        """One `gather` of every rank's packed slices to `dst` (skipped when nobody has to send)."""
-        width = max(sizes)
-        if width == 0:
-            return []
+    def _exchange(self, moved: list[Move], dst: int) -> list[torch.Tensor]:
+        """One `gather` to `dst` of every rank's packed slices for one round."""
+        sizes = [0] * self.world_size
+        for move in moved:
+            sizes[move.piece.rank] = max(sizes[move.piece.rank], move.offset + move.nbytes)
         device = comm_device()
-        send = torch.zeros(width, dtype=torch.uint8, device=device)
-        for name in primaries:
-            for piece in layout[name] or ():
-                if piece.rank == self.rank and piece.rank != dst and piece.stop > piece.start:
-                    data = self.local(name, piece).detach().contiguous().view(-1).view(torch.uint8)
-                    begin = offsets[(name, piece.start)]
-                    send[begin : begin + data.numel()].copy_(data)
+        # padding and the writer's own (unused) contribution are never read: no need to zero them
+        send = torch.empty(max(sizes), dtype=torch.uint8, device=device)
+        for move in moved:
+            if move.piece.rank == self.rank:
+                data = self.local(move.name, move.piece).detach().contiguous().view(-1).view(torch.uint8)
+                send[move.offset : move.offset + move.nbytes].copy_(data)
         bins = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == dst else None
         dist.gather(send, gather_list=bins, dst=dst)
         return bins or []
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One slice sent to the writer: `nbytes` at `offset` in its sender's buffer for the round."""
+
+    name: str
+    piece: Slice
+    offset: int
+    nbytes: int
+
+
+def round_budget(moved_bytes: int, world_size: int) -> int:
+    """Most bytes one rank sends in one round. The writer holds `world_size` receive buffers of this size
+    beside the assembled tensors, so the budget keeps them to about half of what is moved (at least 1 MiB
+    each, at most 256 MiB in all): the writer's peak stays under twice the adapter, and a big adapter moves
+    in a few rounds rather than as one buffer per rank of its full size."""
+    total = min(max(moved_bytes // 2, world_size * _MIN_ROUND), _MAX_ROUND_TOTAL)
+    return max(total // world_size, _MIN_ROUND)
+
+
+def plan_rounds(moves: list[tuple[str, Slice, int]], world_size: int, budget: int | None = None) -> list[list[Move]]:
+    """Split `(name, piece, nbytes)` moves, in order, into gather rounds: a round closes when a sender's
+    packed bytes would pass `budget` (a single larger slice travels alone). Pure: every rank computes the
+    same rounds from the same metadata."""
+    if budget is None:
+        budget = round_budget(sum(nbytes for *_, nbytes in moves), world_size)
+    rounds: list[list[Move]] = []
+    current: list[Move] = []
+    used = [0] * world_size
+    for name, piece, nbytes in moves:
+        if used[piece.rank] and used[piece.rank] + _aligned(nbytes) > budget:
+            rounds.append(current)
+            current, used = [], [0] * world_size
+        current.append(Move(name, piece, used[piece.rank], nbytes))
+        used[piece.rank] += _aligned(nbytes)
+    if current:
+        rounds.append(current)
+    return rounds

@@ -6,8 +6,11 @@
     (--hidden 1024 --layers 16 --vocab 16000: a Llama-shaped model of about 240M parameters; --rank 16 on
     q_proj/v_proj is about 3 MiB of adapter in fp32)
 
-Measured in the same run, median of --repeat, wall time on every rank and rank 0's peak extra resident memory
-(sampled every millisecond, relative to just before the call):
+Measured in the same run: wall time (median of --repeat, every rank done), then in a separate call rank 0's
+peak extra resident memory (sampled every millisecond in a thread, relative to just before the call; the
+sampler is kept out of the timed calls, where it competed for the GIL). The script re-executes itself with
+MALLOC_MMAP_THRESHOLD_ fixed, so that every large buffer is a fresh mapping and shows in the resident size
+(glibc otherwise recycles freed heap, and what a call allocates depends on what ran before it).
 - shardsave:   shardsave.save_pretrained(model, dir)
 - full+filter: the full-state-dict path accelerate / Trainer take, then PEFT's save of the LoRA keys
                (FSDP2 get_model_state_dict(full_state_dict, cpu_offload); FSDP1 FULL_STATE_DICT;
@@ -15,6 +18,9 @@ Measured in the same run, median of --repeat, wall time on every rank and rank 0
 - native:      the best adapter-only alternative (FSDP2 get_model_state_dict(ignore_frozen_params=True);
                ZeRO-3 GatheredParameters over the LoRA parameters; none for FSDP1)
 - floor:       safetensors.torch.save_file of the same gathered tensors, one process
+- floor+fsync: the same, then fsync of the file (shardsave makes its files durable before publishing)
+
+--paths picks a subset; --json writes the results for benchmarks/scaling.py.
 """
 
 from __future__ import annotations
@@ -68,17 +74,28 @@ class PeakRSS:
 
 
 def measure(fn, repeat: int) -> tuple[float, int]:
-    times, peaks = [], []
+    """(median seconds over `repeat` calls after a warm-up, peak extra bytes of one more call)."""
+    times = []
     for _ in range(repeat + 1):
         dist.barrier()
-        with PeakRSS() as mem:
-            start = time.perf_counter()
-            fn()
-            dist.barrier()
-            elapsed = time.perf_counter() - start
-        times.append(elapsed)
-        peaks.append(mem.extra)
-    return statistics.median(times[1:]), max(peaks[1:])
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    dist.barrier()
+    with PeakRSS() as mem:
+        fn()
+        dist.barrier()
+    return statistics.median(times[1:]), mem.extra
+
+
+def reexec_with_fixed_mmap_threshold() -> None:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+PATHS = ("shardsave", "full+filter", "native", "floor", "floor+fsync")
 
 
 def build(args):
@@ -91,7 +108,7 @@ def build(args):
         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, vocab_size=args.vocab,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
-    return get_peft_model(model, LoraConfig(r=args.rank, target_modules=["q_proj", "v_proj"]))
+    return get_peft_model(model, LoraConfig(r=args.rank, target_modules=args.targets.split(",")))
 
 
 def main() -> None:
@@ -101,8 +118,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=16000)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--targets", default="q_proj,v_proj")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"subset of {','.join(PATHS)}")
+    parser.add_argument("--json", type=Path, help="write the results here (rank 0)")
     args = parser.parse_args()
+    paths = args.paths.split(",")
+    reexec_with_fixed_mmap_threshold()
 
     if args.backend == "zero3":
         import deepspeed
@@ -140,6 +162,7 @@ def main() -> None:
 
     results["shardsave"] = measure(lambda: shardsave.save_pretrained(wrapped, tmp / "ours"), args.repeat)
     adapter_bytes = (tmp / "ours" / "adapter_model.safetensors").stat().st_size if rank == 0 else 0
+    n_adapter = len(lora_names)
 
     def peft_save(state):
         if rank == 0:
@@ -184,33 +207,49 @@ def main() -> None:
                 state = {n: p.detach().clone() for n, p in wrapped.module.named_parameters() if p.requires_grad}
             peft_save(state)
 
-    results["full+filter"] = measure(full, args.repeat)
-    if native is not None:
+    if "full+filter" in paths:
+        results["full+filter"] = measure(full, args.repeat)
+    if native is not None and "native" in paths:
         results["native"] = measure(native, args.repeat)
 
     gathered = shardsave.gather_state_dict(wrapped)
 
-    def floor():
+    def floor(sync: bool):
         if rank == 0:
             from safetensors.torch import save_file
 
-            save_file(gathered, str(tmp / "floor.safetensors"), metadata={"format": "pt"})
+            path = tmp / "floor.safetensors"
+            save_file(gathered, str(path), metadata={"format": "pt"})
+            if sync:
+                fd = os.open(path, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
 
-    results["floor"] = measure(floor, args.repeat)
+    if "floor" in paths:
+        results["floor"] = measure(lambda: floor(False), args.repeat)
+    if "floor+fsync" in paths:
+        results["floor+fsync"] = measure(lambda: floor(True), args.repeat)
 
     if rank == 0:
         ours_t, ours_m = results["shardsave"]
         print(f"\n{args.backend}: {n_params / 1e6:.0f}M parameters, adapter {adapter_bytes / 2**20:.2f} MiB "
-              f"({len(lora_names)} tensors), 2 ranks, gloo on CPU, median of {args.repeat}")  # fmt: skip
-        print(f"{'path':12} {'time':>9} {'rank-0 extra':>13}  {'shardsave is':>14}  {'extra / adapter':>15}")
+              f"({n_adapter} tensors), 2 ranks, {dist.get_backend()}, median of {args.repeat}")  # fmt: skip
+        print(f"{'path':12} {'time':>9} {'rank-0 extra':>13}  {'shardsave is':>17}  {'extra / adapter':>15}")
         for name, (t, m) in results.items():
             if name == "shardsave":
                 speed = ""
-            elif name == "floor":
-                speed = f"{ours_t / t:6.2f}x the floor"
+            elif name.startswith("floor"):
+                speed = f"{ours_t / t:6.2f}x the {name}"
             else:
                 speed = f"{t / ours_t:8.1f}x faster"
-            print(f"{name:12} {t * 1e3:7.1f}ms {m / 2**20:10.1f}MiB  {speed:>14}  {m / max(adapter_bytes, 1):14.1f}x")
+            print(f"{name:12} {t * 1e3:7.1f}ms {m / 2**20:10.1f}MiB  {speed:>17}  {m / max(adapter_bytes, 1):14.1f}x")
+        if args.json:
+            import json
+
+            args.json.write_text(json.dumps({
+                "backend": args.backend, "params": n_params, "adapter_bytes": adapter_bytes, "tensors": n_adapter,
+                "results": {k: {"seconds": t, "extra_bytes": m} for k, (t, m) in results.items()},
+            }))  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
 

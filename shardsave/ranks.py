@@ -92,7 +92,18 @@ class Rendezvous:
 
     def post(self, phase: str, payload: dict) -> None:
         if self._store is not None:
-            self._store.set(self._key(phase, self.ranks.rank), json.dumps(payload))
+            try:
+                self._store.set(self._key(phase, self.ranks.rank), json.dumps(payload))
+            except (RuntimeError, dist.DistError) as exc:
+                raise self._store_lost(phase, exc) from exc
+
+    def _store_lost(self, phase: str, exc: BaseException) -> SaveError:
+        return SaveError(
+            f"shardsave.{self.op}: lost the process group's key-value store at the {phase!r} step (this is rank "
+            f"{self.ranks.rank}): {exc}. The store lives in rank 0's process under a plain launch (MASTER_ADDR / "
+            f"MASTER_PORT) and in the launcher under torchrun: its process has probably died, so the job cannot "
+            f"finish the save."
+        )
 
     def collect(self, phase: str, ranks: Iterable[int]) -> dict[int, dict]:
         """Wait for `phase` posts from `ranks`; raise `MissingRanksError` naming the absent ones."""
@@ -103,7 +114,10 @@ class Rendezvous:
         try:
             self._store.wait(keys, timedelta(seconds=self.timeout))
         except (RuntimeError, dist.DistError) as exc:
-            missing = tuple(r for r, k in zip(ranks, keys, strict=True) if not self._check(k))
+            present = {r: self._check(k) for r, k in zip(ranks, keys, strict=True)}
+            if None in present.values():
+                raise self._store_lost(phase, exc) from exc
+            missing = tuple(r for r, here in present.items() if not here)
             if not missing:
                 raise
             raise MissingRanksError(
@@ -113,13 +127,17 @@ class Rendezvous:
                 f"choose the writer, and timeout= to wait longer.",
                 missing,
             ) from exc
-        return {r: json.loads(self._store.get(k)) for r, k in zip(ranks, keys, strict=True)}
+        try:
+            return {r: json.loads(self._store.get(k)) for r, k in zip(ranks, keys, strict=True)}
+        except (RuntimeError, dist.DistError) as exc:
+            raise self._store_lost(phase, exc) from exc
 
-    def _check(self, key: str) -> bool:
+    def _check(self, key: str) -> bool | None:
+        """Whether `key` is posted; None when the store cannot be reached."""
         try:
             return bool(self._store.check([key]))
-        except RuntimeError:
-            return False
+        except (RuntimeError, dist.DistError):
+            return None
 
     def agree(self, phase: str, payload: dict) -> dict[int, dict]:
         """Post `payload` and return every rank's, by rank."""

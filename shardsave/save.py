@@ -32,9 +32,9 @@ from .kernels import fill_segments
 from .layout import build_layout, find_peft_model, peel, resolve_save_embedding_layers
 from .log import logger
 from .names import check_adapter_name
-from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
+from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .select import AdapterPlan, select_adapter
-from .writer import CARD_NAME, CONFIG_NAME, check_destination, publish, write_config, write_weights
+from .writer import CARD_NAME, CONFIG_NAME, check_destination, publish, remove_stale, write_config, write_weights
 
 __all__ = ["save_pretrained", "gather_state_dict", "start_save", "adapter_dir", "render_text_files"]
 
@@ -351,14 +351,13 @@ def save_pretrained(
     sources = list(dict.fromkeys(s for plan in request.plans for s in plan.sources))
     if writer < 0:  # one process that is not the main process: PEFT writes nothing either
         return
-    tensors = request.collector.gather(sources, dst=writer)
-
-    error = None
+    tensors, error = _gather(request.collector, sources, writer, rdv)
     if ranks.rank == writer:
-        try:
-            _write_adapters(request, tensors)
-        except Exception as exc:
-            error = exc
+        if error is None:
+            try:
+                _write_adapters(request, tensors)
+            except Exception as exc:
+                error = exc
         if ranks.distributed:
             rdv.post("done", status_of(error))
         if error is not None:
@@ -374,8 +373,29 @@ def save_pretrained(
             extra={"writer": True},
         )
     else:
-        statuses = rdv.collect("done", [writer])
+        if error is not None:
+            raise error
+        try:
+            statuses = rdv.collect("done", [writer])
+        except SaveError:
+            remove_stale(request.destination)  # the writer died: what it left half-built, if on this host
+            raise
         raise_on_failure(statuses, own=None, ranks=ranks, op="save_pretrained")
+
+
+def _gather(collector: Collector, names: list[str], writer: int, rdv: Rendezvous) -> tuple[dict, SaveError | None]:
+    """`collector.gather`, bounded by the save's timeout; a failure (a rank died or hung mid-gather) becomes a
+    `SaveError` that says so."""
+    try:
+        return collector.gather(names, dst=writer, timeout=rdv.timeout), None
+    except Exception as exc:
+        error = SaveError(
+            f"shardsave.{rdv.op}: moving the adapter's tensors to rank {writer} failed on rank {rdv.ranks.rank} "
+            f"({type(exc).__name__}: {exc}). Another rank has probably died or stopped responding; nothing was "
+            f"written. Check the other ranks' logs."
+        )
+        error.__cause__ = exc
+        return {}, error
 
 
 def _keep_names(keep: KeepSpec, infos: dict[str, TensorInfo]) -> list[str]:
@@ -425,4 +445,7 @@ def gather_state_dict(
     request, writer = _agree(rdv, ranks, "gather_state_dict", prepare, is_main_process)
     if writer < 0:
         return {}
-    return _to_host(request.collector.gather(request.names, dst=writer))
+    tensors, error = _gather(request.collector, request.names, writer, rdv)
+    if error is not None:
+        raise error
+    return _to_host(tensors)

@@ -31,10 +31,10 @@ import torch
 from safetensors.torch import save_file
 
 from .log import logger
-from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
+from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .save import _to_host, adapter_dir, render_text_files, start_save
 from .stream import dtype_name
-from .writer import CARD_NAME, CONFIG_NAME, _fsync
+from .writer import CARD_NAME, CONFIG_NAME, _fsync, is_stale, owner_tag
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name", "save_shards", "sha256_of"]
 
@@ -55,8 +55,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+_PART = re.compile(r"^\.(?:shard-\d{5}-of-\d{5}\.safetensors|manifest\.json)\.")
+
+
+def _remove_stale_parts(directory: Path) -> None:
+    """Remove the hidden part-written files (`.<name>.<owner>...`) that a killed rank on this host left."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        match = _PART.match(entry.name)
+        if match and is_stale(entry.name, match.group(0)):
+            Path(entry.path).unlink(missing_ok=True)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -145,6 +160,7 @@ def save_shards(
             for stale in directory.iterdir():
                 if SHARD_PATTERN.match(stale.name):
                     stale.unlink()
+            _remove_stale_parts(directory)
         except Exception as exc:
             error = exc
         run_id = uuid.uuid4().hex
@@ -166,7 +182,7 @@ def save_shards(
             "entries": json.dumps(entries), "adapters": json.dumps(adapters), "card": card,
         }  # fmt: skip
         path = directory / shard_name(ranks.rank, ranks.world_size)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}", dir=directory)
         os.close(fd)
         try:
             save_file(_to_host(tensors), tmp, metadata=metadata)
@@ -191,7 +207,11 @@ def save_shards(
             outcome = rdv.collect("published", [0])
             raise_on_failure(outcome, own=None, ranks=ranks, op="save_shards")
             return directory
-        statuses = rdv.collect("done", range(ranks.world_size))
+        try:
+            statuses = rdv.collect("done", range(ranks.world_size))
+        except SaveError:
+            _remove_stale_parts(directory)  # a rank died mid-write: its part-written file, if on this host
+            raise
 
     publish_error = None
     try:

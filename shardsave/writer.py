@@ -1,16 +1,23 @@
 """Files on disk: adapter weights, config, model card, and the atomic publish of a whole adapter directory.
 
 Runs on the writing rank only and knows nothing of ranks or sharding. `publish` builds the new directory
-as a hidden sibling, fsyncs it, and renames it into place, so readers see the old adapter or the new one,
-never a mix; files in an existing directory that are not part of the adapter are carried over by hard link.
+as a hidden sibling, fsyncs it, and swaps it into place (one atomic exchange on Linux), so readers see the
+old adapter or the new one, never a mix; files in an existing directory that are not part of the adapter
+are carried over by hard link. Hidden siblings carry their writer's pid and host, so that what a killed
+writer left behind is recognised and removed later (`remove_stale`).
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import errno
+import hashlib
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping
@@ -28,6 +35,9 @@ __all__ = [
     "write_config",
     "publish",
     "check_destination",
+    "owner_tag",
+    "is_stale",
+    "remove_stale",
 ]
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -37,6 +47,54 @@ CARD_NAME = "README.md"
 _ADAPTER_FILES = frozenset({SAFETENSORS_NAME, BIN_NAME, CONFIG_NAME})
 TMP_MARK = ".shardsave-tmp-"
 OLD_MARK = ".shardsave-old-"
+_OWNER = re.compile(r"(\d+)-([0-9a-f]{8})-")
+
+
+def _host_key() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def owner_tag() -> str:
+    """`<pid>-<host hash>-`: starts the name of everything this process writes before publishing it."""
+    return f"{os.getpid()}-{_host_key()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(name: str, prefix: str) -> bool:
+    """`name` starts with `prefix` + an owner tag of a process on this host that no longer runs."""
+    if not name.startswith(prefix):
+        return False
+    match = _OWNER.match(name, len(prefix))
+    return bool(match) and match.group(2) == _host_key() and not _alive(int(match.group(1)))
+
+
+def remove_stale(dest: Path) -> list[str]:
+    """Remove the hidden siblings of `dest` that a writer on this host left when it was killed mid-publish
+    (its half-built directory, or the previous adapter it was swapping out); return their names. Leftovers of
+    live processes and of other hosts are not touched."""
+    prefixes = (f".{dest.name}{TMP_MARK}", f".{dest.name}{OLD_MARK}")
+    removed = []
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if any(is_stale(entry.name, prefix) for prefix in prefixes):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:
@@ -149,11 +207,34 @@ def _cwd_inside(path: Path) -> bool:
     return cwd == path or path in cwd.parents
 
 
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    system or the filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def _swap_in(tmp: Path, dest: Path) -> None:
     if not os.path.lexists(dest):
         os.rename(tmp, dest)
         return
-    old = dest.parent / f".{dest.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
+    if _rename_exchange(tmp, dest):  # `dest` is never missing; `tmp` now holds the previous adapter
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    # two renames: a writer killed between them leaves no `dest` and the previous adapter in `old`
+    old = dest.parent / f".{dest.name}{OLD_MARK}{owner_tag()}{uuid.uuid4().hex[:8]}"
     os.rename(dest, old)
     try:
         os.rename(tmp, dest)
@@ -187,7 +268,8 @@ def publish(save_directory: str | os.PathLike, fill: Callable[[Path], None]) -> 
     """
     dest = check_destination(save_directory)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}{TMP_MARK}", dir=dest.parent))
+    remove_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}{TMP_MARK}{owner_tag()}", dir=dest.parent))
     try:
         fill(tmp)
         if dest.is_dir():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -125,6 +126,105 @@ def bad_adapter_on_one_rank(rank, world, out: Path, params):
     return {}
 
 
+def _kill_self() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install_kill(point: str) -> None:
+    """Make this process die by SIGKILL at `point` of the next save."""
+    import shardsave.save as save_module
+    import shardsave.shards as shards_module
+    import shardsave.writer as writer_module
+    from shardsave.collect.sharded import ShardedCollector
+
+    def before(owner, name):
+        original = getattr(owner, name)
+
+        def hook(*args, **kwargs):
+            _kill_self()
+            return original(*args, **kwargs)
+
+        setattr(owner, name, hook)
+
+    if point == "gather":  # agreed, about to send its slices
+        before(ShardedCollector, "_exchange")
+    elif point == "weights":  # half of the weights file written in the hidden directory
+
+        def partial(out, tensors, safe):
+            (out / "adapter_model.safetensors").write_bytes(b"\x00" * 1000)
+            _kill_self()
+
+        save_module.write_weights = partial
+    elif point == "publish":  # everything written in the hidden directory, not yet swapped in
+        before(writer_module, "_fsync_tree")
+    elif point == "swap":  # swapped in, the previous adapter not yet removed
+        original = writer_module._rename_exchange
+
+        def exchange_then_die(a, b):
+            original(a, b)
+            _kill_self()
+
+        writer_module._rename_exchange = exchange_then_die
+    elif point == "shard_write":  # this rank's shard half written
+
+        def partial_shard(tensors, path, metadata):
+            Path(path).write_bytes(b"\x00" * 1000)
+            _kill_self()
+
+        shards_module.save_file = partial_shard
+    elif point == "manifest":  # every shard written, the manifest not yet
+        before(shards_module, "_atomic_write_text")
+    elif point != "start":
+        raise ValueError(point)
+
+
+@scenario
+def killed_mid_save(rank, world, out: Path, params):
+    """A complete save, then the weights change and one rank is SIGKILLed at `point` of a second save."""
+    from backends import wrap
+
+    model = lora_model(params)
+    wrapped, _ = wrap(model, "fsdp2")
+    op, writer, timeout = params["op"], params.get("writer", 0), params["timeout"]
+
+    def save():
+        if op == "save_pretrained":
+            shardsave.save_pretrained(wrapped, out / "adapter", is_main_process=(rank == writer), timeout=timeout)
+        else:
+            shardsave.save_shards(wrapped, out / "shards", timeout=timeout)
+
+    save()
+    dist.barrier()
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    if rank == params["victim"]:
+        if params["point"] == "start":
+            _kill_self()
+        _install_kill(params["point"])
+    start = time.monotonic()
+    try:
+        save()
+    finally:
+        (out / f"elapsed-{rank}").write_text(str(time.monotonic() - start))
+    return {}
+
+
+@scenario
+def plain_save(rank, world, out: Path, params):
+    """A fresh job saving into the same places (the re-run after a failure)."""
+    from backends import wrap
+
+    wrapped, _ = wrap(lora_model(params), "fsdp2")
+    if params["op"] == "save_pretrained":
+        shardsave.save_pretrained(wrapped, out / "adapter")
+    else:
+        shardsave.save_shards(wrapped, out / "shards")
+    return {}
+
+
 def main() -> None:
     name, out, params = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -141,7 +241,7 @@ def main() -> None:
     # busy occasionally aborted in C++ ("terminate called without an active exception") after its result
     # was written
     try:
-        if dist.is_initialized():
+        if dist.is_initialized() and not params.get("no_barrier"):
             dist.monitored_barrier(timeout=timedelta(seconds=30)) if backend == "gloo" else dist.barrier()
             dist.destroy_process_group()
     except Exception:

@@ -26,15 +26,17 @@ class Collector(Protocol):
     `infos()` lists every state-dict entry under its canonical name, in state-dict order, identically on all
     ranks and without communication. `gather(names, dst)` is called by every rank with the same `names`;
     it returns the full tensors (on their training device, dtype unchanged) on rank `dst` and `{}` on the
-    others, and moves nothing but those tensors. `slices(name)` says which rank holds which element range
-    of a tensor (`None`: every rank holds it whole, read with `whole`), `local` reads this rank's range.
+    others, and moves nothing but those tensors; a collective that does not finish within `timeout` seconds
+    raises instead of waiting for the process group's own (often 30-minute) timeout. `slices(name)` says
+    which rank holds which element range of a tensor (`None`: every rank holds it whole, read with `whole`),
+    `local` reads this rank's range.
     """
 
     backend: str
 
     def infos(self) -> dict[str, TensorInfo]: ...
 
-    def gather(self, names: Sequence[str], dst: int) -> dict[str, torch.Tensor]: ...
+    def gather(self, names: Sequence[str], dst: int, *, timeout: float | None = None) -> dict[str, torch.Tensor]: ...
 
     # what the per-rank shard writer reads locally, without communication
     def primary(self, name: str) -> str: ...

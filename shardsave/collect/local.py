@@ -37,7 +37,7 @@ class LocalCollector:
     def whole(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
-    def gather(self, names: Sequence[str], dst: int) -> dict[str, torch.Tensor]:
+    def gather(self, names: Sequence[str], dst: int, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
         if self._rank != dst:
             return {}
         return {n: self._tensors[n].detach() for n in names}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -101,7 +102,7 @@ class ShardedCollector:
         raise NotImplementedError
 
     # -- the gather --------------------------------------------------------------------------------
-    def gather(self, names: Sequence[str], dst: int) -> dict[str, torch.Tensor]:
+    def gather(self, names: Sequence[str], dst: int, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
         primaries = list(dict.fromkeys(self._aliases.get(n, n) for n in names))
         layout = {n: self.slices(n) for n in primaries}
         moves = [
@@ -113,7 +114,7 @@ class ShardedCollector:
         rounds = plan_rounds(moves, self.world_size)
         if self.rank != dst:
             for moved in rounds:
-                self._exchange(moved, dst)
+                self._exchange(moved, dst, timeout)
             return {}
 
         device = comm_device()
@@ -129,7 +130,7 @@ class ShardedCollector:
                     flat[piece.start : piece.stop].copy_(self.local(name, piece))
             out[name] = flat
         for moved in rounds:
-            received = self._exchange(moved, dst)
+            received = self._exchange(moved, dst, timeout)
             for move in moved:
                 name, piece = move.name, move.piece
                 data = received[piece.rank][move.offset : move.offset + move.nbytes]
@@ -138,7 +139,7 @@ class ShardedCollector:
         out = {n: t if layout[n] is None else t.view(self._infos[n].shape) for n, t in out.items()}
         return {n: out[self._aliases.get(n, n)] for n in names}
 
-    def _exchange(self, moved: list[Move], dst: int) -> list[torch.Tensor]:
+    def _exchange(self, moved: list[Move], dst: int, timeout: float | None) -> list[torch.Tensor]:
         """One `gather` to `dst` of every rank's packed slices for one round."""
         sizes = [0] * self.world_size
         for move in moved:
@@ -151,7 +152,11 @@ class ShardedCollector:
                 data = self.local(move.name, move.piece).detach().contiguous().view(-1).view(torch.uint8)
                 send[move.offset : move.offset + move.nbytes].copy_(data)
         bins = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == dst else None
-        dist.gather(send, gather_list=bins, dst=dst)
+        work = dist.gather(send, gather_list=bins, dst=dst, async_op=True)
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timedelta(seconds=timeout))
         return bins or []
 
 

@@ -131,7 +131,7 @@ def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _install_kill(point: str) -> None:
+def _install_kill(point: str, stall: float = 60) -> None:
     """Make this process die by SIGKILL at `point` of the next save."""
     import shardsave.save as save_module
     import shardsave.shards as shards_module
@@ -149,6 +149,14 @@ def _install_kill(point: str) -> None:
 
     if point == "gather":  # agreed, about to send its slices
         before(ShardedCollector, "_exchange")
+    elif point == "hang_gather":  # alive but stuck (a deadlock, a slow filesystem) before sending its slices
+        original_exchange = ShardedCollector._exchange
+
+        def stall(self, *args, **kwargs):
+            time.sleep(stall)
+            return original_exchange(self, *args, **kwargs)
+
+        ShardedCollector._exchange = stall
     elif point == "weights":  # half of the weights file written in the hidden directory
 
         def partial(out, tensors, safe):
@@ -196,6 +204,9 @@ def killed_mid_save(rank, world, out: Path, params):
 
     save()
     dist.barrier()
+    if rank == 0:
+        shutil.copytree(out / ("adapter" if op == "save_pretrained" else "shards"), out / "previous")
+    dist.barrier()
     with torch.no_grad():
         for p in wrapped.parameters():
             if p.requires_grad:
@@ -203,7 +214,10 @@ def killed_mid_save(rank, world, out: Path, params):
     if rank == params["victim"]:
         if params["point"] == "start":
             _kill_self()
-        _install_kill(params["point"])
+        _install_kill(params["point"], stall=timeout + 4)
+        if params["point"] == "hang_gather":
+            save()  # raises once the writer has given up and left
+            return {}
     start = time.monotonic()
     try:
         save()

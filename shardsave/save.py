@@ -386,13 +386,15 @@ def save_pretrained(
 def _gather(collector: Collector, names: list[str], writer: int, rdv: Rendezvous) -> tuple[dict, SaveError | None]:
     """`collector.gather`, bounded by the save's timeout; a failure (a rank died or hung mid-gather) becomes a
     `SaveError` that says so."""
+    started = time.perf_counter()
     try:
         return collector.gather(names, dst=writer, timeout=rdv.timeout), None
     except Exception as exc:
         error = SaveError(
             f"shardsave.{rdv.op}: moving the adapter's tensors to rank {writer} failed on rank {rdv.ranks.rank} "
-            f"({type(exc).__name__}: {exc}). Another rank has probably died or stopped responding; nothing was "
-            f"written. Check the other ranks' logs."
+            f"after {time.perf_counter() - started:.1f} s (timeout={rdv.timeout:g} s): {type(exc).__name__}: {exc}. "
+            f"Another rank has probably died or stopped responding; nothing was written. Check the other ranks' "
+            f"logs."
         )
         error.__cause__ = exc
         return {}, error

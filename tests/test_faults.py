@@ -68,7 +68,7 @@ def test_rank_stuck_in_the_gather_ends_in_an_error_within_the_timeout(tmp_path):
     writer_rank = results[0]
     assert writer_rank.result["type"] == "SaveError", writer_rank.output[-3000:]
     assert "moving the adapter's tensors to rank 0 failed on rank 0" in writer_rank.error
-    assert float((tmp_path / "elapsed-0").read_text()) < TIMEOUT + SLACK
+    assert TIMEOUT - 0.5 < float((tmp_path / "elapsed-0").read_text()) < TIMEOUT + SLACK  # waited, then gave up
     assert snapshot(tmp_path / "adapter") == snapshot(tmp_path / "previous")
     assert hidden_leftovers(tmp_path) == []
 

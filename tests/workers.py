@@ -152,11 +152,11 @@ def _install_kill(point: str, stall: float = 60) -> None:
     elif point == "hang_gather":  # alive but stuck (a deadlock, a slow filesystem) before sending its slices
         original_exchange = ShardedCollector._exchange
 
-        def stall(self, *args, **kwargs):
+        def stuck(self, *args, **kwargs):
             time.sleep(stall)
             return original_exchange(self, *args, **kwargs)
 
-        ShardedCollector._exchange = stall
+        ShardedCollector._exchange = stuck
     elif point == "weights":  # half of the weights file written in the hidden directory
 
         def partial(out, tensors, safe):

@@ -86,8 +86,9 @@ def rewrite_config_file(path: Path) -> None:
     path.write_text(json.dumps(convert_config_dict(json.loads(path.read_text())), indent=2, sort_keys=True))
 
 
-def read_initial_adapter(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The initial adapter's tensors, read-only (safetensors; a `.bin` only through the weights-only loader)."""
+def read_initial_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The initial adapter's tensors, read-only: `adapter_model.safetensors`, or - only with `allow_pickle` -
+    `adapter_model.bin` through `torch.load(weights_only=True)` (a pickle can run code when loaded)."""
     root = Path(os.fspath(path))
     safetensors_file, bin_file = root / "adapter_model.safetensors", root / "adapter_model.bin"
     if safetensors_file.is_file():
@@ -98,7 +99,19 @@ def read_initial_adapter(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise ValueError(f"{safetensors_file}: not a readable safetensors file ({exc}).") from None
     if bin_file.is_file():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
+        if not allow_pickle:
+            raise ValueError(
+                f"{bin_file}: the initial adapter is a pickle, and shardsave does not unpickle files unless asked "
+                f"(loading a pickle can run code). Re-save it with safe_serialization=True, or pass "
+                f"allow_pickle=True (merge: --allow-pickle) to load it with torch.load(weights_only=True)."
+            )
+        try:
+            tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{bin_file}: not loadable with torch.load(weights_only=True) ({exc}).") from None
+        if not isinstance(tensors, dict) or not all(torch.is_tensor(v) for v in tensors.values()):
+            raise ValueError(f"{bin_file}: holds {type(tensors).__name__}, not a dict of tensors.")
+        return tensors
     raise ValueError(
         f"path_initial_model_for_weight_conversion={os.fspath(path)!r}: no adapter_model.safetensors or "
         f"adapter_model.bin there. Pass the directory where the PiSSA/CorDA/OLoRA adapter was saved right after "

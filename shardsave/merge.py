@@ -90,6 +90,15 @@ def _load_manifest(directory: Path) -> dict:
     if ranks != list(range(world)):
         missing = sorted(set(range(world)) - set(ranks))
         raise ShardSetError(f"{path}: lists ranks {ranks} for a world of {world}; missing rank(s) {missing}.")
+    pickles = sorted(
+        p.name for p in directory.iterdir() if p.name.startswith("shard-") and p.suffix in (".bin", ".pt", ".pth")
+    )
+    if pickles:
+        raise ShardSetError(
+            f"{directory / pickles[0]}: a pickle file among the shards. Shard files are safetensors only, and "
+            f"shardsave never unpickles a shard (loading a pickle can run code); remove it, or re-run save_shards "
+            f"into an empty directory."
+        )
     listed = {f["name"] for f in files}
     foreign = sorted(p.name for p in directory.iterdir() if SHARD_PATTERN.match(p.name) and p.name not in listed)
     if foreign:
@@ -206,6 +215,7 @@ def merge_shards(
     *,
     safe_serialization: bool = True,
     path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
@@ -218,7 +228,7 @@ def merge_shards(
     shard_set = read_shard_set(shards_directory)
     initial = None
     if path_initial_model_for_weight_conversion is not None:
-        initial = _check_conversion(shard_set, path_initial_model_for_weight_conversion)
+        initial = _check_conversion(shard_set, path_initial_model_for_weight_conversion, allow_pickle)
     if output.exists() and not overwrite:
         raise ShardSetError(f"{output}: already exists; pass overwrite=True (--overwrite) to replace it.")
     if output == shard_set.directory or shard_set.directory in output.parents:
@@ -273,7 +283,7 @@ def merge_shards(
     return output
 
 
-def _check_conversion(shard_set: ShardSet, initial_path) -> dict[str, torch.Tensor]:
+def _check_conversion(shard_set: ShardSet, initial_path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if len(shard_set.adapters) != 1:
         raise ShardSetError(
             f"--initial-adapter converts one adapter, but the set holds {sorted(shard_set.adapters)}; save the "
@@ -281,7 +291,7 @@ def _check_conversion(shard_set: ShardSet, initial_path) -> dict[str, torch.Tens
         )
     ((name, adapter),) = shard_set.adapters.items()
     check_convertible(name, json.loads(adapter["config"]))
-    initial = read_initial_adapter(initial_path)
+    initial = read_initial_adapter(initial_path, allow_pickle=allow_pickle)
     check_initial({k: v.shape for k, v in shard_set.specs.get(name, {}).items()}, initial, os.fspath(initial_path))
     return initial
 
@@ -299,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-o", "--output", help="adapter directory to write (default: next to the shards, SHARDS-merged)"
     )
     parser.add_argument("--initial-adapter", help="initial PiSSA/CorDA/OLoRA adapter, to convert to plain LoRA")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read an initial adapter saved as adapter_model.bin (with torch.load(weights_only=True))",
+    )
     parser.add_argument("--bin", action="store_true", help="write adapter_model.bin instead of .safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
@@ -309,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.output,
             safe_serialization=not args.bin,
             path_initial_model_for_weight_conversion=args.initial_adapter,
+            allow_pickle=args.allow_pickle,
             overwrite=args.overwrite,
             progress=False if args.no_progress else None,
         )

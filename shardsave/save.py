@@ -108,7 +108,15 @@ def _plan(peft_model, infos: dict[str, TensorInfo], selected: list[str], save_em
 
 
 def _prepare_save(
-    model, save_directory, *, safe_serialization, selected_adapters, save_embedding_layers, initial, ranks
+    model,
+    save_directory,
+    *,
+    safe_serialization,
+    selected_adapters,
+    save_embedding_layers,
+    initial,
+    ranks,
+    allow_pickle: bool = False,
 ) -> _SaveRequest:
     destination = check_destination(save_directory)
     peft_model = find_peft_model(model)
@@ -118,7 +126,7 @@ def _prepare_save(
     plans = tuple(_plan(peft_model, infos, selected, save_embedding_layers))
     initial_tensors = None
     if initial is not None:
-        initial_tensors = _check_conversion(peft_model, plans, infos, initial)
+        initial_tensors = _check_conversion(peft_model, plans, infos, initial, allow_pickle)
     plan_digest = hashlib.sha256(
         json.dumps(
             [
@@ -138,7 +146,9 @@ def _prepare_save(
     return _SaveRequest(peft_model, collector, plans, destination, bool(safe_serialization), args, initial_tensors)
 
 
-def _check_conversion(peft_model, plans, infos: dict[str, TensorInfo], initial) -> dict[str, torch.Tensor]:
+def _check_conversion(
+    peft_model, plans, infos: dict[str, TensorInfo], initial, allow_pickle: bool
+) -> dict[str, torch.Tensor]:
     """Read and check the initial adapter for a PiSSA/CorDA/OLoRA conversion (read-only, on every rank)."""
     if len(plans) != 1:
         raise ValueError(
@@ -147,7 +157,7 @@ def _check_conversion(peft_model, plans, infos: dict[str, TensorInfo], initial) 
         )
     plan = plans[0]
     check_convertible(plan.adapter_name, peft_model.peft_config[plan.adapter_name])
-    tensors = read_initial_adapter(initial)
+    tensors = read_initial_adapter(initial, allow_pickle=allow_pickle)
     check_initial({k: infos[src].shape for k, src in plan.entries.items()}, tensors, os.fspath(initial))
     return tensors
 
@@ -326,6 +336,7 @@ def save_pretrained(
     save_embedding_layers: str | bool = "auto",
     is_main_process: bool | None = None,
     path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
     timeout: float | None = None,
 ) -> None:
     """Save a PEFT model's adapters exactly as `PeftModel.save_pretrained` would, from any rank layout.
@@ -333,7 +344,8 @@ def save_pretrained(
     Call it on every rank. `model` is a `PeftModel` or anything wrapping one (DDP, a DeepSpeed engine,
     FSDP, `torch.compile`). Only the adapter's tensors move, to the main process (`is_main_process`, by
     default rank 0), which publishes the directory atomically. Every rank returns once the adapter is on
-    disk, or raises if any rank failed or did not arrive within `timeout` seconds (default 300).
+    disk, or raises if any rank failed or did not arrive within `timeout` seconds (default 300). An initial
+    adapter saved as `adapter_model.bin` is only read with `allow_pickle=True` (then weights-only).
     """
     ranks = Ranks.current()
     started = time.perf_counter()
@@ -346,6 +358,7 @@ def save_pretrained(
         selected_adapters=selected_adapters,
         save_embedding_layers=save_embedding_layers,
         initial=path_initial_model_for_weight_conversion,
+        allow_pickle=allow_pickle,
         is_main_process=is_main_process,
     )
     sources = list(dict.fromkeys(s for plan in request.plans for s in plan.sources))

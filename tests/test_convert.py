@@ -123,3 +123,69 @@ def test_config_and_tensor_rules():
     b, b0 = torch.randn(4, 2), torch.randn(4, 3)
     assert torch.equal(convert_tensor("l.lora_A.weight", a, a0), torch.cat([a, a0]))
     assert torch.equal(convert_tensor("l.lora_B.weight", b, b0), torch.cat([b, -b0], dim=1))
+
+
+def as_bin(directory):
+    """The initial adapter as PEFT writes it with safe_serialization=False."""
+    tensors = load_file(directory / "adapter_model.safetensors")
+    (directory / "adapter_model.safetensors").unlink()
+    torch.save(tensors, directory / "adapter_model.bin")
+
+
+def test_pickled_initial_adapter_needs_opt_in(tmp_path):
+    model = prepare(tmp_path, dict(target_modules=QV))
+    shardsave.save_pretrained(model, tmp_path / "ref", path_initial_model_for_weight_conversion=tmp_path / "init")
+    as_bin(tmp_path / "init")
+    with pytest.raises(ValueError, match="is a pickle, and shardsave does not unpickle files unless asked"):
+        shardsave.save_pretrained(model, tmp_path / "o", path_initial_model_for_weight_conversion=tmp_path / "init")
+    assert not (tmp_path / "o").exists()
+    shardsave.save_pretrained(
+        model, tmp_path / "o", path_initial_model_for_weight_conversion=tmp_path / "init", allow_pickle=True
+    )
+    assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "ref" / "adapter_model.safetensors"
+    ).read_bytes()
+
+
+def test_opted_in_pickle_is_still_weights_only(tmp_path):
+    """A .bin that would run code when unpickled is refused even with allow_pickle=True."""
+    model = prepare(tmp_path, dict(target_modules=QV))
+    (tmp_path / "init" / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Evil()}, tmp_path / "init" / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"not loadable with torch.load\(weights_only=True\)"):
+        shardsave.save_pretrained(
+            model, tmp_path / "o", path_initial_model_for_weight_conversion=tmp_path / "init", allow_pickle=True
+        )
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_corrupt_initial_adapter(tmp_path):
+    model = prepare(tmp_path, dict(target_modules=QV))
+    path = tmp_path / "init" / "adapter_model.safetensors"
+    path.write_bytes(b"\xff" * 8 + path.read_bytes()[8:])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        shardsave.save_pretrained(model, tmp_path / "o", path_initial_model_for_weight_conversion=tmp_path / "init")
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_cli_pickled_initial_adapter(tmp_path):
+    import subprocess
+    import sys
+
+    model = prepare(tmp_path, dict(target_modules=QV))
+    shardsave.save_shards(model, tmp_path / "shards")
+    as_bin(tmp_path / "init")
+    cmd = [sys.executable, "-m", "shardsave.merge", str(tmp_path / "shards"), "-o", str(tmp_path / "m"),
+           "--initial-adapter", str(tmp_path / "init"), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--allow-pickle" in proc.stderr, proc.stderr
+    assert not (tmp_path / "m").exists()
+    proc = subprocess.run([*cmd, "--allow-pickle"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m" / "adapter_model.safetensors").exists()

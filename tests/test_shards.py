@@ -140,6 +140,13 @@ def test_foreign_file(shards, tmp_path):
     refused(shards, tmp_path, "shard-00002-of-00003.safetensors: a shard file that the manifest")
 
 
+def test_pickled_shard_is_never_loaded(shards, tmp_path):
+    import torch
+
+    torch.save({"x": torch.zeros(2)}, shards / "shard-00002-of-00003.bin")
+    refused(shards, tmp_path, "a pickle file among the shards")
+
+
 def test_two_runs_mixed(shards, tmp_path):
     other = tmp_path / "other"
     shardsave.save_shards(peft_model(LoraConfig(target_modules=QV)), other)  # a 1-rank run

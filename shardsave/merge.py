@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Merge the per-rank shards written by shardsave.save_shards into the adapter directory that "
         "PeftModel.save_pretrained would write (adapter_model.safetensors, adapter_config.json, README.md).",
         epilog="Exit status: 0 merged; 2 the shard set or the output is not acceptable (nothing written); "
-        "1 an unexpected error.",
+        "1 writing failed (disk full, unwritable; nothing published) or an unexpected error.",
     )
     parser.add_argument("shards", help="directory written by shardsave.save_shards (holds manifest.json)")
     parser.add_argument(
@@ -331,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, NotImplementedError) as exc:  # ShardSetError, or a bad output path
         print(f"shardsave.merge: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable output, disk full: publish left the output as it was
+        print(f"shardsave.merge: error: writing the adapter failed ({type(exc).__name__}: {exc}); nothing was "
+              f"published and the output directory is unchanged.", file=sys.stderr)  # fmt: skip
+        return 1
     print(f"shardsave.merge: wrote the adapter to {out}")
     return 0
 

@@ -324,7 +324,14 @@ def _write_adapters(request: _SaveRequest, tensors: dict[str, torch.Tensor]) -> 
             if request.initial is not None:
                 rewrite_config_file(out / CONFIG_NAME)
 
-    publish(request.destination, fill)
+    try:
+        publish(request.destination, fill)
+    except OSError as exc:
+        raise SaveError(
+            f"shardsave.save_pretrained: writing the adapter to {request.destination} failed: {type(exc).__name__}: "
+            f"{exc}. Nothing was published: {request.destination} holds what it held before (the previous adapter, "
+            f"or nothing). Choose a writable save_directory with free space."
+        ) from exc
 
 
 def save_pretrained(

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from multirank import check_ok, run_ranks
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
 
 pytestmark = pytest.mark.multirank
 
@@ -43,7 +50,8 @@ def test_missing_rank_is_named_within_timeout(tmp_path):
 
 def test_writer_failure_raises_on_every_rank(tmp_path):
     results = run_ranks("writer_fails", tmp_path)
-    assert results[0].result["type"] in ("NotADirectoryError", "FileExistsError", "OSError"), results[0].output
+    assert results[0].result["type"] == "SaveError", results[0].output
+    assert "a_file/adapter failed" in results[0].error and "Nothing was published" in results[0].error
     assert results[1].result["type"] == "RemoteError" and "rank 0" in results[1].error
     leftovers = [p.name for p in tmp_path.iterdir() if "shardsave" in p.name]
     assert leftovers == []
@@ -67,3 +75,36 @@ def test_bad_argument_on_one_rank_raises_everywhere(tmp_path):
     results = run_ranks("bad_adapter_on_one_rank", tmp_path)
     assert results[1].result["type"] == "ValueError" and "nope" in results[1].error
     assert results[0].result["type"] == "RemoteError" and "rank 1" in results[0].error
+
+
+@pytest.mark.parametrize("how", ["full", "unwritable"])
+def test_writer_cannot_write(how, tmp_path):
+    """Writes failing past 4 KiB on the writer (as on a full disk), or a destination where nothing can be
+    created: every rank raises, the previous adapter is kept byte for byte, nothing is left behind."""
+    if not Path("/sys").is_dir():
+        pytest.skip("needs Linux sysfs for an unwritable destination")
+    results = run_ranks("writer_cannot_write", tmp_path, how=how)
+    r0, r1 = results
+    assert r0.result["type"] == "SaveError" and "Nothing was published" in r0.error, r0.output[-3000:]
+    assert ("File too large" if how == "full" else "Operation not permitted") in r0.error, r0.error
+    assert r1.result["type"] == "RemoteError" and "failed on rank 0" in r1.error and "Nothing was published" in r1.error
+    if how == "full":
+        assert snapshot(tmp_path / "adapter") == snapshot(tmp_path / "previous")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_different_adapters_refused(tmp_path):
+    results = run_ranks("different_adapters", tmp_path)
+    for r in results:
+        assert r.result["type"] == "ValueError" and "Ranks disagree" in r.error and "selected_adapters" in r.error
+    assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.parametrize("op", ["save_pretrained", "save_shards", "gather_state_dict"])
+def test_only_rank0_calls_any_entry_point(op, tmp_path):
+    results = run_ranks("only_rank0_calls", tmp_path, timeout=3, op=op)
+    r0 = results[0]
+    assert r0.result["type"] == "MissingRanksError", r0.output[-3000:]
+    assert "rank(s) [1]" in r0.error and f"shardsave.{op}(...)" in r0.error
+    assert float((tmp_path / "elapsed").read_text()) < 3 + 10
+    assert not (tmp_path / "ours").exists()

@@ -32,15 +32,16 @@ def test_failure_while_writing_leaves_previous_adapter(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("shardsave.save.write_config", boom)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(shardsave.SaveError, match="No space left on device.*Nothing was published") as info:
         shardsave.save_pretrained(peft_model(LoraConfig(target_modules=QV), seed=5), dest)
+    assert isinstance(info.value.__cause__, OSError)
     assert snapshot(dest) == before
     assert leftovers(tmp_path) == []
 
 
 def test_failure_on_first_save_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr("shardsave.save.write_weights", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
-    with pytest.raises(OSError):
+    with pytest.raises(shardsave.SaveError, match="disk"):
         shardsave.save_pretrained(peft_model(LoraConfig(target_modules=QV)), tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
 

@@ -89,7 +89,11 @@ def only_rank0_calls(rank, world, out: Path, params):
     if rank == 0:
         start = time.monotonic()
         try:
-            shardsave.save_pretrained(model, out / "ours", timeout=params["timeout"])
+            op = params.get("op", "save_pretrained")
+            if op == "gather_state_dict":
+                shardsave.gather_state_dict(model, timeout=params["timeout"])
+            else:
+                getattr(shardsave, op)(model, out / "ours", timeout=params["timeout"])
         finally:
             (out / "elapsed").write_text(str(time.monotonic() - start))
     else:
@@ -106,6 +110,39 @@ def writer_fails(rank, world, out: Path, params):
 
 
 @scenario
+def writer_cannot_write(rank, world, out: Path, params):
+    """A complete save, then the writer cannot write the next one: `full` (writes fail past 4 KiB, as on a
+    full disk) or `unwritable` (a destination where nothing may be created)."""
+    import resource
+
+    model = lora_model(params)
+    dest = out / "adapter"
+    if params["how"] == "unwritable":
+        dest = Path(f"/sys/shardsave-test-{out.name}/adapter")  # sysfs: mkdir fails, even for root
+    else:
+        shardsave.save_pretrained(model, dest)
+        dist.barrier()
+        if rank == 0:
+            shutil.copytree(dest, out / "previous")
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        shardsave.save_pretrained(peft_model_seeded(params, seed=7), dest)
+    finally:
+        if params["how"] == "full" and rank == 0:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    return {}
+
+
+def peft_model_seeded(params: dict, seed: int):
+    from peft import LoraConfig
+    from tiny import peft_model
+
+    return peft_model(LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"]})), seed=seed)
+
+
+@scenario
 def two_writers(rank, world, out: Path, params):
     model = lora_model(params)
     shardsave.save_pretrained(model, out / "ours", is_main_process=True)
@@ -116,6 +153,18 @@ def two_writers(rank, world, out: Path, params):
 def mismatched_args(rank, world, out: Path, params):
     model = lora_model(params)
     shardsave.save_pretrained(model, out / f"ours-{rank}")
+    return {}
+
+
+@scenario
+def different_adapters(rank, world, out: Path, params):
+    """Two valid adapters; each rank selects another one."""
+    from peft import LoraConfig
+    from tiny import peft_model
+
+    qv = LoraConfig(target_modules=["q_proj", "v_proj"])
+    model = peft_model(qv, adapters=[("other", qv)])
+    shardsave.save_pretrained(model, out / "ours", selected_adapters=["default" if rank == 0 else "other"])
     return {}
 
 

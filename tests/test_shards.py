@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from multirank import check_ok, run_ranks
@@ -138,6 +139,15 @@ def test_corrupt_header(shards, tmp_path):
 def test_foreign_file(shards, tmp_path):
     shutil.copy(shards / "shard-00000-of-00002.safetensors", shards / "shard-00002-of-00003.safetensors")
     refused(shards, tmp_path, "shard-00002-of-00003.safetensors: a shard file that the manifest")
+
+
+def test_cli_unwritable_output(shards, tmp_path):
+    """Writing fails (nothing can be created under sysfs, even as root): exit 1, a message, nothing published."""
+    out = Path(f"/sys/shardsave-test-{tmp_path.name}/merged")
+    proc = merge_cli(shards, "-o", out, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "writing the adapter failed" in proc.stderr and "nothing was published" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_pickled_shard_is_never_loaded(shards, tmp_path):

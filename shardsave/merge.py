@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from .convert import (
 )
 from .log import logger
 from .shards import FORMAT, MANIFEST_NAME, SHARD_PATTERN, sha256_of
-from .stream import TensorSpec, dtype_from_name, write_streaming
+from .stream import FileRange, TensorSpec, dtype_from_name, write_streaming
 from .writer import BIN_NAME, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME, check_destination, publish
 
 __all__ = ["ShardSetError", "ShardSet", "read_shard_set", "merge_shards", "default_output", "main"]
@@ -48,6 +50,7 @@ class _Run:
     tensor: str
     start: int
     stop: int
+    offset: int  # of the run's bytes in the file
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ShardSet:
     card: str
     adapters: dict[str, dict]  # name -> {"config": text, "keys": [...]}
     specs: dict[str, dict[str, TensorSpec]] = field(default_factory=dict)  # adapter -> key -> spec
+    checksums: dict[Path, str] = field(default_factory=dict)  # the manifest's sha256 of each file
     runs: dict[tuple[str, str], list[_Run]] = field(default_factory=dict)
 
 
@@ -109,20 +113,33 @@ def _load_manifest(directory: Path) -> dict:
     return manifest
 
 
-def _read_header(path: Path) -> dict[str, str]:
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, int, int]]]:
+    """The file's metadata, and each tensor's `(dtype, absolute offset, nbytes)` (safetensors validates the
+    header's offsets when it opens the file)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            meta = dict(f.metadata() or {})
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
     except Exception as exc:
         raise ShardSetError(f"{path}: unreadable safetensors header ({exc}); the file is corrupt.") from None
+    header.pop("__metadata__", None)
+    start = 8 + size
+    return meta, {
+        name: (t["dtype"], start + t["data_offsets"][0], t["data_offsets"][1] - t["data_offsets"][0])
+        for name, t in header.items()
+    }
 
 
-def read_shard_set(shards_directory: str | os.PathLike) -> ShardSet:
-    """Validate the set in `shards_directory` completely, reading headers only (and checksums)."""
+def read_shard_set(shards_directory: str | os.PathLike, *, verify_checksums: bool = True) -> ShardSet:
+    """Validate the set in `shards_directory` completely, reading headers only (and, unless told not to,
+    checksums: `merge_shards` checks them itself, in parallel with its write)."""
     directory = Path(os.path.abspath(os.fspath(shards_directory)))
     manifest = _load_manifest(directory)
     run_id, world = manifest["run_id"], int(manifest["world_size"])
     shard_set: ShardSet | None = None
+    checksums = {}
     for item in sorted(manifest["files"], key=lambda f: int(f["rank"])):
         path = directory / item["name"]
         if not path.is_file():
@@ -131,9 +148,8 @@ def read_shard_set(shards_directory: str | os.PathLike) -> ShardSet:
             raise ShardSetError(
                 f"{path}: {path.stat().st_size} bytes, the manifest says {item['size']}: truncated or rewritten."
             )
-        if sha256_of(path) != item["sha256"]:
-            raise ShardSetError(f"{path}: checksum differs from the manifest: the file was modified or corrupted.")
-        meta = _read_header(path)
+        checksums[path] = item["sha256"]
+        meta, stored = _read_header(path)
         if meta.get("format") != FORMAT:
             raise ShardSetError(f"{path}: not a shardsave shard (format {meta.get('format')!r}).")
         if meta.get("run_id") != run_id:
@@ -155,12 +171,26 @@ def read_shard_set(shards_directory: str | os.PathLike) -> ShardSet:
             known = shard_set.specs.setdefault(e["adapter"], {}).setdefault(e["key"], spec)
             if known != spec:
                 raise ShardSetError(f"{path}: {e['key']} is {spec} here but {known} in another shard.")
-            shard_set.runs.setdefault((e["adapter"], e["key"]), []).append(
-                _Run(path, e["tensor"], int(e["start"]), int(e["stop"]))
-            )
+            start, stop = int(e["start"]), int(e["stop"])
+            dtype, offset, nbytes = stored.get(e["tensor"], (None, 0, -1))
+            if dtype != e["dtype"] or nbytes != (stop - start) * spec.dtype.itemsize:
+                raise ShardSetError(
+                    f"{path}: tensor {e['tensor']!r} is {dtype} of {nbytes} bytes, its entry says {e['dtype']} "
+                    f"elements [{start}, {stop}); the file is inconsistent."
+                )
+            shard_set.runs.setdefault((e["adapter"], e["key"]), []).append(_Run(path, e["tensor"], start, stop, offset))
     assert shard_set is not None
+    shard_set.checksums = checksums
     _check_coverage(shard_set)
+    if verify_checksums:
+        _verify(shard_set, {path: sha256_of(path) for path in checksums})
     return shard_set
+
+
+def _verify(shard_set: ShardSet, actual: dict[Path, str]) -> None:
+    for path, expected in shard_set.checksums.items():
+        if actual[path] != expected:
+            raise ShardSetError(f"{path}: checksum differs from the manifest: the file was modified or corrupted.")
 
 
 def _check_coverage(shard_set: ShardSet) -> None:
@@ -186,6 +216,13 @@ def _check_coverage(shard_set: ShardSet) -> None:
         extra = set(k for (a, k) in shard_set.runs if a == name) - set(adapter["keys"])
         if extra:
             raise ShardSetError(f"{shard_set.directory}: tensors {sorted(extra)[:3]} are not part of adapter {name!r}.")
+
+
+def _ranges(shard_set: ShardSet, adapter: str, key: str) -> list[FileRange]:
+    """Where a tensor's bytes are, in order (coverage is checked: the runs tile it exactly)."""
+    runs = sorted(shard_set.runs[(adapter, key)], key=lambda r: r.start)
+    itemsize = shard_set.specs[adapter][key].dtype.itemsize
+    return [FileRange(r.path, r.offset, (r.stop - r.start) * itemsize) for r in runs if r.stop > r.start]
 
 
 def _assemble(shard_set: ShardSet, adapter: str, key: str, handles: dict) -> torch.Tensor:
@@ -225,7 +262,7 @@ def merge_shards(
     existing output is only replaced with `overwrite=True`, and then whole (see `shardsave.writer.publish`).
     """
     output = check_destination(output_directory if output_directory is not None else default_output(shards_directory))
-    shard_set = read_shard_set(shards_directory)
+    shard_set = read_shard_set(shards_directory, verify_checksums=False)
     initial = None
     if path_initial_model_for_weight_conversion is not None:
         initial = _check_conversion(shard_set, path_initial_model_for_weight_conversion, allow_pickle)
@@ -236,7 +273,16 @@ def merge_shards(
 
     bar = _progress(sum(len(a["keys"]) for a in shard_set.adapters.values()), progress)
 
+    # checksums are computed while the output is written (hashlib releases the GIL) and checked before the
+    # output is published: a mismatch still publishes nothing
+    pool = ThreadPoolExecutor(max_workers=min(len(shard_set.checksums), os.cpu_count() or 1))
+    digests = {path: pool.submit(sha256_of, path) for path in shard_set.checksums}
+
     def fill(tmp: Path) -> None:
+        _write_output(tmp)
+        _verify(shard_set, {path: future.result() for path, future in digests.items()})
+
+    def _write_output(tmp: Path) -> None:
         (tmp / CARD_NAME).write_text(shard_set.card)
         handles: dict = {}
         for name, adapter in shard_set.adapters.items():
@@ -253,7 +299,9 @@ def merge_shards(
                 }  # fmt: skip
             (out / CONFIG_NAME).write_text(config)
 
-            def produce(key: str, name: str = name) -> torch.Tensor:
+            def produce(key: str, name: str = name) -> torch.Tensor | list[FileRange]:
+                if initial is None and safe_serialization:  # the bytes as they are: copied by the kernel
+                    return _ranges(shard_set, name, key)
                 tensor = _assemble(shard_set, name, key, handles)
                 return tensor if initial is None else convert_tensor(key, tensor, initial.get(key))
 
@@ -275,6 +323,7 @@ def merge_shards(
     try:
         publish(output, fill)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     tensors = sum(len(a["keys"]) for a in shard_set.adapters.values())

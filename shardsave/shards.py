@@ -28,12 +28,11 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .log import logger
 from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .save import _to_host, adapter_dir, render_text_files, start_save
-from .stream import dtype_name
+from .stream import TensorSpec, dtype_name, write_streaming
 from .writer import CARD_NAME, CONFIG_NAME, _fsync, is_stale, owner_tag
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name", "save_shards", "sha256_of"]
@@ -184,14 +183,18 @@ def save_shards(
         path = directory / shard_name(ranks.rank, ranks.world_size)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}", dir=directory)
         os.close(fd)
+        digest = hashlib.sha256()
         try:
-            save_file(_to_host(tensors), tmp, metadata=metadata)
+            host = _to_host(tensors)
+            specs = {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in host.items()}
+            # byte-identical to save_file, hashed as it is written rather than read back
+            write_streaming(Path(tmp), specs, host.__getitem__, metadata=metadata, digest=digest)
             _fsync(tmp)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        report = {"name": path.name, "size": path.stat().st_size, "sha256": sha256_of(path)}
+        report = {"name": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
     except Exception as exc:
         error = exc
 

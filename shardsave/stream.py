@@ -2,21 +2,24 @@
 
 `save_file` needs every tensor in memory at once; the merge must not (its memory stays around the largest
 tensor), so it writes the header from shapes and dtypes alone, then streams each tensor's bytes in the order
-safetensors itself lays them out: by dtype, larger kinds first, then by name.
+safetensors itself lays them out: by dtype, larger kinds first, then by name. A tensor's bytes may also come
+as ranges of other files, which the kernel copies without passing them through Python (the merge's case),
+and the bytes written may be hashed on the way (the shard writer's checksum, without reading the file back).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import _TYPES
 
-__all__ = ["TensorSpec", "dtype_name", "dtype_from_name", "write_streaming"]
+__all__ = ["TensorSpec", "FileRange", "dtype_name", "dtype_from_name", "write_streaming"]
 
 _NAME_OF = {dtype: name for name, dtype in _TYPES.items()}
 
@@ -59,6 +62,36 @@ class TensorSpec:
         return n
 
 
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """`nbytes` bytes at `offset` in the file `path`."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+def _copy_range(src: int, dst: int, offset: int, nbytes: int, digest) -> None:
+    """Append `nbytes` of `src` at `offset` to `dst`: in the kernel (`copy_file_range`) unless hashing."""
+    use_kernel = digest is None and hasattr(os, "copy_file_range")
+    while nbytes > 0:
+        if use_kernel:
+            try:
+                done = os.copy_file_range(src, dst, nbytes, offset)
+            except OSError:  # another filesystem, an old kernel: copy through user space
+                use_kernel = False
+                continue
+        else:
+            chunk = os.pread(src, min(nbytes, 1 << 24), offset)
+            if digest is not None:
+                digest.update(chunk)
+            done = os.write(dst, chunk)
+        if done <= 0:
+            raise OSError(f"short copy: {nbytes} bytes left at offset {offset}")
+        offset += done
+        nbytes -= done
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAME_OF[dtype]
@@ -83,12 +116,14 @@ def _order(specs: Mapping[str, TensorSpec]) -> list[str]:
 def write_streaming(
     path: Path,
     specs: Mapping[str, TensorSpec],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | Sequence[FileRange]],
     *,
     metadata: Mapping[str, str] | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    digest=None,
 ) -> None:
-    """Write `path`; `produce(name)` is called once per tensor, in file order, and may free it afterwards."""
+    """Write `path`; `produce(name)` is called once per tensor, in file order, and returns the tensor or the
+    file ranges that hold its bytes in order. `digest` (a `hashlib` object) is updated with every byte."""
     order = _order(specs)
     header: dict = {}
     if metadata:
@@ -101,16 +136,36 @@ def write_streaming(
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in order:
-            spec = specs[name]
-            tensor = produce(name)
-            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                raise ValueError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, expected {spec}")
-            data = tensor.detach().to("cpu").contiguous().reshape(-1)
-            if data.numel():
-                f.write(memoryview(data.view(torch.uint8).numpy()))
-            if on_tensor is not None:
-                on_tensor(name)
+    sources: dict[Path, int] = {}
+    with open(path, "wb", buffering=0) as f:
+        try:
+            _write(f, struct.pack("<Q", len(raw)) + raw, digest)
+            for name in order:
+                spec = specs[name]
+                produced = produce(name)
+                if torch.is_tensor(produced):
+                    if tuple(produced.shape) != spec.shape or produced.dtype != spec.dtype:
+                        raise ValueError(f"{name}: produced {tuple(produced.shape)} {produced.dtype}, expected {spec}")
+                    data = produced.detach().to("cpu").contiguous().reshape(-1)
+                    if data.numel():
+                        _write(f, memoryview(data.view(torch.uint8).numpy()), digest)
+                else:
+                    if sum(r.nbytes for r in produced) != spec.nbytes:
+                        raise ValueError(f"{name}: {sum(r.nbytes for r in produced)} bytes given, expected {spec}")
+                    for r in produced:
+                        if r.path not in sources:
+                            sources[r.path] = os.open(r.path, os.O_RDONLY)
+                        _copy_range(sources[r.path], f.fileno(), r.offset, r.nbytes, digest)
+                if on_tensor is not None:
+                    on_tensor(name)
+        finally:
+            for fd in sources.values():
+                os.close(fd)
+
+
+def _write(f, data, digest) -> None:
+    if digest is not None:
+        digest.update(data)
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[f.write(view) :]

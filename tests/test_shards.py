@@ -123,6 +123,16 @@ def test_truncated_file(shards, tmp_path):
     refused(shards, tmp_path, "truncated")
 
 
+def test_modified_data_same_size(shards, tmp_path):
+    """A flipped byte in the tensor data: only the checksum can tell; checked while the output is being
+    written, and nothing is published."""
+    path = shards / "shard-00001-of-00002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    refused(shards, tmp_path, "checksum differs from the manifest")
+
+
 def test_corrupt_header(shards, tmp_path):
     path = shards / "shard-00000-of-00002.safetensors"
     data = bytearray(path.read_bytes())

@@ -225,11 +225,11 @@ def _install_kill(point: str, stall: float = 60) -> None:
         writer_module._rename_exchange = exchange_then_die
     elif point == "shard_write":  # this rank's shard half written
 
-        def partial_shard(tensors, path, metadata):
+        def partial_shard(path, *args, **kwargs):
             Path(path).write_bytes(b"\x00" * 1000)
             _kill_self()
 
-        shards_module.save_file = partial_shard
+        shards_module.write_streaming = partial_shard
     elif point == "manifest":  # every shard written, the manifest not yet
         before(shards_module, "_atomic_write_text")
     elif point != "start":

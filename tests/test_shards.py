@@ -151,6 +151,13 @@ def test_foreign_file(shards, tmp_path):
     refused(shards, tmp_path, "shard-00002-of-00003.safetensors: a shard file that the manifest")
 
 
+def test_cli_output_is_a_file(shards, tmp_path):
+    (tmp_path / "out").write_text("keep me")
+    proc = merge_cli(shards, "-o", tmp_path / "out", "--overwrite", check=False)
+    assert proc.returncode == 2 and "should be a directory, not a file" in proc.stderr, proc.stderr
+    assert (tmp_path / "out").read_text() == "keep me"
+
+
 def test_cli_unwritable_output(shards, tmp_path):
     """Writing fails (nothing can be created under sysfs, even as root): exit 1, a message, nothing published."""
     out = Path(f"/sys/shardsave-test-{tmp_path.name}/merged")

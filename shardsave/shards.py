@@ -31,6 +31,7 @@ import torch
 
 from .log import logger
 from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
+from .replicas import diverging, fingerprints
 from .save import _to_host, adapter_dir, render_text_files, start_save
 from .stream import TensorSpec, dtype_name, write_streaming
 from .writer import CARD_NAME, CONFIG_NAME, _fsync, is_stale, owner_tag
@@ -92,11 +93,12 @@ def _texts(peft_model, adapter_names: list[str]) -> tuple[str, dict[str, str]]:
     return card, configs
 
 
-def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """This rank's entries and tensors: its slices of sharded tensors, and its turn of whole ones."""
+def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """This rank's entries and tensors: its slices of sharded tensors, and its turn of whole ones; and every
+    whole (replicated) tensor, by checkpoint key, for the replica check."""
     collector = request.collector
     infos = collector.infos()
-    entries, tensors = [], {}
+    entries, tensors, replicated = [], {}, {}
     turn = 0
     for plan in request.plans:
         for key, source in plan.entries.items():
@@ -107,6 +109,7 @@ def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tens
                 numel *= d
             pieces = collector.slices(primary)
             if pieces is None:  # whole on every rank: written once, by ranks in turn
+                replicated[f"{plan.adapter_name}/{key}"] = collector.whole(primary)
                 owner, turn = turn % ranks.world_size, turn + 1
                 mine = [(0, numel, None)] if owner == ranks.rank else []
             else:
@@ -117,7 +120,18 @@ def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tens
                 tensors[name] = data.detach()
                 entries.append({"tensor": name, "adapter": plan.adapter_name, "key": key, "shape": list(info.shape),
                                 "dtype": dtype_name(info.dtype), "start": start, "stop": stop})  # fmt: skip
-    return entries, tensors
+    return entries, tensors, replicated
+
+
+def _check_replicas(statuses: dict[int, dict]) -> None:
+    differ = diverging({rank: status.get("replicas", {}) for rank, status in statuses.items()})
+    if differ:
+        raise SaveError(
+            f"shardsave.save_shards: {len(differ)} tensor(s) that every rank holds whole differ between ranks "
+            f"(e.g. {differ[:3]}); the set would mix them, so no manifest was written. The ranks' copies are "
+            f"out of sync (gradients not all-reduced, or weights changed on some ranks only): save from a "
+            f"synchronised model, or use shardsave.save_pretrained, which writes the main process's copy."
+        )
 
 
 def save_shards(
@@ -174,7 +188,7 @@ def save_shards(
 
     error, report = None, {}
     try:
-        entries, tensors = _local_runs(request, ranks)
+        entries, tensors, replicated = _local_runs(request, ranks)
         adapters = {p.adapter_name: {"config": configs[p.adapter_name], "keys": list(p.entries)} for p in request.plans}
         metadata = {
             "format": FORMAT, "run_id": run_id, "world_size": str(ranks.world_size), "rank": str(ranks.rank),
@@ -195,6 +209,8 @@ def save_shards(
             Path(tmp).unlink(missing_ok=True)
             raise
         report = {"name": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
+        if ranks.distributed:
+            report["replicas"] = fingerprints(replicated)
     except Exception as exc:
         error = exc
 
@@ -219,6 +235,7 @@ def save_shards(
     publish_error = None
     try:
         raise_on_failure(statuses, own=error, ranks=ranks, op="save_shards")
+        _check_replicas(statuses)
         files = [{"rank": r, **{k: s[k] for k in ("name", "size", "sha256")}} for r, s in sorted(statuses.items())]
         manifest = {"format": FORMAT, "run_id": run_id, "world_size": ranks.world_size, "files": files}
         _atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2))

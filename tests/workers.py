@@ -157,6 +157,17 @@ def mismatched_args(rank, world, out: Path, params):
 
 
 @scenario
+def replicas_out_of_sync(rank, world, out: Path, params):
+    """Whole parameters on each rank (no DDP), changed on rank 1 only."""
+    model = lora_model(params)
+    if rank == 1:
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_A" in n).add_(1.0)
+    shardsave.save_shards(model, out / "shards")
+    return {}
+
+
+@scenario
 def different_adapters(rank, world, out: Path, params):
     """Two valid adapters; each rank selects another one."""
     from peft import LoraConfig

@@ -1,0 +1,60 @@
+"""Tensors that every rank holds whole (DDP, ZeRO-1/2, buffers) must be the same on every rank: `save_shards`
+writes each from one rank only, so copies that drifted apart (ranks not in sync) would be mixed into an
+adapter that no rank ever had. Each rank fingerprints its copies where they are (no device-to-host copy),
+and rank 0 compares before it vouches for the set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["fingerprints", "diverging"]
+
+_CHUNK = 1 << 22  # elements per step: bounds the temporaries of the weighted sum
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as 1-D integers (the widest integer type its byte count allows)."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        if raw.numel() % dtype.itemsize == 0:
+            return raw.view(dtype)
+    return raw
+
+
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """(sum of words, position-weighted sum of words), in int64 arithmetic: exact and independent of the
+    order of the reduction, so equal bytes give equal values on every rank; any single changed word, and
+    any reordering, changes them."""
+    words = _words(t)
+    total = torch.zeros(2, dtype=torch.int64, device=words.device)
+    for start in range(0, words.numel(), _CHUNK):
+        chunk = words[start : start + _CHUNK].to(torch.int64)
+        weights = torch.arange(start, start + chunk.numel(), device=chunk.device, dtype=torch.int64) * 2 + 1
+        total[0] += chunk.sum()
+        total[1] += (chunk * weights).sum()
+    return total
+
+
+def fingerprints(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """A short fingerprint of each tensor's bytes (one synchronisation for all of them)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for name, t in tensors.items():
+        by_device.setdefault(t.device, []).append(name)
+    out = {}
+    for names in by_device.values():
+        values = torch.stack([_fingerprint(tensors[n]) for n in names]).cpu().tolist()
+        for name, (a, b) in zip(names, values, strict=True):
+            out[name] = f"{a & (2**64 - 1):016x}{b & (2**64 - 1):016x}"
+    return {name: out[name] for name in tensors}
+
+
+def diverging(by_rank: Mapping[int, Mapping[str, str]]) -> list[str]:
+    """Names whose fingerprint is not the same on every rank that reported it."""
+    names: dict[str, set[str]] = {}
+    for prints in by_rank.values():
+        for name, value in prints.items():
+            names.setdefault(name, set()).add(value)
+    return sorted(name for name, values in names.items() if len(values) > 1)

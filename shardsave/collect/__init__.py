@@ -17,14 +17,15 @@ def detect_backend(root: nn.Module) -> str:
 
     from .zero3 import is_zero3_param
 
-    for module in root.modules():
-        if type(module).__name__ == "FullyShardedDataParallel":
-            return "fsdp1"
+    # parameters first: under ZeRO-3 and FSDP2 the first one tells (FSDP1 and local need the module walk)
     for p in root.parameters():
         if is_zero3_param(p):
             return "zero3"
         if isinstance(p, DTensor):
             return "fsdp2"
+    for module in root.modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            return "fsdp1"
     return "local"
 
 

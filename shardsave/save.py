@@ -124,6 +124,7 @@ def _prepare_save(
     collector = collector_for(peel(model), ranks)
     infos = collector.infos()
     plans = tuple(_plan(peft_model, infos, selected, save_embedding_layers))
+    _check_readable(collector, [s for plan in plans for s in plan.sources], ranks.rank)
     initial_tensors = None
     if initial is not None:
         initial_tensors = _check_conversion(peft_model, plans, infos, initial, allow_pickle)
@@ -144,6 +145,19 @@ def _prepare_save(
         "initial": None if initial is None else os.path.abspath(os.fspath(initial)),
     }
     return _SaveRequest(peft_model, collector, plans, destination, bool(safe_serialization), args, initial_tensors)
+
+
+def _check_readable(collector: Collector, names: list[str], rank: int) -> None:
+    """Read (as views) this rank's part of every tensor to save, so that a state in which it cannot be read
+    (inside FSDP1's `summon_full_params`, ZeRO-3 NVMe offload) fails here, on every rank alike, rather than
+    in the middle of the gather."""
+    for name in dict.fromkeys(collector.primary(n) for n in names):
+        pieces = collector.slices(name)
+        if pieces is None:
+            collector.whole(name)
+        for piece in pieces or ():
+            if piece.rank == rank and piece.stop > piece.start:
+                collector.local(name, piece)
 
 
 def _check_conversion(
@@ -461,6 +475,7 @@ def gather_state_dict(
     def prepare() -> _Gather:
         collector = collector_for(peel(model), ranks)
         names = _keep_names(keep, collector.infos())
+        _check_readable(collector, names, ranks.rank)
         digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
         return _Gather(collector, names, {"names": digest})
 

@@ -195,3 +195,14 @@ def test_pissa_conversion_under_backend(backend, tmp_path):
     """Trained from PiSSA under the backend, saved converted: PEFT's single-process conversion of the same
     weights, byte for byte, and the original (unmutated) base plus the file gives the sharded model's logits."""
     check_backend(tmp_path, backend, pissa=True)
+
+
+@pytest.mark.parametrize("backend", ["fsdp1", "fsdp1_flat"])
+def test_save_inside_summon_full_params_is_refused_before_the_gather(backend, tmp_path):
+    """A usage error, found while planning: the same clear error on every rank at once, nothing written."""
+    results = run_ranks("save_inside_unshard", tmp_path, backend=backend, timeout=30)
+    for r in results:
+        assert r.result["type"] == "RuntimeError", r.output[-3000:]
+        assert "do not save inside summon_full_params()" in r.error
+        assert float((tmp_path / f"elapsed-{r.rank}").read_text()) < 10
+    assert not (tmp_path / "adapter").exists()

@@ -157,6 +157,22 @@ def mismatched_args(rank, world, out: Path, params):
 
 
 @scenario
+def save_inside_unshard(rank, world, out: Path, params):
+    """The save called where the parameters are temporarily gathered (FSDP1 summon_full_params)."""
+    from backends import wrap
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped, _ = wrap(lora_model(params), params.get("backend", "fsdp1"))
+    start = time.monotonic()
+    try:
+        with FSDP.summon_full_params(wrapped, writeback=False):
+            shardsave.save_pretrained(wrapped, out / "adapter", timeout=params["timeout"])
+    finally:
+        (out / f"elapsed-{rank}").write_text(str(time.monotonic() - start))
+    return {}
+
+
+@scenario
 def replicas_out_of_sync(rank, world, out: Path, params):
     """Whole parameters on each rank (no DDP), changed on rank 1 only."""
     model = lora_model(params)

@@ -14,6 +14,14 @@ from shardsave import writer
 QV = ["q_proj", "v_proj"]
 
 
+@pytest.fixture(autouse=True, params=["exchange", "two-renames"])
+def swap(request, monkeypatch):
+    """Every test runs with the atomic exchange and with the fallback for systems without it."""
+    if request.param == "two-renames":
+        monkeypatch.setattr(writer, "_rename_exchange", lambda a, b: False)
+    return request.param
+
+
 def leftovers(parent):
     return [p.name for p in parent.iterdir() if writer.TMP_MARK in p.name or writer.OLD_MARK in p.name]
 
@@ -94,3 +102,26 @@ def test_path_that_is_a_file(tmp_path):
     with pytest.raises(ValueError, match="should be a directory, not a file"):
         shardsave.save_pretrained(peft_model(LoraConfig(target_modules=QV)), target)
     assert target.read_text() == "x"
+
+
+def test_stale_leftovers_of_a_dead_writer_are_removed(tmp_path):
+    """What a killed writer left (its hidden directory, or the previous adapter it was swapping out) is removed
+    by the next save; a live process's and another host's are not."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = writer.owner_tag().split("-")[1]
+    names = [
+        f".adapter{writer.TMP_MARK}{dead_pid}-{host}-abc",  # dead writer: removed
+        f".adapter{writer.OLD_MARK}{dead_pid}-{host}-def",  # dead writer: removed
+        f".adapter{writer.TMP_MARK}{os.getpid()}-{host}-ghi",  # alive (this process): kept
+        f".adapter{writer.TMP_MARK}{dead_pid}-00000000-jkl",  # another host: kept
+        f".other{writer.TMP_MARK}{dead_pid}-{host}-mno",  # another destination: kept
+    ]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    shardsave.save_pretrained(peft_model(LoraConfig(target_modules=QV)), tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(names[2:])

@@ -86,7 +86,8 @@ def test_writer_cannot_write(how, tmp_path):
     results = run_ranks("writer_cannot_write", tmp_path, how=how)
     r0, r1 = results
     assert r0.result["type"] == "SaveError" and "Nothing was published" in r0.error, r0.output[-3000:]
-    assert ("File too large" if how == "full" else "Operation not permitted") in r0.error, r0.error
+    os_errors = ("File too large",) if how == "full" else ("Operation not permitted", "Read-only", "Permission denied")
+    assert any(e in r0.error for e in os_errors), r0.error
     assert r1.result["type"] == "RemoteError" and "failed on rank 0" in r1.error and "Nothing was published" in r1.error
     if how == "full":
         assert snapshot(tmp_path / "adapter") == snapshot(tmp_path / "previous")

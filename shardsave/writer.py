@@ -38,6 +38,7 @@ __all__ = [
     "owner_tag",
     "is_stale",
     "remove_stale",
+    "remove_stale_in",
 ]
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -83,24 +84,30 @@ def is_stale(name: str, prefix: str) -> bool:
     return bool(match) and match.group(2) == _host_key() and not _alive(int(match.group(1)))
 
 
-def remove_stale(dest: Path) -> list[str]:
-    """Remove the hidden siblings of `dest` that a writer on this host left when it was killed mid-publish
-    (its half-built directory, or the previous adapter it was swapping out); return their names. Leftovers of
-    live processes and of other hosts are not touched."""
-    prefixes = (f".{dest.name}{TMP_MARK}", f".{dest.name}{OLD_MARK}")
+def remove_stale_in(directory: Path, prefix: re.Pattern) -> list[str]:
+    """Remove the entries of `directory` named `prefix` + the owner tag of a process on this host that no
+    longer runs (what a killed writer left); return their names. Live processes' and other hosts' are kept."""
     removed = []
     try:
-        entries = list(os.scandir(dest.parent))
+        entries = list(os.scandir(directory))
     except OSError:
         return removed
     for entry in entries:
-        if any(is_stale(entry.name, prefix) for prefix in prefixes):
+        match = prefix.match(entry.name)
+        if match and is_stale(entry.name, match.group(0)):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 Path(entry.path).unlink(missing_ok=True)
             removed.append(entry.name)
     return removed
+
+
+def remove_stale(dest: Path) -> list[str]:
+    """Remove the hidden siblings of `dest` that a writer on this host left when it was killed mid-publish
+    (its half-built directory, or the previous adapter it was swapping out); return their names."""
+    marks = "|".join(re.escape(mark) for mark in (TMP_MARK, OLD_MARK))
+    return remove_stale_in(dest.parent, re.compile(rf"{re.escape(f'.{dest.name}')}(?:{marks})"))
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -103,9 +104,7 @@ def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tens
         for key, source in plan.entries.items():
             primary = collector.primary(source)
             info = infos[primary]
-            numel = 1
-            for d in info.shape:
-                numel *= d
+            numel = math.prod(info.shape)
             pieces = collector.slices(primary)
             if pieces is None:  # whole on every rank: written once, by ranks in turn
                 replicated[f"{plan.adapter_name}/{key}"] = collector.whole(primary)

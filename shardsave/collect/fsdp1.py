@@ -4,6 +4,7 @@ which rank r holds elements `[r*S, (r+1)*S)`; original parameter i occupies a kn
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 from dataclasses import dataclass
 from itertools import accumulate
@@ -103,9 +104,7 @@ class FSDP1Collector(ShardedCollector):
         run = self._runs.get(name)
         if run is None or run.group_ranks is None:
             return None
-        numel = 1
-        for d in self._infos[name].shape:
-            numel *= d
+        numel = math.prod(self._infos[name].shape)
         out = []
         for i, rank in enumerate(run.group_ranks):
             lo = max(run.offset, i * run.shard)
@@ -132,9 +131,7 @@ class FSDP1Collector(ShardedCollector):
         run = self._runs.get(name)
         if run is None:
             return self._tensors[name]
-        numel = 1
-        for d in self._infos[name].shape:
-            numel *= d
+        numel = math.prod(self._infos[name].shape)
         return run.flat.data[run.offset : run.offset + numel].view(self._infos[name].shape)
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from multirank import run_ranks
+from multirank import check_ok, run_ranks
 from peft import PeftModel
 from safetensors.torch import load_file
 from tiny import base_model, files_under
@@ -43,8 +43,6 @@ def kill(tmp_path, op, point, victim, writer_rank=0):
 
 
 def rerun(tmp_path, op):
-    from multirank import check_ok
-
     check_ok(run_ranks("plain_save", tmp_path, op=op, limit=180))
 
 

@@ -68,12 +68,12 @@ def scenario(fn):
     return fn
 
 
-def lora_model(params: dict):
+def lora_model(params: dict, **kwargs):
     from peft import LoraConfig
     from tiny import peft_model
 
     lora = dict(params.get("lora", {"target_modules": ["q_proj", "v_proj"]}))
-    return peft_model(LoraConfig(**lora), **params.get("model", {}))
+    return peft_model(LoraConfig(**lora), **params.get("model", {}), **kwargs)
 
 
 @scenario
@@ -128,18 +128,11 @@ def writer_cannot_write(rank, world, out: Path, params):
             soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
             resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
-        shardsave.save_pretrained(peft_model_seeded(params, seed=7), dest)
+        shardsave.save_pretrained(lora_model(params, seed=7), dest)
     finally:
         if params["how"] == "full" and rank == 0:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     return {}
-
-
-def peft_model_seeded(params: dict, seed: int):
-    from peft import LoraConfig
-    from tiny import peft_model
-
-    return peft_model(LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"]})), seed=seed)
 
 
 @scenario

@@ -35,7 +35,7 @@ from .convert import (
 from .log import logger
 from .shards import FORMAT, MANIFEST_NAME, SHARD_PATTERN, sha256_of
 from .stream import FileRange, TensorSpec, dtype_from_name, write_streaming
-from .writer import BIN_NAME, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME, check_destination, publish
+from .writer import BIN_NAME, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME, adapter_dir, check_destination, publish
 
 __all__ = ["ShardSetError", "ShardSet", "read_shard_set", "merge_shards", "default_output", "main"]
 
@@ -225,14 +225,20 @@ def _ranges(shard_set: ShardSet, adapter: str, key: str) -> list[FileRange]:
     return [FileRange(r.path, r.offset, (r.stop - r.start) * itemsize) for r in runs if r.stop > r.start]
 
 
-def _assemble(shard_set: ShardSet, adapter: str, key: str, handles: dict) -> torch.Tensor:
+def _assemble(shard_set: ShardSet, adapter: str, key: str) -> torch.Tensor:
+    """The full tensor, read from the same byte ranges the plain merge copies."""
     spec = shard_set.specs[adapter][key]
-    flat = torch.empty(spec.nbytes // spec.dtype.itemsize, dtype=spec.dtype)
-    for run in shard_set.runs[(adapter, key)]:
-        if run.path not in handles:
-            handles[run.path] = safe_open(str(run.path), framework="pt")
-        flat[run.start : run.stop] = handles[run.path].get_tensor(run.tensor)
-    return flat.view(spec.shape)
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=spec.dtype)
+    data = bytearray(spec.nbytes)
+    view, position = memoryview(data), 0
+    for r in _ranges(shard_set, adapter, key):
+        with open(r.path, "rb") as f:
+            f.seek(r.offset)
+            if f.readinto(view[position : position + r.nbytes]) != r.nbytes:
+                raise ShardSetError(f"{r.path}: ended before byte {r.offset + r.nbytes}; the file was truncated.")
+        position += r.nbytes
+    return torch.frombuffer(data, dtype=spec.dtype).view(spec.shape)
 
 
 def _progress(total: int, enabled: bool | None):
@@ -284,9 +290,8 @@ def merge_shards(
 
     def _write_output(tmp: Path) -> None:
         (tmp / CARD_NAME).write_text(shard_set.card)
-        handles: dict = {}
         for name, adapter in shard_set.adapters.items():
-            out = tmp if name == "default" else tmp / name
+            out = adapter_dir(tmp, name)
             out.mkdir(exist_ok=True)
             config = adapter["config"]
             specs = shard_set.specs.get(name, {})
@@ -302,7 +307,7 @@ def merge_shards(
             def produce(key: str, name: str = name) -> torch.Tensor | list[FileRange]:
                 if initial is None and safe_serialization:  # the bytes as they are: copied by the kernel
                     return _ranges(shard_set, name, key)
-                tensor = _assemble(shard_set, name, key, handles)
+                tensor = _assemble(shard_set, name, key)
                 return tensor if initial is None else convert_tensor(key, tensor, initial.get(key))
 
             if safe_serialization:

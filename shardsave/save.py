@@ -34,7 +34,16 @@ from .log import logger
 from .names import check_adapter_name
 from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .select import AdapterPlan, select_adapter
-from .writer import CARD_NAME, CONFIG_NAME, check_destination, publish, remove_stale, write_config, write_weights
+from .writer import (
+    CARD_NAME,
+    CONFIG_NAME,
+    adapter_dir,
+    check_destination,
+    publish,
+    remove_stale,
+    write_config,
+    write_weights,
+)
 
 __all__ = ["save_pretrained", "gather_state_dict", "start_save", "adapter_dir", "render_text_files"]
 
@@ -300,11 +309,6 @@ def _auto_mapping(peft_model, config) -> dict | None:
         return None
     cls = type(peft_model.base_model.model)
     return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-
-
-def adapter_dir(root: Path, adapter_name: str) -> Path:
-    """Where PEFT puts an adapter: the root for `default`, a subdirectory named after it otherwise."""
-    return root if adapter_name == "default" else root / adapter_name
 
 
 def render_text_files(peft_model, adapter_names: Sequence[str], root: Path) -> None:

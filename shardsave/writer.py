@@ -35,6 +35,7 @@ __all__ = [
     "write_config",
     "publish",
     "check_destination",
+    "adapter_dir",
     "owner_tag",
     "is_stale",
     "remove_stale",
@@ -108,6 +109,11 @@ def remove_stale(dest: Path) -> list[str]:
     (its half-built directory, or the previous adapter it was swapping out); return their names."""
     marks = "|".join(re.escape(mark) for mark in (TMP_MARK, OLD_MARK))
     return remove_stale_in(dest.parent, re.compile(rf"{re.escape(f'.{dest.name}')}(?:{marks})"))
+
+
+def adapter_dir(root: Path, adapter_name: str) -> Path:
+    """Where PEFT puts an adapter: the root for `default`, a subdirectory named after it otherwise."""
+    return root if adapter_name == "default" else root / adapter_name
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:

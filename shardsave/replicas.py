@@ -26,8 +26,8 @@ def _words(t: torch.Tensor) -> torch.Tensor:
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     """(sum of words, position-weighted sum of words), in int64 arithmetic: exact and independent of the
-    order of the reduction, so equal bytes give equal values on every rank; any single changed word, and
-    any reordering, changes them."""
+    order of the reduction, so equal bytes give equal values on every rank; any single changed word changes
+    them, and a reordering does but for contrived values."""
     words = _words(t)
     total = torch.zeros(2, dtype=torch.int64, device=words.device)
     for start in range(0, words.numel(), _CHUNK):

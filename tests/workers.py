@@ -36,7 +36,20 @@ _COLLECTIVES = (
     "send",
     "recv",
     "all_to_all_single",
+    "batch_isend_irecv",  # (isend / irecv themselves are not wrapped: P2POp checks their identity)
 )
+
+
+def _nbytes(args) -> int:
+    """Bytes a collective call carries; for point-to-point batches, what this rank sends."""
+    total = 0
+    for a in args:
+        if torch.is_tensor(a):
+            total += a.numel() * a.element_size()
+        elif isinstance(a, list):
+            sends = [op.tensor for op in a if op.op is dist.distributed_c10d.isend]
+            total += sum(t.numel() * t.element_size() for t in sends)
+    return total
 
 
 class CommAudit:
@@ -51,8 +64,7 @@ class CommAudit:
             self._saved[name] = original
 
             def spy(*args, _name=name, _original=original, **kwargs):
-                tensors = [a for a in args if torch.is_tensor(a)]
-                self.calls.append([_name, sum(t.numel() * t.element_size() for t in tensors)])
+                self.calls.append([_name, _nbytes(args)])
                 return _original(*args, **kwargs)
 
             setattr(dist, name, spy)
@@ -205,7 +217,7 @@ def _install_kill(point: str, stall: float = 60) -> None:
     import shardsave.save as save_module
     import shardsave.shards as shards_module
     import shardsave.writer as writer_module
-    from shardsave.collect.sharded import ShardedCollector
+    from shardsave.collect.sharded import Transfer
 
     def before(owner, name):
         original = getattr(owner, name)
@@ -217,15 +229,15 @@ def _install_kill(point: str, stall: float = 60) -> None:
         setattr(owner, name, hook)
 
     if point == "gather":  # agreed, about to send its slices
-        before(ShardedCollector, "_exchange")
+        before(Transfer, "_send")
     elif point == "hang_gather":  # alive but stuck (a deadlock, a slow filesystem) before sending its slices
-        original_exchange = ShardedCollector._exchange
+        original_send = Transfer._send
 
         def stuck(self, *args, **kwargs):
             time.sleep(stall)
-            return original_exchange(self, *args, **kwargs)
+            return original_send(self, *args, **kwargs)
 
-        ShardedCollector._exchange = stuck
+        Transfer._send = stuck
     elif point == "weights":  # half of the weights file written in the hidden directory
 
         def partial(out, tensors, safe):
@@ -343,10 +355,9 @@ def backend_save(rank, world, out: Path, params):
 
     backend = params["backend"]
     if params.get("round_bytes"):  # force many gather rounds
-        import shardsave.collect.sharded as sharded
+        import shardsave.plan as plan
 
-        sharded._MIN_ROUND = params["round_bytes"]
-        sharded._MAX_ROUND_TOTAL = 2 * params["round_bytes"]
+        plan.MAX_ROUND_BYTES = params["round_bytes"]
     lora_kwargs = params.get("lora", {"target_modules": ["q_proj", "v_proj"]})
     save_kwargs = dict(params.get("save", {}))
     if params.get("pissa"):  # PiSSA-initialised (base weights mutated); rank 0 keeps the initial adapter

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["TensorInfo", "Collector"]
+__all__ = ["TensorInfo", "Collector", "Gather"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +18,10 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     requires_grad: bool
+
+
+class Gather(Protocol):
+    def run(self, timeout: float | None) -> dict[str, torch.Tensor]: ...
 
 
 class Collector(Protocol):
@@ -37,6 +41,10 @@ class Collector(Protocol):
     def infos(self) -> dict[str, TensorInfo]: ...
 
     def gather(self, names: Sequence[str], dst: int, *, timeout: float | None = None) -> dict[str, torch.Tensor]: ...
+
+    def prepare_gather(self, names: Sequence[str], dst: int, *, budget: int | None = None) -> Gather:
+        """`gather` in two steps: plan and allocate now (errors here are local and agreed on), `run` later."""
+        ...
 
     # what the per-rank shard writer reads locally, without communication
     def primary(self, name: str) -> str: ...

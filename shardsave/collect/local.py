@@ -37,7 +37,18 @@ class LocalCollector:
     def whole(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
+    def prepare_gather(self, names: Sequence[str], dst: int, *, budget: int | None = None) -> _Read:
+        return _Read({n: self._tensors[n].detach() for n in names} if self._rank == dst else {})
+
     def gather(self, names: Sequence[str], dst: int, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
-        if self._rank != dst:
-            return {}
-        return {n: self._tensors[n].detach() for n in names}
+        return self.prepare_gather(names, dst).run(timeout)
+
+
+class _Read:
+    """The writer's own tensors, as they are (live: callers that hand them out copy them)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def run(self, timeout: float | None) -> dict[str, torch.Tensor]:
+        return self.tensors

@@ -1,6 +1,7 @@
-"""The gather shared by every sharded backend: each rank's slices of the selected tensors travel packed
-into one buffer per round, by `gather` to the writer, and nothing else moves. Rounds (a few; see
-`round_budget`) keep the writer's receive buffers to about half the adapter.
+"""The gather shared by every sharded backend: a `TransferPlan` (`shardsave.plan`) says which rank sends
+which element ranges in which round; each sender packs its pieces of a round into one buffer and sends
+exactly those bytes, point to point, to the writer, and nothing else moves. Rounds (see `round_budget`) keep
+the writer's receive buffer to at most half the adapter.
 
 FSDP1, FSDP2 and ZeRO-3 all hold a parameter as contiguous runs of its flattened elements, one run per
 rank. A backend only says, for a tensor, which rank holds which element range (`slices`, computed from
@@ -11,47 +12,17 @@ held whole by the writer (buffers, unsharded or persistent parameters) are read 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from ..plan import Piece, Slice, TransferPlan, chunk_ranges, plan_transfer
 from .base import TensorInfo
 
-__all__ = ["Slice", "Move", "ShardedCollector", "comm_device", "chunk_ranges", "plan_rounds", "round_budget"]
-
-_ALIGN = 16  # bytes; every slice starts aligned so that it can be viewed back as its dtype
-_MIN_ROUND = 2**20
-_MAX_ROUND_TOTAL = 256 * 2**20
-
-
-@dataclass(frozen=True, slots=True)
-class Slice:
-    """Elements `[start, stop)` of the flattened full tensor, held by `rank`."""
-
-    rank: int
-    start: int
-    stop: int
-
-
-def chunk_ranges(length: int, parts: int) -> list[tuple[int, int]]:
-    """`torch.chunk`'s split of `range(length)` into `parts` (trailing parts may be empty)."""
-    size = -(-length // parts) if length else 0
-    return [(min(i * size, length), min((i + 1) * size, length)) for i in range(parts)]
-
-
-def comm_device() -> torch.device:
-    """Where collective buffers must live for the default process group's backend."""
-    backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
-    if "nccl" in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
+__all__ = ["Slice", "ShardedCollector", "Transfer", "TransferError", "comm_device", "chunk_ranges"]
 
 
 class ShardedCollector:
@@ -88,6 +59,9 @@ class ShardedCollector:
         """The name whose tensor `name` shares (tied weights), or `name` itself."""
         return self._aliases.get(name, name)
 
+    def infos_of(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
     # -- what a backend provides -------------------------------------------------------------------
     def slices(self, name: str) -> list[Slice] | None:
         """Who holds which part of `name`; `None` when every rank holds it whole."""
@@ -102,98 +76,167 @@ class ShardedCollector:
         raise NotImplementedError
 
     # -- the gather --------------------------------------------------------------------------------
-    def gather(self, names: Sequence[str], dst: int, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
+    def plan(self, names: Sequence[str], dst: int, *, budget: int | None = None) -> TransferPlan:
+        """The transfer plan for `names` to `dst` (pure: the same on every rank)."""
         primaries = list(dict.fromkeys(self._aliases.get(n, n) for n in names))
         layout = {n: self.slices(n) for n in primaries}
-        moves = [
-            (name, piece, (piece.stop - piece.start) * self._infos[name].dtype.itemsize)
-            for name in primaries
-            for piece in layout[name] or ()
-            if piece.rank != dst and piece.stop > piece.start
-        ]
-        rounds = plan_rounds(moves, self.world_size)
-        if self.rank != dst:
-            for moved in rounds:
-                self._exchange(moved, dst, timeout)
-            return {}
+        itemsizes = {n: self._infos[n].dtype.itemsize for n in primaries}
+        numels = {n: math.prod(self._infos[n].shape) for n in primaries}
+        return plan_transfer(layout, itemsizes, numels, dst, budget=budget)
 
-        device = comm_device()
-        out: dict[str, torch.Tensor] = {}
-        for name in primaries:
-            info = self._infos[name]
-            if layout[name] is None:
-                out[name] = self.whole(name).detach()
-                continue
-            flat = torch.empty(math.prod(info.shape), dtype=info.dtype, device=device)
-            for piece in layout[name]:
-                if piece.rank == dst and piece.stop > piece.start:
-                    flat[piece.start : piece.stop].copy_(self.local(name, piece))
-            out[name] = flat
-        for moved in rounds:
-            received = self._exchange(moved, dst, timeout)
-            for move in moved:
-                name, piece = move.name, move.piece
-                data = received[piece.rank][move.offset : move.offset + move.nbytes]
-                out[name][piece.start : piece.stop].copy_(data.view(self._infos[name].dtype))
-            del received
-        out = {n: t if layout[n] is None else t.view(self._infos[n].shape) for n, t in out.items()}
-        return {n: out[self._aliases.get(n, n)] for n in names}
+    def prepare_gather(self, names: Sequence[str], dst: int, *, budget: int | None = None) -> Transfer:
+        """Plan the gather and, on `dst`, allocate its buffers now: an out-of-memory is then an error of the
+        planning step, which all ranks agree on, rather than a gather that the others wait for."""
+        return Transfer(self, list(names), self.plan(names, dst, budget=budget))
 
-    def _exchange(self, moved: list[Move], dst: int, timeout: float | None) -> list[torch.Tensor]:
-        """One `gather` to `dst` of every rank's packed slices for one round."""
-        sizes = [0] * self.world_size
-        for move in moved:
-            sizes[move.piece.rank] = max(sizes[move.piece.rank], move.offset + move.nbytes)
-        device = comm_device()
-        # padding and the writer's own (unused) contribution are never read: no need to zero them
-        send = torch.empty(max(sizes), dtype=torch.uint8, device=device)
-        for move in moved:
-            if move.piece.rank == self.rank:
-                data = self.local(move.name, move.piece).detach().contiguous().view(-1).view(torch.uint8)
-                send[move.offset : move.offset + move.nbytes].copy_(data)
-        bins = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == dst else None
-        work = dist.gather(send, gather_list=bins, dst=dst, async_op=True)
-        if timeout is None:
-            work.wait()
+    def gather(self, names: Sequence[str], dst: int, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        return self.prepare_gather(names, dst).run(timeout)
+
+    def _local_piece(self, piece: Piece) -> torch.Tensor:
+        """This rank's elements of `piece` as bytes (a view where the backend's storage allows)."""
+        name = piece.name
+        held = self.slices(name)
+        if held is None:
+            data = self.whole(name).detach().reshape(-1)[piece.start : piece.stop]
         else:
-            work.wait(timedelta(seconds=timeout))
-        return bins or []
+            mine = next(s for s in held if s.rank == self.rank and s.start <= piece.start and piece.stop <= s.stop)
+            run = self.local(name, mine).detach()
+            data = run[piece.start - mine.start : piece.stop - mine.start]
+        return data.contiguous().view(torch.uint8)
 
 
-@dataclass(frozen=True, slots=True)
-class Move:
-    """One slice sent to the writer: `nbytes` at `offset` in its sender's buffer for the round."""
-
-    name: str
-    piece: Slice
-    offset: int
-    nbytes: int
+class TransferError(RuntimeError):
+    """A point-to-point exchange of the gather failed or did not finish in time (a peer died or hangs)."""
 
 
-def round_budget(moved_bytes: int, world_size: int) -> int:
-    """Most bytes one rank sends in one round. The writer holds `world_size` receive buffers of this size
-    beside the assembled tensors, so the budget keeps them to about half of what is moved (at least 1 MiB
-    each, at most 256 MiB in all): the writer's peak stays under twice the adapter, and a big adapter moves
-    in a few rounds rather than as one buffer per rank of its full size."""
-    total = min(max(moved_bytes // 2, world_size * _MIN_ROUND), _MAX_ROUND_TOTAL)
-    return max(total // world_size, _MIN_ROUND)
+def comm_device(like: torch.device) -> torch.device:
+    """Where this rank's buffers must live to go through the default process group: on `like` (the
+    shards' device) when the group's backend can move tensors there (gloo: CPU; NCCL: CUDA; xccl, hccl),
+    otherwise on the group's bound device (`init_process_group(device_id=...)`), else the current CUDA
+    device. CPU tensors on a gloo-capable group never touch a GPU."""
+    if not dist.is_initialized():
+        return like
+    group = dist.group.WORLD
+    types = {d.type for d in getattr(group, "_device_types", ())}
+    if not types:
+        types = {"cuda"} if "nccl" in str(dist.get_backend()) else {"cpu"}
+    if like.type in types:
+        return like
+    bound = getattr(group, "bound_device_id", None)
+    if bound is not None:
+        return bound
+    if "cuda" in types and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def plan_rounds(moves: list[tuple[str, Slice, int]], world_size: int, budget: int | None = None) -> list[list[Move]]:
-    """Split `(name, piece, nbytes)` moves, in order, into gather rounds: a round closes when a sender's
-    packed bytes would pass `budget` (a single larger slice travels alone). Pure: every rank computes the
-    same rounds from the same metadata."""
-    if budget is None:
-        budget = round_budget(sum(nbytes for *_, nbytes in moves), world_size)
-    rounds: list[list[Move]] = []
-    current: list[Move] = []
-    used = [0] * world_size
-    for name, piece, nbytes in moves:
-        if used[piece.rank] and used[piece.rank] + _aligned(nbytes) > budget:
-            rounds.append(current)
-            current, used = [], [0] * world_size
-        current.append(Move(name, piece, used[piece.rank], nbytes))
-        used[piece.rank] += _aligned(nbytes)
-    if current:
-        rounds.append(current)
-    return rounds
+def _empty(nbytes: int, device: torch.device, *, pinned: bool = False) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pinned)
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """Every `src[i]` into `dst[i]` in one operation (a fused multi-tensor copy on GPU)."""
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+class Transfer:
+    """Executes a `TransferPlan`: senders pack their pieces for a round into one buffer and send exactly
+    those bytes to the destination (point to point: ranks holding nothing of a round take no part), which
+    receives each round into one buffer and copies its pieces into place in one operation. The destination
+    assembles everything in one packed host buffer (pinned when the buffers are on a GPU), so the device
+    holds at most one round; it allocates all of this when the transfer is prepared."""
+
+    def __init__(self, collector: ShardedCollector, names: list[str], plan: TransferPlan):
+        self.collector = collector
+        self.names = names
+        self.plan = plan
+        self.rank = collector.rank
+        self._sends = plan.sends(self.rank)
+        pieces = plan.own if self.rank == plan.dst else [p for _, ps in self._sends for p in ps]
+        self._local = [collector._local_piece(p) for p in pieces]  # read now, while planning
+        device = self._local[0].device if self._local else torch.device("cpu")
+        self.device = comm_device(device)
+        if self.rank == plan.dst:
+            largest = max((r.nbytes for r in plan.rounds), default=0)
+            on_gpu = self.device.type != "cpu"
+            self.output = _empty(max(plan.total, 1), torch.device("cpu"), pinned=on_gpu)
+            self._recv = _empty(largest, self.device) if largest else None
+            self._staging = _empty(largest, torch.device("cpu"), pinned=True) if largest and on_gpu else None
+
+    def run(self, timeout: float | None) -> dict[str, torch.Tensor]:
+        """Every rank calls it; the full tensors (CPU, packed) on the destination, `{}` elsewhere."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.rank != self.plan.dst:
+            local = iter(self._local)
+            for index, pieces in self._sends:
+                self._send(index, [next(local) for _ in pieces], deadline)
+            return {}
+        self._place(self.plan.own, self._local)
+        for index, round_ in enumerate(self.plan.rounds):
+            received = self._receive(index, deadline)
+            bases, base = {}, 0
+            for sender in sorted(round_.sizes):
+                bases[sender] = base
+                base += round_.sizes[sender]
+            srcs = [received[bases[p.rank] + p.src_offset :][: p.count * self._itemsize(p)] for p in round_.pieces]
+            self._place(round_.pieces, srcs)
+        return self._views()
+
+    def _itemsize(self, piece: Piece) -> int:
+        return self.collector.infos_of(piece.name).dtype.itemsize
+
+    def _place(self, pieces, srcs: list[torch.Tensor]) -> None:
+        """Copy `srcs` (bytes of `pieces`) into the packed output: one host copy, after one device-to-host
+        copy of everything on a device."""
+        if not pieces:
+            return
+        on_device = [s for s in srcs if s.device.type != "cpu"]
+        if on_device:
+            host = torch.cat(srcs).cpu() if len(srcs) > 1 else srcs[0].cpu()
+            srcs, at = [], 0
+            for p in pieces:
+                n = p.count * self._itemsize(p)
+                srcs.append(host[at : at + n])
+                at += n
+        _copy_all([self.output[p.dst_offset :][: len(s)] for p, s in zip(pieces, srcs, strict=True)], srcs)
+
+    def _wait(self, works, deadline: float | None, what: str) -> None:
+        for work in works:
+            try:
+                if deadline is None:
+                    work.wait()
+                else:
+                    work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            except Exception as exc:
+                raise TransferError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    def _send(self, index: int, pieces: list[torch.Tensor], deadline: float | None) -> None:
+        """Send this rank's pieces of round `index`, packed, to the destination."""
+        buffer = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(self.device)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, buffer, self.plan.dst)])
+        self._wait(works, deadline, f"sending round {index} to rank {self.plan.dst}")
+
+    def _receive(self, index: int, deadline: float | None) -> torch.Tensor:
+        """Round `index` from every sender into one buffer (on the host when the buffer is on a device)."""
+        round_ = self.plan.rounds[index]
+        buffer = self._recv[: round_.nbytes]
+        ops, at = [], 0
+        for sender in sorted(round_.sizes):
+            ops.append(dist.P2POp(dist.irecv, buffer[at : at + round_.sizes[sender]], sender))
+            at += round_.sizes[sender]
+        senders = sorted(round_.sizes)
+        self._wait(dist.batch_isend_irecv(ops), deadline, f"receiving round {index} from ranks {senders}")
+        if self._staging is None:
+            return buffer
+        staging = self._staging[: round_.nbytes]
+        staging.copy_(buffer)
+        return staging
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, offset in self.plan.offsets.items():
+            info = self.collector.infos_of(name)
+            numel = math.prod(info.shape)
+            out[name] = self.output[offset : offset + numel * info.dtype.itemsize].view(info.dtype).view(info.shape)
+        return {n: out[self.collector.primary(n)] for n in self.names}

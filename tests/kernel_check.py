@@ -10,7 +10,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1"
 import torch  # noqa: E402
 
 from shardsave.convert import convert_tensor  # noqa: E402
-from shardsave.kernels import Segment, fill_segments, triton_available  # noqa: E402
+from shardsave.kernels import Segment, _fill_torch, _fill_triton, fill_segments, triton_available  # noqa: E402
 from shardsave.save import _pack_to_host  # noqa: E402
 
 torch.manual_seed(0)
@@ -37,5 +37,26 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     b = torch.zeros(256, dtype=torch.uint8)
     fill_segments(a, segs, use_triton=True)
     fill_segments(b, segs, use_triton=False)
+    assert torch.equal(a, b), dtype
+
+    # small blocks and few programs: segments of several blocks, blocks of several programs' steps (grid-stride)
+    shapes = [
+        (5, 3, 2, True),
+        (1, 10, 15, False),
+        (7, 20, 13, True),
+        (0, 3, 2, True),
+        (1, 40, 37, False),
+        (2, 1, 9, True),
+    ]
+    segs, offset = [], 0
+    for rows, c1, c2, neg in shapes:
+        x, y = torch.randn(rows, c1).to(dtype), torch.randn(rows, c2).to(dtype)
+        segs.append(Segment(offset, x, y, rows, c1, c2, neg))
+        offset += -(-segs[-1].nbytes // 16) * 16
+    a = torch.zeros(offset + 16, dtype=torch.uint8)
+    b = torch.zeros(offset + 16, dtype=torch.uint8)
+    _fill_triton(a, segs, block=16, max_programs=5)
+    for s in segs:
+        _fill_torch(b, s)
     assert torch.equal(a, b), dtype
 print("kernel ok")

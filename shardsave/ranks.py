@@ -1,22 +1,32 @@
 """Who this process is, and how all ranks agree before and after a save without ever hanging.
 
 Agreement goes through the process group's key-value store, not through collectives: every rank posts
-its status under a per-call key, then waits for the others' keys with a timeout. A rank that never calls
-the save shows up as a missing key, which names it; a rank that failed posts its error, which every other
-rank re-raises. Tensor collectives only start once all ranks have said they are ready.
+its status under a per-call key, rank 0 gathers them and posts one verdict that every rank reads. A rank
+that never calls the save shows up as a missing key, which names it; a rank that failed posts its error,
+which every other rank re-raises. Tensor traffic only starts once the verdict says every rank is ready.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT", "Ranks", "Rendezvous", "SaveError", "MissingRanksError", "RemoteError"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Ranks",
+    "Rendezvous",
+    "Heartbeat",
+    "SaveError",
+    "MissingRanksError",
+    "RemoteError",
+]
 
 #: Seconds a rank waits for the others at each step of a save before it gives up.
 DEFAULT_TIMEOUT = 300.0
@@ -71,31 +81,36 @@ def resolve_timeout(timeout: float | None) -> float:
 
 
 class Rendezvous:
-    """Per-call agreement among all ranks through the default store.
+    """Per-call agreement among all ranks through the process group's store, in O(N) store operations.
 
-    Every rank must create one per save call, in the same order: the key namespace is a per-process call
-    counter, so a rank that skipped a call is seen as missing.
+    `agree`: every rank posts its status under this call's keys; rank 0 alone waits for all of them (one
+    wait, one multi-get), decides, posts one verdict and deletes the statuses; the others wait for the
+    verdict only (O(1) each). A rank that arrives after rank 0 gave up on it reads the verdict that names it
+    missing and raises too, instead of joining a gather nobody else is in. `post` / `wait_for` carry one
+    rank's outcome to the others (the writer's). Every rank creates one per save call, in the same order:
+    the key namespace is a per-process call counter. Keys a rank set are deleted by it at its next call's
+    agreement, once every rank has provably moved on.
     """
 
-    def __init__(self, ranks: Ranks, *, op: str, timeout: float):
+    def __init__(self, ranks: Ranks, *, op: str, timeout: float, store=None, generation: int | None = None):
         self.ranks = ranks
         self.op = op
         self.timeout = timeout
-        generation = next(_generation)
-        self._store = None
-        if ranks.distributed:
+        self._store = store
+        if self._store is None and ranks.distributed:
             self._store = dist.distributed_c10d._get_default_store()
-        self._prefix = f"shardsave/{generation}/"
+        self._prefix = f"shardsave/{next(_generation) if generation is None else generation}/"
+        self._mine: list[str] = []  # keys this rank set in this call
 
-    def _key(self, phase: str, rank: int) -> str:
+    def _key(self, phase: str, rank: int | str) -> str:
         return f"{self._prefix}{phase}/{rank}"
 
-    def post(self, phase: str, payload: dict) -> None:
-        if self._store is not None:
-            try:
-                self._store.set(self._key(phase, self.ranks.rank), json.dumps(payload))
-            except (RuntimeError, dist.DistError) as exc:
-                raise self._store_lost(phase, exc) from exc
+    def _set(self, key: str, payload: dict, phase: str) -> None:
+        try:
+            self._store.set(key, json.dumps(payload))
+        except (RuntimeError, dist.DistError) as exc:
+            raise self._store_lost(phase, exc) from exc
+        self._mine.append(key)
 
     def _store_lost(self, phase: str, exc: BaseException) -> SaveError:
         return SaveError(
@@ -105,32 +120,29 @@ class Rendezvous:
             f"finish the save."
         )
 
-    def collect(self, phase: str, ranks: Iterable[int]) -> dict[int, dict]:
-        """Wait for `phase` posts from `ranks`; raise `MissingRanksError` naming the absent ones."""
-        ranks = list(ranks)
-        if self._store is None:
-            raise AssertionError("collect() needs a process group")
-        keys = [self._key(phase, r) for r in ranks]
+    def _missing_error(self, phase: str, missing: tuple[int, ...]) -> MissingRanksError:
+        late = self.ranks.rank in missing
+        return MissingRanksError(
+            f"shardsave.{self.op}: rank(s) {list(missing)} of {self.ranks.world_size} did not reach the {phase!r} "
+            f"step within {self.timeout:g} s (this is rank {self.ranks.rank}"
+            + (", which arrived after the others gave up" if late else "")
+            + f"). Every rank must call shardsave.{self.op}(...), not only the main process: pass is_main_process "
+            f"to choose the writer, and timeout= to wait longer.",
+            missing,
+        )
+
+    def _wait(self, keys: list[str], seconds: float, phase: str) -> bool:
+        """Wait for `keys`; False on timeout. The store being unreachable raises `SaveError`."""
         try:
-            self._store.wait(keys, timedelta(seconds=self.timeout))
+            self._store.wait(keys, timedelta(seconds=seconds))
+            return True
         except (RuntimeError, dist.DistError) as exc:
-            present = {r: self._check(k) for r, k in zip(ranks, keys, strict=True)}
-            if None in present.values():
+            present = [self._check(k) for k in keys]
+            if None in present:
                 raise self._store_lost(phase, exc) from exc
-            missing = tuple(r for r, here in present.items() if not here)
-            if not missing:
-                raise
-            raise MissingRanksError(
-                f"shardsave.{self.op}: rank(s) {list(missing)} of {self.ranks.world_size} did not reach "
-                f"the {phase!r} step within {self.timeout:g} s (this is rank {self.ranks.rank}). Every rank "
-                f"must call shardsave.{self.op}(...), not only the main process: pass is_main_process to "
-                f"choose the writer, and timeout= to wait longer.",
-                missing,
-            ) from exc
-        try:
-            return {r: json.loads(self._store.get(k)) for r, k in zip(ranks, keys, strict=True)}
-        except (RuntimeError, dist.DistError) as exc:
-            raise self._store_lost(phase, exc) from exc
+            if all(present):
+                return True
+            return False
 
     def _check(self, key: str) -> bool | None:
         """Whether `key` is posted; None when the store cannot be reached."""
@@ -139,12 +151,170 @@ class Rendezvous:
         except (RuntimeError, dist.DistError):
             return None
 
-    def agree(self, phase: str, payload: dict) -> dict[int, dict]:
-        """Post `payload` and return every rank's, by rank."""
+    def _get(self, key: str, phase: str) -> dict:
+        try:
+            return json.loads(self._store.get(key))
+        except (RuntimeError, dist.DistError) as exc:
+            raise self._store_lost(phase, exc) from exc
+
+    def agree(
+        self,
+        phase: str,
+        payload: dict,
+        *,
+        own: BaseException | None = None,
+        decide: Callable[[dict[int, dict]], object] | None = None,
+    ) -> object:
+        """Every rank posts `payload` (with `own`, its error, if any); rank 0 runs `decide(statuses by rank)`
+        once every status is in and no rank failed; its result (JSON-able) is returned on every rank. Raises
+        on every rank: `own`; else `RemoteError` for another rank's error, `MissingRanksError` for absent
+        ranks, or the `ValueError` / `SaveError` that `decide` raised."""
+        status = status_of(own, **payload)
         if self._store is None:
-            return {self.ranks.rank: payload}
-        self.post(phase, payload)
-        return self.collect(phase, range(self.ranks.world_size))
+            raise_on_failure({self.ranks.rank: status}, own=own, ranks=self.ranks, op=self.op)
+            return decide({self.ranks.rank: status}) if decide else None
+        verdict_key = self._key(phase, "verdict")
+        if self.ranks.rank == 0:
+            verdict = self._decide(phase, status, decide)
+            self._set(verdict_key, verdict, phase)
+        else:
+            self._set(self._key(phase, self.ranks.rank), status, phase)
+            # rank 0 waits `timeout` for everyone, then posts: give it that long and a margin
+            if not self._wait([verdict_key], self.timeout + max(5.0, 0.1 * self.timeout), phase):
+                raise self._missing_error(phase, (0,))
+            verdict = self._get(verdict_key, phase)
+        if own is not None:
+            raise own
+        return _raise_verdict(verdict, self, phase)
+
+    def _decide(self, phase: str, own_status: dict, decide) -> dict:
+        others = range(1, self.ranks.world_size)
+        keys = [self._key(phase, r) for r in others]
+        if not self._wait(keys, self.timeout, phase):
+            missing = tuple(r for r, k in zip(others, keys, strict=True) if not self._check(k))
+            return {"ok": False, "kind": "missing", "missing": list(missing)}
+        try:
+            statuses = {0: own_status}
+            values = self._store.multi_get(keys)
+            statuses.update({r: json.loads(v) for r, v in zip(others, values, strict=True)})
+            for key in keys:
+                self._store.delete_key(key)
+        except (RuntimeError, dist.DistError) as exc:
+            raise self._store_lost(phase, exc) from exc
+        for rank, status in sorted(statuses.items()):
+            if not status.get("ok", False):
+                return {"ok": False, "kind": "remote", "rank": rank, "message": status.get("error")}
+        if decide is None:
+            return {"ok": True, "result": None}
+        try:
+            return {"ok": True, "result": decide(statuses)}
+        except (ValueError, SaveError) as exc:
+            return {"ok": False, "kind": "invalid" if isinstance(exc, ValueError) else "error", "message": str(exc)}
+
+    def post(self, phase: str, payload: dict) -> None:
+        """This rank's outcome of `phase`, for `wait_for` on the others."""
+        if self._store is not None:
+            self._set(self._key(phase, self.ranks.rank), payload, phase)
+
+    def wait_for(self, phase: str, rank: int, *, alive: Heartbeat | None = None) -> dict:
+        """`rank`'s post for `phase`. Without `alive`, within `timeout`; with it, as long as `rank` shows
+        signs of life (its heartbeat advances at least once per `timeout`), up to `alive.limit` seconds: a
+        slow but working writer is waited for, a stuck or dead one is not."""
+        key = self._key(phase, rank)
+        started = time.monotonic()
+        last = None
+        while not self._wait([key], self.timeout, phase):
+            if alive is None:
+                raise self._missing_error(phase, (rank,))
+            beat = alive.read(self._store)
+            waited = time.monotonic() - started
+            if beat is None or beat == last or waited >= alive.limit:
+                why = "gave no sign of life" if beat == last or beat is None else f"has not finished in {waited:.0f} s"
+                raise SaveError(
+                    f"shardsave.{self.op}: rank {rank} {why} during the {phase!r} step (this is rank "
+                    f"{self.ranks.rank}; waited {waited:.0f} s, timeout={self.timeout:g} s). It has probably "
+                    f"died or hangs (check its log); its half-written output, if any, is never published."
+                )
+            last = beat
+        return self._get(key, phase)
+
+    def heartbeat(self) -> Heartbeat:
+        """A heartbeat this rank keeps while it works on something the others wait for (`wait_for`)."""
+        return Heartbeat(self._store, self._key("beat", self.ranks.rank), self.timeout)
+
+    def forget_previous(self) -> None:
+        """Delete the keys this rank set in its previous call. Safe once this call's first agreement is
+        done: every rank has then left the previous call."""
+        global _previous_keys
+        if self._store is not None:
+            for key in _previous_keys:
+                try:
+                    self._store.delete_key(key)
+                except (RuntimeError, dist.DistError):
+                    break
+        _previous_keys = self._mine
+
+    def store_ops(self) -> int:
+        return len(self._mine)
+
+
+_previous_keys: list[str] = []
+
+
+class Heartbeat:
+    """A thread that bumps a counter in the store while the writer writes, on its own store client, so that
+    the others can tell a slow writer from a dead or stuck one. Used as a context manager."""
+
+    def __init__(self, store, key: str, timeout: float):
+        self.key = key
+        self.interval = max(min(timeout / 4, 30.0), 0.05)
+        self.limit = max(12 * timeout, 3600.0)  # even a live writer is not waited for longer than this
+        self._store = store
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self, store) -> int | None:
+        try:
+            return int(store.add(self.key, 0))
+        except (RuntimeError, dist.DistError):
+            return None
+
+    def __enter__(self) -> Heartbeat:
+        if self._store is not None:
+            clone = getattr(self._store, "clone", None)
+            client = clone() if clone is not None else self._store
+            self._thread = threading.Thread(target=self._run, args=(client,), name="shardsave-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self, client) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                client.add(self.key, 1)
+            except (RuntimeError, dist.DistError):
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _raise_verdict(verdict: dict, rdv: Rendezvous, phase: str) -> object:
+    if verdict.get("ok"):
+        return verdict.get("result")
+    kind = verdict.get("kind")
+    if kind == "missing":
+        raise rdv._missing_error(phase, tuple(verdict["missing"]))
+    if kind == "remote":
+        rank = verdict["rank"]
+        raise RemoteError(
+            f"shardsave.{rdv.op} failed on rank {rank} (this is rank {rdv.ranks.rank}): {verdict.get('message')}",
+            rank,
+        )
+    if kind == "invalid":
+        raise ValueError(verdict["message"])
+    raise SaveError(verdict.get("message", "unknown failure"))
 
 
 def status_of(exc: BaseException | None, **extra) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .collect import Collector, TensorInfo, collector_for
+from .collect import Collector, TensorInfo, TransferError, collector_for
 from .convert import (
     check_convertible,
     check_initial,
@@ -39,8 +39,8 @@ from .writer import (
     CONFIG_NAME,
     adapter_dir,
     check_destination,
+    check_path_argument,
     publish,
-    remove_stale,
     write_config,
     write_weights,
 )
@@ -51,17 +51,34 @@ __all__ = ["save_pretrained", "gather_state_dict", "start_save", "adapter_dir", 
 KeepSpec = Callable[[str, TensorInfo], bool] | Iterable[str] | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _SaveRequest:
-    """Everything a save decided before any tensor moved; identical on every rank."""
+    """Everything a save decided before any tensor moved. `choices` holds each adapter's plan for each
+    possible embeddings decision; the writer decides (`decided`: its destination and decisions, shared in
+    the agreement), so that only the writer reads the base model's config or the initial adapter and
+    resolves the destination path."""
 
     peft_model: object
     collector: Collector
-    plans: tuple[AdapterPlan, ...]
-    destination: Path
+    choices: dict[str, dict[bool, AdapterPlan]]
     safe: bool
     args: dict
-    initial: dict[str, torch.Tensor] | None = None  # PiSSA/CorDA/OLoRA initial adapter, by checkpoint key
+    decided: dict | None = None  # set on the main process while planning, on every rank by the agreement
+    initial: dict[str, torch.Tensor] | None = None  # PiSSA/CorDA/OLoRA initial adapter, by checkpoint key (writer)
+    transfer: object | None = None  # the writer's prepared gather
+
+    @property
+    def destination(self) -> Path:
+        return Path(self.decided["destination"])
+
+    @property
+    def plans(self) -> tuple[AdapterPlan, ...]:
+        embeddings = self.decided["embeddings"]
+        return tuple(options[embeddings[name]] for name, options in self.choices.items())
+
+    @property
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys(s for plan in self.plans for s in plan.sources))
 
 
 def _check_selected(peft_model, selected_adapters: Sequence[str] | None) -> list[str]:
@@ -93,27 +110,45 @@ def _check_selected(peft_model, selected_adapters: Sequence[str] | None) -> list
     return selected
 
 
-def _plan(peft_model, infos: dict[str, TensorInfo], selected: list[str], save_embedding_layers) -> list[AdapterPlan]:
+def _plan_choices(peft_model, infos: dict[str, TensorInfo], selected: list[str], value) -> dict:
+    """Each adapter's plan for each embeddings decision `value` allows ("auto": both, decided by the writer).
+    Pure apart from the module walk: no file is read here."""
     layout = build_layout(peft_model)
     names = list(infos)
-    plans = []
+    choices: dict[str, dict[bool, AdapterPlan]] = {}
     for name in selected:
         config = peft_model.peft_config[name]
-        save_embeddings, targeted = resolve_save_embedding_layers(
-            save_embedding_layers, config=config, peft_model=peft_model, candidates=layout.embedding_candidates
+        _, targeted = resolve_save_embedding_layers(
+            value if value != "auto" else True,
+            config=config,
+            peft_model=peft_model,
+            candidates=layout.embedding_candidates,
         )
-        plans.append(
-            select_adapter(
+        options = (True, False) if value == "auto" else (bool(value),)
+        choices[name] = {
+            option: select_adapter(
                 layout,
                 names,
                 name,
                 bias=getattr(config, "bias", "none"),
                 use_dora=bool(getattr(config, "use_dora", False)),
-                save_embeddings=save_embeddings,
+                save_embeddings=option,
                 embedding_targeted=targeted,
             )
-        )
-    return plans
+            for option in options
+        }
+    return choices
+
+
+def _decide_embeddings(peft_model, selected: list[str], value) -> dict[str, bool]:
+    """The writer's `save_embedding_layers` decision per adapter (reads the base model's config for "auto")."""
+    layout = build_layout(peft_model)
+    return {
+        name: resolve_save_embedding_layers(
+            value, config=peft_model.peft_config[name], peft_model=peft_model, candidates=layout.embedding_candidates
+        )[0]
+        for name in selected
+    }
 
 
 def _prepare_save(
@@ -125,35 +160,43 @@ def _prepare_save(
     save_embedding_layers,
     initial,
     ranks,
+    is_main: bool,
     allow_pickle: bool = False,
 ) -> _SaveRequest:
-    destination = check_destination(save_directory)
+    path = check_path_argument(save_directory)
+    if save_embedding_layers not in ("auto", True, False):
+        raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}.")
     peft_model = find_peft_model(model)
     selected = _check_selected(peft_model, selected_adapters)
     collector = collector_for(peel(model), ranks)
     infos = collector.infos()
-    plans = tuple(_plan(peft_model, infos, selected, save_embedding_layers))
-    _check_readable(collector, [s for plan in plans for s in plan.sources], ranks.rank)
-    initial_tensors = None
-    if initial is not None:
-        initial_tensors = _check_conversion(peft_model, plans, infos, initial, allow_pickle)
-    plan_digest = hashlib.sha256(
-        json.dumps(
-            [
-                [p.adapter_name, [[k, v, list(infos[v].shape), str(infos[v].dtype)] for k, v in p.entries.items()]]
-                for p in plans
-            ]
-        ).encode()
-    ).hexdigest()[:16]
+    choices = _plan_choices(peft_model, infos, selected, save_embedding_layers)
+    every_source = [s for options in choices.values() for plan in options.values() for s in plan.sources]
+    _check_readable(collector, every_source, ranks.rank)
+    structure = [[n, list(i.shape), str(i.dtype), i.requires_grad] for n, i in infos.items()]
+    # which rank holds which range of each tensor: every rank must derive the same, or the gather would mix
+    holders = {
+        n: [[p.rank, p.start, p.stop] for p in collector.slices(collector.primary(n)) or ()] for n in every_source
+    }
+    layout = [[[k, v] for k, v in plan.entries.items()] for options in choices.values() for plan in options.values()]
     args = {
-        "save_directory": str(destination),
+        "save_directory": path,
         "safe_serialization": bool(safe_serialization),
         "selected_adapters": selected,
         "save_embedding_layers": save_embedding_layers,
-        "plan": plan_digest,
-        "initial": None if initial is None else os.path.abspath(os.fspath(initial)),
+        "plan": hashlib.sha256(json.dumps([structure, layout, holders]).encode()).hexdigest()[:16],
+        "initial": None if initial is None else os.fspath(initial),
     }
-    return _SaveRequest(peft_model, collector, plans, destination, bool(safe_serialization), args, initial_tensors)
+    request = _SaveRequest(peft_model, collector, choices, bool(safe_serialization), args)
+    if is_main:  # the writer alone resolves the path, reads the base model's config and the initial adapter
+        request.decided = {
+            "destination": str(check_destination(save_directory)),
+            "embeddings": _decide_embeddings(peft_model, selected, save_embedding_layers),
+        }
+        if initial is not None:
+            request.initial = _check_conversion(peft_model, request.plans, infos, initial, allow_pickle)
+        request.transfer = collector.prepare_gather(request.sources, ranks.rank)
+    return request
 
 
 def _check_readable(collector: Collector, names: list[str], rank: int) -> None:
@@ -186,10 +229,17 @@ def _check_conversion(
 
 
 def start_save(rdv: Rendezvous, model, directory, *, is_main_process, **options) -> tuple[_SaveRequest, int]:
-    """Every rank plans the save (`_prepare_save` options) and all agree on it; returns the plan and the
-    writer rank (-1: a single process that is not the main process)."""
+    """Every rank plans the save (`_prepare_save` options) and all agree on it; returns the plan (with the
+    writer's decisions) and the writer rank (-1: a single process that is not the main process)."""
     ranks = rdv.ranks
-    return _agree(rdv, ranks, rdv.op, lambda: _prepare_save(model, directory, ranks=ranks, **options), is_main_process)
+
+    def prepare(is_main: bool) -> _SaveRequest:
+        return _prepare_save(model, directory, ranks=ranks, is_main=is_main, **options)
+
+    request, writer, decided = _agree(rdv, ranks, prepare, is_main_process)
+    if request.decided is None:
+        request.decided = decided
+    return request, writer
 
 
 def _agree_on_args(statuses: dict[int, dict]) -> None:
@@ -215,21 +265,30 @@ def _pick_writer(statuses: dict[int, dict]) -> int:
     return writers[0]
 
 
-def _agree(rdv: Rendezvous, ranks: Ranks, op: str, prepare: Callable[[], object], main: bool | None):
-    """Run `prepare` on every rank, agree on the outcome; return (result, writer rank)."""
+def _decide_start(statuses: dict[int, dict]) -> dict:
+    """Rank 0's verdict on the plans of all ranks: the same arguments and layout, exactly one writer, whose
+    decisions everyone follows."""
+    _agree_on_args(statuses)
+    writer = _pick_writer(statuses)
+    return {"writer": writer, "decided": statuses[writer].get("decided")}
+
+
+def _agree(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object], main: bool | None):
+    """Run `prepare(is_main)` on every rank, agree on the outcome; return (result, writer rank, the writer's
+    decisions)."""
+    is_main = (ranks.rank == 0) if main is None else bool(main)
     result, error = None, None
     try:
-        result = prepare()
+        result = prepare(is_main)
     except Exception as exc:  # shared with the other ranks below, then re-raised
         error = exc
-    is_main = (ranks.rank == 0) if main is None else bool(main)
-    extra = {"main": is_main, "args": getattr(result, "args", {})}
-    statuses = rdv.agree("start", status_of(error, **extra))
-    raise_on_failure(statuses, own=error, ranks=ranks, op=op)
-    if ranks.distributed:
-        _agree_on_args(statuses)
-        return result, _pick_writer(statuses)
-    return result, (ranks.rank if is_main else -1)
+    payload = {"main": is_main, "args": getattr(result, "args", {}), "decided": getattr(result, "decided", None)}
+    if not ranks.distributed:
+        rdv.agree("start", payload, own=error)
+        return result, (ranks.rank if is_main else -1), payload["decided"]
+    verdict = rdv.agree("start", payload, own=error, decide=_decide_start)
+    rdv.forget_previous()
+    return result, verdict["writer"], verdict["decided"]
 
 
 def _key_name(key) -> str:
@@ -386,56 +445,61 @@ def save_pretrained(
         allow_pickle=allow_pickle,
         is_main_process=is_main_process,
     )
-    sources = list(dict.fromkeys(s for plan in request.plans for s in plan.sources))
     if writer < 0:  # one process that is not the main process: PEFT writes nothing either
         return
-    tensors, error = _gather(request.collector, sources, writer, rdv)
-    if ranks.rank == writer:
+    if ranks.rank != writer:
+        error = _run_gather(request.collector.prepare_gather(request.sources, writer), writer, rdv)[1]
+        if error is not None:
+            raise error
+        # the writer may take long (a slow filesystem): waited for while its heartbeat goes on
+        outcome = rdv.wait_for("done", writer, alive=rdv.heartbeat())
+        raise_on_failure({writer: outcome}, own=None, ranks=ranks, op="save_pretrained")
+        return
+    with rdv.heartbeat():
+        tensors, error = _run_gather(request.transfer, writer, rdv)
         if error is None:
             try:
                 _write_adapters(request, tensors)
             except Exception as exc:
                 error = exc
-        if ranks.distributed:
-            rdv.post("done", status_of(error))
-        if error is not None:
-            raise error
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        logger.info(
-            "saved %d adapter(s), %d tensors, %.2f MiB to %s in %.2f s",
-            len(request.plans),
-            len(tensors),
-            nbytes / 2**20,
-            request.destination,
-            time.perf_counter() - started,
-            extra={"writer": True},
-        )
-    else:
-        if error is not None:
-            raise error
-        try:
-            statuses = rdv.collect("done", [writer])
-        except SaveError:
-            remove_stale(request.destination)  # the writer died: what it left half-built, if on this host
-            raise
-        raise_on_failure(statuses, own=None, ranks=ranks, op="save_pretrained")
+    if ranks.distributed:
+        rdv.post("done", status_of(error))
+    if error is not None:
+        raise error
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    logger.info(
+        "saved %d adapter(s), %d tensors, %.2f MiB to %s in %.2f s",
+        len(request.plans),
+        len(tensors),
+        nbytes / 2**20,
+        request.destination,
+        time.perf_counter() - started,
+        extra={"writer": True},
+    )
 
 
-def _gather(collector: Collector, names: list[str], writer: int, rdv: Rendezvous) -> tuple[dict, SaveError | None]:
-    """`collector.gather`, bounded by the save's timeout; a failure (a rank died or hung mid-gather) becomes a
-    `SaveError` that says so."""
+def _run_gather(transfer, writer: int, rdv: Rendezvous) -> tuple[dict, SaveError | None]:
+    """Run a prepared gather, bounded by the save's timeout. A failed or timed-out exchange becomes a
+    `SaveError` saying that a peer probably died or hangs; any other error is this rank's own and is
+    reported as such."""
     started = time.perf_counter()
     try:
-        return collector.gather(names, dst=writer, timeout=rdv.timeout), None
-    except Exception as exc:
+        return transfer.run(rdv.timeout), None
+    except TransferError as exc:
         error = SaveError(
             f"shardsave.{rdv.op}: moving the adapter's tensors to rank {writer} failed on rank {rdv.ranks.rank} "
-            f"after {time.perf_counter() - started:.1f} s (timeout={rdv.timeout:g} s): {type(exc).__name__}: {exc}. "
-            f"Another rank has probably died or stopped responding; nothing was written. Check the other ranks' "
-            f"logs."
+            f"after {time.perf_counter() - started:.1f} s (timeout={rdv.timeout:g} s): {exc}. Another rank has "
+            f"probably died or stopped responding; nothing was written. Check the other ranks' logs."
         )
-        error.__cause__ = exc
-        return {}, error
+        cause = exc
+    except Exception as exc:
+        error = SaveError(
+            f"shardsave.{rdv.op}: rank {rdv.ranks.rank} failed while moving the adapter's tensors to rank {writer}: "
+            f"{type(exc).__name__}: {exc}. Nothing was written."
+        )
+        cause = exc
+    error.__cause__ = cause
+    return {}, error
 
 
 def _keep_names(keep: KeepSpec, infos: dict[str, TensorInfo]) -> list[str]:
@@ -475,18 +539,23 @@ def gather_state_dict(
         collector: Collector
         names: list[str]
         args: dict
+        transfer: object | None
 
-    def prepare() -> _Gather:
+    def prepare(is_main: bool) -> _Gather:
         collector = collector_for(peel(model), ranks)
         names = _keep_names(keep, collector.infos())
         _check_readable(collector, names, ranks.rank)
         digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-        return _Gather(collector, names, {"names": digest})
+        transfer = collector.prepare_gather(names, ranks.rank) if is_main else None
+        return _Gather(collector, names, {"names": digest}, transfer)
 
-    request, writer = _agree(rdv, ranks, "gather_state_dict", prepare, is_main_process)
+    request, writer, _ = _agree(rdv, ranks, prepare, is_main_process)
     if writer < 0:
         return {}
-    tensors, error = _gather(request.collector, request.names, writer, rdv)
+    transfer = request.transfer if ranks.rank == writer else request.collector.prepare_gather(request.names, writer)
+    tensors, error = _run_gather(transfer, writer, rdv)
     if error is not None:
         raise error
-    return _to_host(tensors)
+    # always fresh tensors: what the writer held whole is copied, never handed out as a live alias
+    host = _to_host(tensors)
+    return {k: v.clone() if v is tensors[k] else v for k, v in host.items()}

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .log import logger
-from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
+from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .replicas import diverging, fingerprints
 from .save import _to_host, adapter_dir, render_text_files, start_save
 from .stream import TensorSpec, dtype_name, write_streaming
@@ -42,6 +42,9 @@ __all__ = ["FORMAT", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name", "save_shard
 
 FORMAT = "shardsave-shards/1"
 MANIFEST_NAME = "manifest.json"
+RUN_MARKER = (
+    ".shardsave-run"  # rank 0 writes the run id here first: a rank that cannot read it is on another filesystem
+)
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
 
 
@@ -159,10 +162,10 @@ def save_shards(
         initial=None,
         is_main_process=None,
     )
-    directory = request.destination
+    directory = request.destination  # rank 0's resolution of the path: every rank writes there
     names = [p.adapter_name for p in request.plans]
     if ranks.rank == 0:  # before anyone writes: no manifest may vouch for a set being rewritten
-        error, card, configs = None, "", {}
+        error, card, configs, run_id = None, "", {}, uuid.uuid4().hex
         try:
             # rank 0's texts go into every shard: set-valued config fields serialise in a per-process order
             card, configs = _texts(request.peft_model, names)
@@ -172,20 +175,20 @@ def save_shards(
                 if SHARD_PATTERN.match(stale.name):
                     stale.unlink()
             _remove_stale_parts(directory)
+            _atomic_write_text(directory / RUN_MARKER, run_id)
         except Exception as exc:
             error = exc
-        run_id = uuid.uuid4().hex
-        if ranks.distributed:
-            rdv.post("run", status_of(error, run_id=run_id, card=card, configs=configs))
+        rdv.post("run", status_of(error, run_id=run_id, card=card, configs=configs))
         if error is not None:
             raise error
     else:
-        run = rdv.collect("run", [0])
-        raise_on_failure(run, own=None, ranks=ranks, op="save_shards")
-        run_id, card, configs = run[0]["run_id"], run[0]["card"], run[0]["configs"]
+        run = rdv.wait_for("run", 0)
+        raise_on_failure({0: run}, own=None, ranks=ranks, op="save_shards")
+        run_id, card, configs = run["run_id"], run["card"], run["configs"]
 
     error, report = None, {}
     try:
+        _check_shared(directory, run_id, ranks.rank)
         entries, tensors, replicated = _local_runs(request, ranks)
         adapters = {p.adapter_name: {"config": configs[p.adapter_name], "keys": list(p.entries)} for p in request.plans}
         metadata = {
@@ -204,36 +207,37 @@ def save_shards(
     except Exception as exc:
         error = exc
 
-    if not ranks.distributed:
-        if error is not None:
-            raise error
-        statuses = {0: status_of(None, **report)}
-    else:
-        rdv.post("done", status_of(error, **report))
-        if ranks.rank != 0:
-            if error is not None:
-                raise error
-            outcome = rdv.collect("published", [0])
-            raise_on_failure(outcome, own=None, ranks=ranks, op="save_shards")
-            return directory
-        try:
-            statuses = rdv.collect("done", range(ranks.world_size))
-        except SaveError:
-            _remove_stale_parts(directory)  # a rank died mid-write: its part-written file, if on this host
-            raise
-
-    publish_error = None
-    try:
-        raise_on_failure(statuses, own=error, ranks=ranks, op="save_shards")
+    def write_manifest(statuses: dict[int, dict]) -> None:
+        """Rank 0, once every rank's file is written: the manifest that vouches for the set."""
         _check_replicas(statuses)
         files = [{"rank": r, **{k: s[k] for k in ("name", "size", "sha256")}} for r, s in sorted(statuses.items())]
         manifest = {"format": FORMAT, "run_id": run_id, "world_size": ranks.world_size, "files": files}
-        _atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2))
-    except Exception as exc:
-        publish_error = exc
-    if ranks.distributed:
-        rdv.post("published", status_of(publish_error))
-    if publish_error is not None:
-        raise publish_error
+        try:
+            _atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2))
+            (directory / RUN_MARKER).unlink(missing_ok=True)
+        except OSError as exc:
+            raise SaveError(f"shardsave.save_shards: writing {directory / MANIFEST_NAME} failed: {exc}") from exc
+
+    try:
+        rdv.agree("done", report, own=error, decide=write_manifest)
+    except MissingRanksError:
+        if ranks.rank == 0:
+            _remove_stale_parts(directory)  # a rank died mid-write: its part-written file, if provably dead
+        raise
     logger.info("wrote %d shard files to %s in %.2f s", ranks.world_size, directory, time.perf_counter() - started)
     return directory
+
+
+def _check_shared(directory: Path, run_id: str, rank: int) -> None:
+    """Every rank must see the directory rank 0 prepared: save_shards needs one filesystem shared by all."""
+    try:
+        seen = (directory / RUN_MARKER).read_text()
+    except OSError:
+        seen = None
+    if seen != run_id:
+        raise SaveError(
+            f"shardsave.save_shards: rank {rank} cannot see the files rank 0 prepared in {directory} "
+            f"({RUN_MARKER} {'is missing' if seen is None else 'belongs to another run'}). save_shards needs a "
+            f"directory on a filesystem shared by every rank (the same path on every node); use a shared "
+            f"filesystem, or shardsave.save_pretrained, which writes on one rank."
+        )

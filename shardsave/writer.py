@@ -35,6 +35,7 @@ __all__ = [
     "write_config",
     "publish",
     "check_destination",
+    "check_path_argument",
     "adapter_dir",
     "owner_tag",
     "is_stale",
@@ -171,10 +172,16 @@ def write_config(directory: Path, config, *, base_model_name_or_path: str | None
     return directory / CONFIG_NAME
 
 
-def check_destination(save_directory: str | os.PathLike) -> Path:
-    """The absolute destination, or `ValueError` if it cannot hold an adapter directory."""
+def check_path_argument(save_directory: str | os.PathLike) -> str:
+    """The path as given (not resolved: the writer resolves it on its own node), or `ValueError`."""
     if not isinstance(save_directory, (str, os.PathLike)) or not os.fspath(save_directory):
         raise ValueError(f"save_directory must be a non-empty path, got {save_directory!r}.")
+    return os.fsdecode(os.fspath(save_directory))
+
+
+def check_destination(save_directory: str | os.PathLike) -> Path:
+    """The absolute destination, or `ValueError` if it cannot hold an adapter directory."""
+    check_path_argument(save_directory)
     dest = Path(os.path.abspath(os.fspath(save_directory)))
     if dest.is_symlink():
         dest = dest.resolve()

@@ -7,8 +7,9 @@ from torch import nn
 from ..ranks import Ranks
 from .base import Collector, TensorInfo
 from .local import LocalCollector
+from .sharded import TransferError
 
-__all__ = ["Collector", "TensorInfo", "detect_backend", "collector_for"]
+__all__ = ["Collector", "TensorInfo", "TransferError", "detect_backend", "collector_for"]
 
 
 def detect_backend(root: nn.Module) -> str:

@@ -527,5 +527,45 @@ def trainer_callback(rank, world, out: Path, params):
     return {"checkpoints": sorted(p.name for p in (out / "run").glob("checkpoint-*"))}
 
 
+@scenario
+def zero3_group_save(rank, world, out: Path, params):
+    """ZeRO-3 with every parameter partitioned over a data-parallel group of `group` ranks (strided, as an inner
+    dimension leaves them), the other ranks holding copies: train (replicas see the same batches, so the copies
+    stay equal), save with shardsave; rank 0 writes PEFT's save of the natively gathered weights."""
+    import deepspeed
+    from backends import full_state
+    from peft import LoraConfig
+    from tiny import logits, peft_model
+
+    stride = world // params["group"]
+    groups = [dist.new_group(list(range(j, world, stride))) for j in range(stride)]
+    group = groups[rank % stride]
+    lora = LoraConfig(**params["lora"])
+    model = peft_model(lora)
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, **params.get("zero", {})}
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True, "zero_optimization": zero}
+    deepspeed.zero.Init(module=model, data_parallel_group=group, config_dict_or_path=config)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    gen = torch.Generator().manual_seed(100 + dist.get_rank(group))
+    engine.train()
+    for _ in range(2):
+        ids = torch.randint(1, 90, (2, 8), generator=gen)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    engine.eval()
+    shardsave.save_pretrained(engine, out / "ours")
+    torch_logits = logits(engine)
+    state = full_state(engine, "zero3")
+    if rank == 0:
+        reference = peft_model(lora)
+        _, unexpected = reference.load_state_dict(state, strict=False)
+        assert not unexpected, unexpected[:5]
+        reference.save_pretrained(str(out / "theirs"))
+        torch.save(torch_logits, out / "logits.pt")
+    weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    return {"partition_ranks": dist.get_process_group_ranks(weight.ds_process_group)}
+
+
 if __name__ == "__main__":
     main()

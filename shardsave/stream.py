@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,29 @@ def _copy_range(src: int, dst: int, offset: int, nbytes: int, digest) -> None:
         nbytes -= done
 
 
+class _Sources:
+    """Read descriptors of the files that ranges come from, at most `limit` open at once (the least recently
+    used is closed first): a merge reads from one file per rank, and a thousand ranks would exceed the usual
+    per-process limit of 1024 descriptors (EMFILE)."""
+
+    def __init__(self, limit: int = 32):
+        self._limit = limit
+        self._open: OrderedDict[Path, int] = OrderedDict()
+
+    def fd(self, path: Path) -> int:
+        fd = self._open.pop(path, None)
+        if fd is None:
+            if len(self._open) >= self._limit:
+                os.close(self._open.popitem(last=False)[1])
+            fd = os.open(path, os.O_RDONLY)
+        self._open[path] = fd
+        return fd
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1])
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAME_OF[dtype]
@@ -134,7 +158,7 @@ def write_streaming(
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
-    sources: dict[Path, int] = {}
+    sources = _Sources()
     with open(path, "wb", buffering=0) as f:
         try:
             _write(f, struct.pack("<Q", len(raw)) + raw, digest)
@@ -151,14 +175,11 @@ def write_streaming(
                     if sum(r.nbytes for r in produced) != spec.nbytes:
                         raise ValueError(f"{name}: {sum(r.nbytes for r in produced)} bytes given, expected {spec}")
                     for r in produced:
-                        if r.path not in sources:
-                            sources[r.path] = os.open(r.path, os.O_RDONLY)
-                        _copy_range(sources[r.path], f.fileno(), r.offset, r.nbytes, digest)
+                        _copy_range(sources.fd(r.path), f.fileno(), r.offset, r.nbytes, digest)
                 if on_tensor is not None:
                     on_tensor(name)
         finally:
-            for fd in sources.values():
-                os.close(fd)
+            sources.close()
 
 
 def _write(f, data, digest) -> None:

@@ -139,8 +139,10 @@ def outermost_fsdp(module: nn.Module) -> nn.Module:
     """The FSDP1 root that wraps `module`, when the caller passed the inner model (what
     `accelerator.unwrap_model` returns): the root's own flat parameter holds some of its tensors.
 
-    A module has no link to its wrapper, so the wrapper is found among the objects that refer to it; FSDP1
-    marks every module it manages (`_is_fsdp_managed_module`), so this search only runs when it must.
+    A module has no link to its wrapper (nothing reachable from an FSDP1-managed module leads back to its
+    `FullyShardedDataParallel`, before or after a forward), so the wrapper is found among the objects that
+    refer to it; FSDP1 marks every module it manages (`_is_fsdp_managed_module`), so this search only runs
+    when it must.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -157,14 +159,14 @@ def outermost_fsdp(module: nn.Module) -> nn.Module:
     return current
 
 
-_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the search costs ~50 ms in a big process
+_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a heap scan: 25-100 ms per 10^6 objects
+_WRAPPED = "_fsdp_wrapped_module"
 
 
 def _wrapper_of(module: nn.Module, fsdp_cls: type) -> nn.Module | None:
-    """The FSDP1 instance whose `_fsdp_wrapped_module` is `module`: module <- `_modules` dict <- instance
-    `__dict__` <- instance. Remembered per module."""
+    """The FSDP1 instance whose `_fsdp_wrapped_module` is `module`. Remembered per module."""
     cached = _WRAPPERS.get(module)
-    if cached is not None and cached._modules.get("_fsdp_wrapped_module") is module:
+    if cached is not None and cached._modules.get(_WRAPPED) is module:
         return cached
     found = _search_wrapper(module, fsdp_cls)
     if found is not None:
@@ -173,14 +175,20 @@ def _wrapper_of(module: nn.Module, fsdp_cls: type) -> nn.Module | None:
 
 
 def _search_wrapper(module: nn.Module, fsdp_cls: type) -> nn.Module | None:
-    frontier: list = [module]
-    for _ in range(3):
-        found = []
-        for obj in frontier:
-            for ref in gc.get_referrers(obj):
-                if isinstance(ref, fsdp_cls) and ref._modules.get("_fsdp_wrapped_module") is module:
-                    return ref
-                if isinstance(ref, dict):
-                    found.append(ref)
-        frontier = found[:64]
+    """Follow the references back: `module` <- the wrapper's `_modules` (under `_fsdp_wrapped_module`) <- the
+    wrapper's `__dict__` (under `_modules`) <- the wrapper. `gc.get_referrers` scans the whole heap, so each
+    link is one call for all its candidates, keeping only the dicts that hold the previous link under its
+    key: three scans at most, however many other objects refer to the model."""
+    held: list = [module]
+    for key in (_WRAPPED, "_modules", None):
+        referrers = gc.get_referrers(*held)
+        for ref in referrers:
+            if isinstance(ref, fsdp_cls) and ref._modules.get(_WRAPPED) is module:
+                return ref
+        if key is None:
+            return None
+        ids = {id(obj) for obj in held}
+        held = [ref for ref in referrers if isinstance(ref, dict) and id(ref.get(key)) in ids]
+        if not held:
+            return None
     return None

@@ -222,18 +222,21 @@ class Rendezvous:
         slow but working writer is waited for, a stuck or dead one is not."""
         key = self._key(phase, rank)
         started = time.monotonic()
-        last = None
+        last = alive.read(self._store) if alive is not None else None
         while not self._wait([key], self.timeout, phase):
             if alive is None:
                 raise self._missing_error(phase, (rank,))
             beat = alive.read(self._store)
+            if beat is None or beat == last:  # no beat for a whole timeout: dead or stuck
+                error = self._missing_error(phase, (rank,))
+                error.args = (f"{error.args[0]} Its heartbeat stopped: it has probably died or hangs (check its log).",)
+                raise error
             waited = time.monotonic() - started
-            if beat is None or beat == last or waited >= alive.limit:
-                why = "gave no sign of life" if beat == last or beat is None else f"has not finished in {waited:.0f} s"
+            if waited >= alive.limit:
                 raise SaveError(
-                    f"shardsave.{self.op}: rank {rank} {why} during the {phase!r} step (this is rank "
-                    f"{self.ranks.rank}; waited {waited:.0f} s, timeout={self.timeout:g} s). It has probably "
-                    f"died or hangs (check its log); its half-written output, if any, is never published."
+                    f"shardsave.{self.op}: rank {rank} is alive but has not finished the {phase!r} step in "
+                    f"{waited:.0f} s (this is rank {self.ranks.rank}; the limit is 12 x timeout, at least 1 h). Its "
+                    f"filesystem may hang; its half-written output, if any, is never published."
                 )
             last = beat
         return self._get(key, phase)

@@ -32,7 +32,7 @@ from .kernels import fill_segments
 from .layout import build_layout, find_peft_model, peel, resolve_save_embedding_layers
 from .log import logger
 from .names import check_adapter_name
-from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
+from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .select import AdapterPlan, select_adapter
 from .writer import (
     CARD_NAME,
@@ -41,6 +41,7 @@ from .writer import (
     check_destination,
     check_path_argument,
     publish,
+    remove_stale,
     write_config,
     write_weights,
 )
@@ -452,7 +453,11 @@ def save_pretrained(
         if error is not None:
             raise error
         # the writer may take long (a slow filesystem): waited for while its heartbeat goes on
-        outcome = rdv.wait_for("done", writer, alive=rdv.heartbeat())
+        try:
+            outcome = rdv.wait_for("done", writer, alive=rdv.heartbeat())
+        except MissingRanksError:
+            remove_stale(request.destination)  # only what a provably dead writer on this host left
+            raise
         raise_on_failure({writer: outcome}, own=None, ranks=ranks, op="save_pretrained")
         return
     with rdv.heartbeat():

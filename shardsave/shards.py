@@ -220,9 +220,11 @@ def save_shards(
 
     try:
         rdv.agree("done", report, own=error, decide=write_manifest)
-    except MissingRanksError:
+    except SaveError as exc:
         if ranks.rank == 0:
-            _remove_stale_parts(directory)  # a rank died mid-write: its part-written file, if provably dead
+            (directory / RUN_MARKER).unlink(missing_ok=True)
+            if isinstance(exc, MissingRanksError):
+                _remove_stale_parts(directory)  # a rank died mid-write: its part-written file, if provably dead
         raise
     logger.info("wrote %d shard files to %s in %.2f s", ranks.world_size, directory, time.perf_counter() - started)
     return directory

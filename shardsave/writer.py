@@ -168,11 +168,25 @@ def _fsync(path: Path | str) -> None:
         os.close(fd)
 
 
+def _with_open_mode(path: Path, write: Callable[[], None]) -> None:
+    """Run `write()`, then give `path` the mode a plain `open(path, "wb")` would have given it: the existing
+    file's, or the umask's default for a new one. safetensors >= 0.8 renames a mode-0600 temporary file into
+    place (safetensors#782), which would make the weights unreadable to the group whatever the umask says."""
+    try:
+        _new_file(path)  # the kernel applies the umask (and a default ACL) to it: no process-wide umask() call
+    except FileExistsError:
+        pass
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    write()
+    if stat.S_IMODE(os.stat(path).st_mode) != mode:
+        os.chmod(path, mode)
+
+
 def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], *, safe: bool) -> Path:
     """`adapter_model.safetensors` (with PEFT's `{"format": "pt"}` metadata) or `adapter_model.bin`."""
     if safe:
         path = directory / SAFETENSORS_NAME
-        save_file(_for_safetensors(tensors), str(path), metadata={"format": "pt"})
+        _with_open_mode(path, lambda: save_file(_for_safetensors(tensors), str(path), metadata={"format": "pt"}))
     else:
         path = directory / BIN_NAME
         # a view into a larger buffer would drag the whole buffer into the pickle

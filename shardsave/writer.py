@@ -123,15 +123,18 @@ def remove_stale(dest: Path) -> list[str]:
     directory, or the previous adapter it was swapping out); return their names. Only siblings are touched,
     never `dest`; and where `dest` is missing because the writer died between its two renames, the previous
     adapter it had moved aside is put back rather than removed."""
+    marks = (TMP_MARK, OLD_MARK)
     if not os.path.lexists(dest):
         aside = [e for e in _stale(dest.parent, _sibling_prefix(dest, OLD_MARK)) if e.is_dir(follow_symlinks=False)]
         if aside:
             latest = max(aside, key=lambda e: e.stat(follow_symlinks=False).st_mtime)
             try:
                 _rename_noreplace(Path(latest.path), dest)
-            except (FileExistsError, FileNotFoundError):
-                pass  # another process restored it, or published a new adapter, first
-    return remove_stale_in(dest.parent, _sibling_prefix(dest, TMP_MARK, OLD_MARK))
+            except OSError:  # another process put it back, or published, first
+                pass
+            if not os.path.lexists(dest):  # it could not be put back: it stays where it is
+                marks = (TMP_MARK,)
+    return remove_stale_in(dest.parent, _sibling_prefix(dest, *marks))
 
 
 def adapter_dir(root: Path, adapter_name: str) -> Path:

@@ -140,6 +140,19 @@ def test_stale_leftovers_of_a_dead_writer_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(names[2:])
 
 
+def test_previous_adapter_that_cannot_be_put_back_is_kept(tmp_path, monkeypatch):
+    aside = tmp_path / f".adapter{writer.OLD_MARK}{dead_writer().tag}0123abcd"
+    aside.mkdir()
+    (aside / "adapter_config.json").write_text("{}")
+
+    def refuse(a, b):
+        raise PermissionError(13, "Permission denied", str(a))
+
+    monkeypatch.setattr(writer, "_rename_noreplace", refuse)
+    assert writer.remove_stale(tmp_path / "adapter") == []
+    assert (aside / "adapter_config.json").read_text() == "{}"
+
+
 def test_previous_adapter_moved_aside_by_a_dead_writer_is_put_back(tmp_path):
     """A writer killed between its two renames left no destination and the previous adapter moved aside: the
     next cleanup puts it back (it is the only complete adapter) rather than removing it."""

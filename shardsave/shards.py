@@ -203,7 +203,7 @@ def save_shards(
         try:
             statuses = rdv.collect("done", range(ranks.world_size))
         except SaveError:
-            _remove_stale_parts(directory)  # a rank died mid-write: its part-written file, if on this host
+            _remove_stale_parts(directory)  # of a rank that provably died mid-write (this host and container)
             raise
 
     publish_error = None

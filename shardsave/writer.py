@@ -118,6 +118,13 @@ def _sibling_prefix(dest: Path, *marks: str) -> re.Pattern:
     return re.compile(rf"{re.escape(f'.{dest.name}')}(?:{'|'.join(re.escape(mark) for mark in marks)})")
 
 
+def _mtime(entry: os.DirEntry) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
+
+
 def remove_stale(dest: Path) -> list[str]:
     """Remove the hidden siblings of `dest` that a writer left when it was killed mid-publish (its half-built
     directory, or the previous adapter it was swapping out); return their names. Only siblings are touched,
@@ -127,7 +134,7 @@ def remove_stale(dest: Path) -> list[str]:
     if not os.path.lexists(dest):
         aside = [e for e in _stale(dest.parent, _sibling_prefix(dest, OLD_MARK)) if e.is_dir(follow_symlinks=False)]
         if aside:
-            latest = max(aside, key=lambda e: e.stat(follow_symlinks=False).st_mtime)
+            latest = max(aside, key=_mtime)
             try:
                 _rename_noreplace(Path(latest.path), dest)
             except OSError:  # another process put it back, or published, first

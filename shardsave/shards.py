@@ -26,7 +26,6 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_fai
 from .replicas import diverging, fingerprints
 from .save import _to_host, adapter_dir, render_text_files, start_save
 from .stream import TensorSpec, dtype_name, write_streaming
-from .writer import CARD_NAME, CONFIG_NAME, _fsync, owner_tag, remove_stale_in
+from .writer import CARD_NAME, CONFIG_NAME, atomic_file, remove_stale_in
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name", "save_shards", "sha256_of"]
 
@@ -64,27 +63,12 @@ _PART = re.compile(r"^\.(?:shard-\d{5}-of-\d{5}\.safetensors|manifest\.json)\.")
 
 
 def _remove_stale_parts(directory: Path) -> None:
-    """Remove the hidden part-written files (`.<name>.<owner>...`) that a killed rank on this host left."""
+    """Remove the hidden part-written files (`.<name>.<owner>...`) whose writing rank provably died."""
     remove_stale_in(directory, _PART)
 
 
-def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` into a hidden, owner-tagged sibling of `path`, fsync it and rename it over `path`; on any
-    failure the sibling is removed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_file(path, lambda tmp: tmp.write_text(text))
-    _fsync(path.parent)
+    atomic_file(path, lambda tmp: tmp.write_text(text))
 
 
 def _texts(peft_model, adapter_names: list[str]) -> tuple[str, dict[str, str]]:
@@ -200,7 +184,7 @@ def save_shards(
         host = _to_host(tensors)
         specs = {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in host.items()}
         # byte-identical to save_file, hashed as it is written rather than read back
-        _atomic_file(path, lambda tmp: write_streaming(tmp, specs, host.__getitem__, metadata=metadata, digest=digest))
+        atomic_file(path, lambda tmp: write_streaming(tmp, specs, host.__getitem__, metadata=metadata, digest=digest))
         report = {"name": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
         if ranks.distributed:
             report["replicas"] = fingerprints(replicated)

@@ -3,8 +3,10 @@
 Runs on the writing rank only and knows nothing of ranks or sharding. `publish` builds the new directory
 as a hidden sibling, fsyncs it, and swaps it into place (one atomic exchange on Linux), so readers see the
 old adapter or the new one, never a mix; files in an existing directory that are not part of the adapter
-are carried over by hard link. Hidden siblings carry their writer's pid and host, so that what a killed
-writer left behind is recognised and removed later (`remove_stale`).
+are carried over by hard link. Modes are those PEFT's own save gives: new directories and files get the
+process umask's defaults (the kernel applies it), and whatever the new adapter replaces keeps its mode, as
+a file overwritten in place would. Hidden siblings carry their writer's owner tag (`shardsave.owner`), so
+that what a writer that provably died left behind is removed later (`remove_stale`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,11 @@ from __future__ import annotations
 import copy
 import ctypes
 import errno
-import hashlib
 import os
 import re
 import shutil
-import socket
+import stat
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,19 +26,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .owner import Owner
+
 __all__ = [
     "SAFETENSORS_NAME",
     "BIN_NAME",
     "CONFIG_NAME",
     "CARD_NAME",
+    "TMP_MARK",
+    "OLD_MARK",
     "write_weights",
     "write_config",
     "publish",
+    "atomic_file",
     "check_destination",
     "check_path_argument",
     "adapter_dir",
-    "owner_tag",
-    "is_stale",
     "remove_stale",
     "remove_stale_in",
 ]
@@ -50,66 +53,96 @@ CARD_NAME = "README.md"
 _ADAPTER_FILES = frozenset({SAFETENSORS_NAME, BIN_NAME, CONFIG_NAME})
 TMP_MARK = ".shardsave-tmp-"
 OLD_MARK = ".shardsave-old-"
-_OWNER = re.compile(r"(\d+)-([0-9a-f]{8})-")
+_UNIQUE = re.compile(r"[0-9a-f]{8}")  # what follows the owner tag in a hidden name
 
 
-def _host_key() -> str:
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+def _hidden_name(parent: Path, prefix: str) -> Path:
+    """`parent/<prefix><owner tag><8 hex digits>`: unique to this process, and removable once it is gone."""
+    return parent / f"{prefix}{Owner.current().tag}{uuid.uuid4().hex[:8]}"
 
 
-def owner_tag() -> str:
-    """`<pid>-<host hash>-`: starts the name of everything this process writes before publishing it."""
-    return f"{os.getpid()}-{_host_key()}-"
+def _hidden(parent: Path, prefix: str, create: Callable[[Path], None]) -> Path:
+    """`create` a new hidden entry (see `_hidden_name`); return its path."""
+    while True:
+        path = _hidden_name(parent, prefix)
+        try:
+            create(path)
+            return path
+        except FileExistsError:
+            continue
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` still runs (a zombie, killed but not yet reaped by its parent, does not)."""
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+
+
+def _keep_mode(old: str | os.PathLike, new: str | os.PathLike) -> None:
+    """Give `new` the permission bits of `old` that it replaces, where both are files or both directories."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in (b"Z", b"X")
+        before, after = os.lstat(old), os.lstat(new)
+    except FileNotFoundError:
+        return
+    same_kind = stat.S_IFMT(before.st_mode) == stat.S_IFMT(after.st_mode)
+    if same_kind and not stat.S_ISLNK(before.st_mode) and stat.S_IMODE(before.st_mode) != stat.S_IMODE(after.st_mode):
+        os.chmod(new, stat.S_IMODE(before.st_mode))
 
 
-def is_stale(name: str, prefix: str) -> bool:
-    """`name` starts with `prefix` + an owner tag of a process on this host that no longer runs."""
-    if not name.startswith(prefix):
-        return False
-    match = _OWNER.match(name, len(prefix))
-    return bool(match) and match.group(2) == _host_key() and not _alive(int(match.group(1)))
-
-
-def remove_stale_in(directory: Path, prefix: re.Pattern) -> list[str]:
-    """Remove the entries of `directory` named `prefix` + the owner tag of a process on this host that no
-    longer runs (what a killed writer left); return their names. Live processes' and other hosts' are kept."""
-    removed = []
+def _stale(directory: Path, prefix: re.Pattern) -> list[os.DirEntry]:
+    """The entries of `directory` named `prefix` + an owner tag + 8 hex digits whose owner is provably gone."""
     try:
         entries = list(os.scandir(directory))
     except OSError:
-        return removed
+        return []
+    stale = []
     for entry in entries:
         match = prefix.match(entry.name)
-        if match and is_stale(entry.name, match.group(0)):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                Path(entry.path).unlink(missing_ok=True)
-            removed.append(entry.name)
+        owner = Owner.parse(entry.name, match.end()) if match else None
+        if owner and _UNIQUE.fullmatch(entry.name, owner[1]) and owner[0].gone():
+            stale.append(entry)
+    return stale
+
+
+def remove_stale_in(directory: Path, prefix: re.Pattern) -> list[str]:
+    """Remove the entries of `directory` named `prefix` + the owner tag of a process that provably no longer
+    runs (what a killed writer left); return their names. Live, unknown and foreign owners' are kept."""
+    removed = []
+    for entry in _stale(directory, prefix):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+        removed.append(entry.name)
     return removed
 
 
+def _sibling_prefix(dest: Path, *marks: str) -> re.Pattern:
+    return re.compile(rf"{re.escape(f'.{dest.name}')}(?:{'|'.join(re.escape(mark) for mark in marks)})")
+
+
+def _mtime(entry: os.DirEntry) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
+
+
 def remove_stale(dest: Path) -> list[str]:
-    """Remove the hidden siblings of `dest` that a writer on this host left when it was killed mid-publish
-    (its half-built directory, or the previous adapter it was swapping out); return their names."""
-    marks = "|".join(re.escape(mark) for mark in (TMP_MARK, OLD_MARK))
-    return remove_stale_in(dest.parent, re.compile(rf"{re.escape(f'.{dest.name}')}(?:{marks})"))
+    """Remove the hidden siblings of `dest` that a writer left when it was killed mid-publish (its half-built
+    directory, or the previous adapter it was swapping out); return their names. Only siblings are touched,
+    never `dest`; and where `dest` is missing because the writer died between its two renames, the previous
+    adapter it had moved aside is put back rather than removed."""
+    marks = (TMP_MARK, OLD_MARK)
+    if not os.path.lexists(dest):
+        aside = [e for e in _stale(dest.parent, _sibling_prefix(dest, OLD_MARK)) if e.is_dir(follow_symlinks=False)]
+        if aside:
+            latest = max(aside, key=_mtime)
+            try:
+                _rename_noreplace(Path(latest.path), dest)
+            except OSError:  # another process put it back, or published, first
+                pass
+            if not os.path.lexists(dest):  # it could not be put back: it stays where it is
+                marks = (TMP_MARK,)
+    return remove_stale_in(dest.parent, _sibling_prefix(dest, *marks))
 
 
 def adapter_dir(root: Path, adapter_name: str) -> Path:
@@ -146,11 +179,25 @@ def _fsync(path: Path | str) -> None:
         os.close(fd)
 
 
+def _with_open_mode(path: Path, write: Callable[[], None]) -> None:
+    """Run `write()`, then give `path` the mode a plain `open(path, "wb")` would have given it: the existing
+    file's, or the umask's default for a new one. safetensors >= 0.8 renames a mode-0600 temporary file into
+    place (safetensors#782), which would make the weights unreadable to the group whatever the umask says."""
+    try:
+        _new_file(path)  # the kernel applies the umask (and a default ACL) to it: no process-wide umask() call
+    except FileExistsError:
+        pass
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    write()
+    if stat.S_IMODE(os.stat(path).st_mode) != mode:
+        os.chmod(path, mode)
+
+
 def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], *, safe: bool) -> Path:
     """`adapter_model.safetensors` (with PEFT's `{"format": "pt"}` metadata) or `adapter_model.bin`."""
     if safe:
         path = directory / SAFETENSORS_NAME
-        save_file(_for_safetensors(tensors), str(path), metadata={"format": "pt"})
+        _with_open_mode(path, lambda: save_file(_for_safetensors(tensors), str(path), metadata={"format": "pt"}))
     else:
         path = directory / BIN_NAME
         # a view into a larger buffer would drag the whole buffer into the pickle
@@ -201,17 +248,20 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _carry_over(old: Path, new: Path) -> None:
-    """Bring into `new` what `old` holds and the new adapter does not replace."""
+    """Bring into `new` what `old` holds and the new adapter does not replace; what it replaces keeps its mode."""
     adapter_dir = (new / CONFIG_NAME).exists()
     for entry in os.scandir(old):
         target = new / entry.name
         if entry.is_dir(follow_symlinks=False):
             if target.is_dir() and not target.is_symlink():
                 _carry_over(Path(entry.path), target)
+                _keep_mode(entry.path, target)  # after filling it: the kept mode may lack write permission
             elif not os.path.lexists(target):
                 shutil.copytree(entry.path, target, symlinks=True, copy_function=_link_or_copy)
-        elif os.path.lexists(target) or (adapter_dir and entry.name in _ADAPTER_FILES):
-            continue  # replaced, or a stale weights file of the other format
+        elif os.path.lexists(target):
+            _keep_mode(entry.path, target)  # replaced
+        elif adapter_dir and entry.name in _ADAPTER_FILES:
+            continue  # a stale weights file of the other format
         else:
             _link_or_copy(entry.path, str(target))
 
@@ -233,9 +283,8 @@ def _cwd_inside(path: Path) -> bool:
     return cwd == path or path in cwd.parents
 
 
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
-    system or the filesystem cannot."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux `renameat2(a, b, flags)`; False where the system or the filesystem does not support `flags`."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -243,13 +292,27 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (`RENAME_EXCHANGE`); False where that is not supported."""
+    return _renameat2(a, b, 2)
+
+
+def _rename_noreplace(a: Path, b: Path) -> None:
+    """Rename `a` to `b` unless `b` exists (`FileExistsError`); atomic where `RENAME_NOREPLACE` is supported."""
+    if _renameat2(a, b, 1):
+        return
+    if os.path.lexists(b):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(b))
+    os.rename(a, b)
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
@@ -260,7 +323,7 @@ def _swap_in(tmp: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         return
     # two renames: a writer killed between them leaves no `dest` and the previous adapter in `old`
-    old = dest.parent / f".{dest.name}{OLD_MARK}{owner_tag()}{uuid.uuid4().hex[:8]}"
+    old = _hidden_name(dest.parent, f".{dest.name}{OLD_MARK}")
     os.rename(dest, old)
     try:
         os.rename(tmp, dest)
@@ -268,6 +331,22 @@ def _swap_in(tmp: Path, dest: Path) -> None:
         os.rename(old, dest)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_file(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a new hidden, owner-tagged sibling of `path`, fsync it and rename it over `path`, then
+    fsync the directory; on any failure the sibling is removed. The file gets the mode a plain `open` would
+    give it (the umask's default for a new file; an existing file's mode is kept)."""
+    tmp = _hidden(path.parent, f".{path.name}.", _new_file)
+    try:
+        write(tmp)
+        _keep_mode(path, tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
 
 
 def _replace_in_place(tmp: Path, dest: Path) -> None:
@@ -295,11 +374,13 @@ def publish(save_directory: str | os.PathLike, fill: Callable[[Path], None]) -> 
     dest = check_destination(save_directory)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}{TMP_MARK}{owner_tag()}", dir=dest.parent))
+    # not mkdtemp (mode 0700): the adapter's directory gets the mode PEFT's os.makedirs gives it
+    tmp = _hidden(dest.parent, f".{dest.name}{TMP_MARK}", lambda path: os.mkdir(path, 0o777))
     try:
         fill(tmp)
         if dest.is_dir():
             _carry_over(dest, tmp)
+            _keep_mode(dest, tmp)
         _fsync_tree(tmp)
         if dest.is_dir() and _cwd_inside(dest):
             _replace_in_place(tmp, dest)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from peft import LoraConfig
@@ -10,6 +13,7 @@ from tiny import assert_same_files, peft_model
 
 import shardsave
 from shardsave import writer
+from shardsave.owner import UNKNOWN_SPACE, Owner, space_key, space_parts
 
 QV = ["q_proj", "v_proj"]
 
@@ -104,24 +108,64 @@ def test_path_that_is_a_file(tmp_path):
     assert target.read_text() == "x"
 
 
+def dead_writer() -> Owner:
+    """The owner tag of a process that has exited (and been reaped)."""
+    code = "import os; print(os.getpid())"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    start = int(Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[19])
+    proc.wait()
+    return Owner(pid, start, Owner.current().space)
+
+
 def test_stale_leftovers_of_a_dead_writer_are_removed(tmp_path):
     """What a killed writer left (its hidden directory, or the previous adapter it was swapping out) is removed
-    by the next save; a live process's and another host's are not."""
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    host = writer.owner_tag().split("-")[1]
+    by the next save; a live process's, another container's, an earlier version's and a user's are not."""
+    dead, here = dead_writer(), Owner.current()
+    container = Owner(dead.pid, dead.start, space_key((*space_parts()[:2], "4:4026532000", space_parts()[3])))
     names = [
-        f".adapter{writer.TMP_MARK}{dead_pid}-{host}-abc",  # dead writer: removed
-        f".adapter{writer.OLD_MARK}{dead_pid}-{host}-def",  # dead writer: removed
-        f".adapter{writer.TMP_MARK}{os.getpid()}-{host}-ghi",  # alive (this process): kept
-        f".adapter{writer.TMP_MARK}{dead_pid}-00000000-jkl",  # another host: kept
-        f".other{writer.TMP_MARK}{dead_pid}-{host}-mno",  # another destination: kept
+        f".adapter{writer.TMP_MARK}{dead.tag}0123abcd",  # dead writer: removed
+        f".adapter{writer.OLD_MARK}{dead.tag}4567cdef",  # dead writer: removed
+        f".adapter{writer.TMP_MARK}{here.tag}89abcdef",  # alive (this process): kept
+        f".adapter{writer.TMP_MARK}{Owner(here.pid, here.start, UNKNOWN_SPACE).tag}01234567",  # unknown: kept
+        f".adapter{writer.TMP_MARK}{container.tag}89012345",  # another pid namespace (container): kept
+        f".adapter{writer.TMP_MARK}{dead.pid}-{'0' * 8}-abc12345",  # an earlier version's format: kept
+        f".adapter{writer.TMP_MARK}{dead.tag}my-backup",  # not a name shardsave makes: kept
+        f".other{writer.TMP_MARK}{dead.tag}abcdef01",  # another destination: kept
     ]
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text("{}")
     shardsave.save_pretrained(peft_model(LoraConfig(target_modules=QV)), tmp_path / "adapter")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(names[2:])
+
+
+def test_previous_adapter_that_cannot_be_put_back_is_kept(tmp_path, monkeypatch):
+    aside = tmp_path / f".adapter{writer.OLD_MARK}{dead_writer().tag}0123abcd"
+    aside.mkdir()
+    (aside / "adapter_config.json").write_text("{}")
+
+    def refuse(a, b):
+        raise PermissionError(13, "Permission denied", str(a))
+
+    monkeypatch.setattr(writer, "_rename_noreplace", refuse)
+    assert writer.remove_stale(tmp_path / "adapter") == []
+    assert (aside / "adapter_config.json").read_text() == "{}"
+
+
+def test_previous_adapter_moved_aside_by_a_dead_writer_is_put_back(tmp_path):
+    """A writer killed between its two renames left no destination and the previous adapter moved aside: the
+    next cleanup puts it back (it is the only complete adapter) rather than removing it."""
+    model = peft_model(LoraConfig(target_modules=QV))
+    dest = tmp_path / "adapter"
+    model.save_pretrained(str(dest))
+    (dest / "trainer_state.json").write_text("{}")
+    before = snapshot(dest)
+    aside = tmp_path / f".adapter{writer.OLD_MARK}{dead_writer().tag}0123abcd"
+    dest.rename(aside)
+    assert writer.remove_stale(dest) == []
+    assert snapshot(dest) == before and leftovers(tmp_path) == []
+
+    dest.rename(aside)  # and a save in that state keeps the other files of the directory
+    shardsave.save_pretrained(peft_model(LoraConfig(target_modules=QV), seed=3), dest)
+    assert (dest / "trainer_state.json").read_text() == "{}" and leftovers(tmp_path) == []

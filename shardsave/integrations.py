@@ -137,11 +137,15 @@ def trainer_checkpoint_dir(args, state) -> Path:
     found = next((p for p in candidates if p.is_dir()), None)
     if found is None:
         where = candidates[0] if candidates else root / "<run>" / name
+        hint = (
+            "pass hp_name= to trainer.hyperparameter_search(...) so that callbacks know the run directory"
+            if state.is_hyper_param_search
+            else "call on_save only after Trainer saved that checkpoint, with Trainer's own args"
+        )
         raise FileNotFoundError(
             errno.ENOENT,
             f"ShardSaveCallback: Trainer's checkpoint for step {state.global_step} was not found at {where}, so "
-            f"its adapter was not replaced (nothing is written elsewhere). Under a hyperparameter search pass "
-            f"hp_name= to trainer.hyperparameter_search(...) so that callbacks know the run directory",
+            f"its adapter was not replaced (nothing is written elsewhere); {hint}",
             str(where),
         )
     return found
@@ -165,7 +169,7 @@ def agreed_checkpoint_dir(args, state, *, timeout: float | None = None) -> Path:
         path, error = None, None
         try:
             path = trainer_checkpoint_dir(args, state)
-        except FileNotFoundError as exc:
+        except Exception as exc:  # shared with the other ranks below, then re-raised
             error = exc
         if ranks.distributed:
             rdv.post("checkpoint", status_of(error, path=str(path)))

@@ -5,14 +5,28 @@ transformers comes with PEFT; accelerate stays optional (the helper only uses th
 
 from __future__ import annotations
 
+import errno
+import json
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .log import logger
+from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
 from .save import save_pretrained
 from .shards import save_shards
 
-__all__ = ["ShardSaveCallback", "save_with_accelerator", "main_process_of"]
+__all__ = [
+    "ShardSaveCallback",
+    "save_with_accelerator",
+    "main_process_of",
+    "trainer_writer",
+    "trainer_checkpoint_dir",
+    "agreed_checkpoint_dir",
+]
+
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME (that module is heavy to import)
 
 
 def main_process_of(accelerator) -> bool | None:
@@ -35,22 +49,133 @@ class ShardSaveCallback(TrainerCallback):
     """Writes a correct adapter into every `checkpoint-N/` that Trainer saves.
 
     Under FSDP or ZeRO-3, Trainer's own save of a PEFT model writes an empty or full-model adapter, or gathers
-    the whole model to write it. This callback runs on every rank after Trainer's save and replaces the adapter
-    files in the checkpoint (atomically; optimizer and trainer state are kept) with what
-    `PeftModel.save_pretrained` writes for the same weights, moving only the adapter. With `shards=True` each
-    rank writes its shard into `checkpoint-N/adapter_shards/` instead (`python -m shardsave.merge` later).
+    the whole model to write it. This callback runs on every rank after Trainer's save (`on_save`) and replaces
+    the adapter's files in the checkpoint Trainer just wrote (`trainer_checkpoint_dir`) with what
+    `PeftModel.save_pretrained` writes for the same weights, moving only the adapter. Each file is replaced
+    atomically; optimizer, scheduler, RNG and DeepSpeed files are not touched. The writer follows Trainer's
+    rule (`trainer_writer`). With `shards=True` each rank writes its shard into `checkpoint-N/adapter_shards/`
+    instead (`python -m shardsave.merge` later).
+
+    `push_to_hub=True`: Trainer pushes inside its save, before any callback's `on_save`, so what it uploads
+    (the output directory's copy and, with `hub_strategy="checkpoint"` or `"all_checkpoints"`, the checkpoint
+    folder, in the background) holds Trainer's own adapter, and the upload may see the callback's files arrive
+    (each whole) and its hidden temporary folder. Set `push_to_hub=False` and upload a checkpoint after this
+    callback (e.g. `huggingface_hub.upload_folder` from the main process in a callback listed after this one),
+    or once training ends.
     """
 
     def __init__(self, *, shards: bool = False, timeout: float | None = None, **save_kwargs):
         self.shards = shards
         self.timeout = timeout
         self.save_kwargs = save_kwargs
+        self._warned: set[str] = set()
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self._warn_once(args)
+        checkpoint = agreed_checkpoint_dir(args, state, timeout=self.timeout)
         if self.shards:
             options = {k: v for k, v in self.save_kwargs.items() if k in ("selected_adapters", "save_embedding_layers")}
             save_shards(model, checkpoint / "adapter_shards", timeout=self.timeout, **options)
         else:
-            save_pretrained(model, checkpoint, timeout=self.timeout, **self.save_kwargs)
+            options = {"is_main_process": trainer_writer(args), "replace_files_only": True, **self.save_kwargs}
+            save_pretrained(model, checkpoint, timeout=self.timeout, **options)
         return control
+
+    def _warn_once(self, args) -> None:
+        if getattr(args, "push_to_hub", False) and "push" not in self._warned:
+            self._warned.add("push")
+            logger.warning(
+                "ShardSaveCallback: push_to_hub=True uploads Trainer's own adapter, pushed before callbacks run; "
+                "set push_to_hub=False and upload the checkpoint after this callback (see its docstring)."
+            )
+        if getattr(args, "save_on_each_node", False) and not self.shards and "node" not in self._warned:
+            self._warned.add("node")
+            logger.warning(
+                "ShardSaveCallback: save_on_each_node=True, but the adapter is written once, by the global main "
+                "process; on other nodes' own disks the checkpoint keeps Trainer's adapter. Use a shared "
+                "output_dir, or ShardSaveCallback(shards=True)."
+            )
+
+
+def trainer_writer(args) -> bool | None:
+    """Trainer's choice of writer (`args.should_save`) as `is_main_process`.
+
+    None (rank 0 writes) where Trainer counts a different number of processes than torch.distributed (DeepSpeed
+    on CPU). With `save_on_each_node` Trainer writes once per node, but a save has a single writer: the global
+    main process (`args.process_index == 0`) writes.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if getattr(args, "world_size", world) != world:
+        return None
+    if getattr(args, "save_on_each_node", False):
+        return args.process_index == 0
+    return bool(args.should_save)
+
+
+def trainer_checkpoint_dir(args, state) -> Path:
+    """The `checkpoint-{global_step}` folder Trainer has just written, found as Trainer names it.
+
+    Under a hyperparameter search Trainer saves into `output_dir/<run name>/`; the run name reaches callbacks
+    only when the search was given `hp_name` (`state.trial_name`). Otherwise the folder is the newest
+    `output_dir/*/checkpoint-{global_step}` whose `trainer_state.json` records this trial's parameters.
+    Raises `FileNotFoundError` when no such folder exists, rather than writing anywhere else.
+    """
+    root = Path(args.output_dir)
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    if state.trial_name:
+        candidates = [root / state.trial_name / name]
+    elif state.is_hyper_param_search:
+        candidates = sorted(
+            (p for p in root.glob(f"*/{name}") if _same_trial(p, state.trial_params)),
+            key=lambda p: (p / TRAINER_STATE_NAME).stat().st_mtime_ns,
+            reverse=True,
+        )
+    else:
+        candidates = [root / name]
+    found = next((p for p in candidates if p.is_dir()), None)
+    if found is None:
+        where = candidates[0] if candidates else root / "<run>" / name
+        hint = (
+            "pass hp_name= to trainer.hyperparameter_search(...) so that callbacks know the run directory"
+            if state.is_hyper_param_search
+            else "call on_save only after Trainer saved that checkpoint, with Trainer's own args"
+        )
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"ShardSaveCallback: Trainer's checkpoint for step {state.global_step} was not found at {where}, so "
+            f"its adapter was not replaced (nothing is written elsewhere); {hint}",
+            str(where),
+        )
+    return found
+
+
+def _same_trial(checkpoint: Path, trial_params) -> bool:
+    try:
+        saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return saved.get("trial_params") == json.loads(json.dumps(trial_params))
+
+
+def agreed_checkpoint_dir(args, state, *, timeout: float | None = None) -> Path:
+    """`trainer_checkpoint_dir` as rank 0 finds it (it wrote the checkpoint), shared with every rank through
+    the store, so that all ranks save to the same folder or all raise its error; other ranks need not see
+    the folder (a node-local output_dir)."""
+    ranks = Ranks.current()
+    rdv = Rendezvous(ranks, op="ShardSaveCallback", timeout=resolve_timeout(timeout))
+    if ranks.rank == 0:
+        path, error = None, None
+        try:
+            path = trainer_checkpoint_dir(args, state)
+        except Exception as exc:  # shared with the other ranks below, then re-raised
+            error = exc
+        if ranks.distributed:
+            rdv.post("checkpoint", status_of(error, path=str(path)))
+        if error is not None:
+            raise error
+        return path
+    status = rdv.wait_for("checkpoint", 0)
+    raise_on_failure({0: status}, own=None, ranks=ranks, op="ShardSaveCallback")
+    return Path(status["path"])

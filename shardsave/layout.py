@@ -25,10 +25,12 @@ __all__ = [
     "find_peft_model",
     "build_layout",
     "resolve_save_embedding_layers",
+    "base_config_file",
 ]
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # what PEFT treats as embedding layers
 ALL_LINEAR = "all-linear"
+CONFIG_FILE = "config.json"  # a transformers model's config, as PEFT looks it up
 _NOT_ADAPTER_STATE = ("base_layer", "model")  # the wrapped module of a tuner layer / tuner model
 
 
@@ -225,9 +227,11 @@ def embedding_is_targeted(target_modules, candidates: tuple[str, ...]) -> bool:
 def resolve_save_embedding_layers(value, *, config, peft_model, candidates: tuple[str, ...]) -> tuple[bool, bool]:
     """`(save_embeddings, embedding_targeted)` for one adapter, deciding `"auto"` as PEFT does.
 
-    PEFT's vocab-size check may ask the Hub whether the base model has a `config.json`; shardsave never
-    leaves the machine: a base model that is not a local directory is treated as PEFT treats it offline
-    (a warning, and the vocabulary assumed unchanged).
+    PEFT's vocab-size check compares with the base model's `config.json`, asking the Hub for it when the base
+    is a Hub id. shardsave never leaves the machine: it reads that file from a local directory or from the
+    local Hugging Face cache (`base_config_file`), which gives PEFT's answer with the Hub reachable whenever
+    the base model was loaded on this machine. A config found in neither is treated as PEFT treats it
+    offline: a warning, and the vocabulary assumed unchanged.
     """
     if value not in ("auto", True, False):
         raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {value!r}.")
@@ -248,16 +252,45 @@ def resolve_save_embedding_layers(value, *, config, peft_model, candidates: tupl
     model_id = getattr(config, "base_model_name_or_path", None)
     if not model_id:
         return False, targeted
-    if not os.path.exists(os.path.join(model_id, "config.json")):
+    found = base_config_file(model_id, revision=getattr(config, "revision", None))
+    if found is None:
         warnings.warn(
             f"Could not find a config file in {model_id} - will assume that the vocabulary was not modified.",
             stacklevel=3,
         )
         return False, targeted
-    if vocab_size and vocab_size != type(model_config).from_pretrained(model_id).vocab_size:
+    if not found:  # the cache records that the repository has no config.json: PEFT, online, finds none either
+        return False, targeted
+    if vocab_size and vocab_size != type(model_config).from_pretrained(os.path.dirname(found)).vocab_size:
         warnings.warn(
             "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.",
             stacklevel=3,
         )
         return True, targeted
     return False, targeted
+
+
+def base_config_file(model_id: str, *, revision: str | None = None) -> str | bool | None:
+    """The base model's `config.json` without touching the network: in the directory `model_id`, else in the
+    local Hugging Face cache (huggingface_hub's, so `HF_HUB_CACHE` / `HF_HOME` as it read them) for the Hub
+    id `model_id` at `main` (the revision PEFT reads), then at `revision` (the adapter config's, if any).
+
+    Returns the file's path; False when the cache records that the repository has no such file; None when
+    it is not on this machine (or `model_id` is neither a directory nor a valid Hub id).
+    """
+    local = os.path.join(model_id, CONFIG_FILE)
+    if os.path.exists(local):
+        return local
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    for rev in dict.fromkeys(r for r in ("main", revision) if r):
+        try:
+            found = try_to_load_from_cache(model_id, CONFIG_FILE, revision=rev)
+        except HFValidationError:  # a missing local path, not a Hub id: PEFT's Hub check fails the same way
+            return None
+        if isinstance(found, str):
+            return found
+        if found is not None:  # huggingface_hub's marker for a file known not to exist
+            return False
+    return None

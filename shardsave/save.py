@@ -42,6 +42,7 @@ from .writer import (
     check_path_argument,
     publish,
     remove_stale,
+    replace_adapter_files,
     write_config,
     write_weights,
 )
@@ -386,7 +387,9 @@ def render_text_files(peft_model, adapter_names: Sequence[str], root: Path) -> N
         )
 
 
-def _write_adapters(request: _SaveRequest, tensors: dict[str, torch.Tensor]) -> None:
+def _write_adapters(
+    request: _SaveRequest, tensors: dict[str, torch.Tensor], *, replace_files_only: bool = False
+) -> None:
     """Convert if asked, bring to the host in one copy, publish. `tensors`: full tensors by source name."""
     by_key = {(p.adapter_name, key): tensors[src] for p in request.plans for key, src in p.entries.items()}
     host = _to_host(by_key, request.initial)
@@ -403,7 +406,7 @@ def _write_adapters(request: _SaveRequest, tensors: dict[str, torch.Tensor]) -> 
                 rewrite_config_file(out / CONFIG_NAME)
 
     try:
-        publish(request.destination, fill)
+        (replace_adapter_files if replace_files_only else publish)(request.destination, fill)
     except OSError as exc:
         raise SaveError(
             f"shardsave.save_pretrained: writing the adapter to {request.destination} failed: {type(exc).__name__}: "
@@ -423,6 +426,7 @@ def save_pretrained(
     path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     timeout: float | None = None,
+    replace_files_only: bool = False,
 ) -> None:
     """Save a PEFT model's adapters exactly as `PeftModel.save_pretrained` would, from any rank layout.
 
@@ -431,6 +435,8 @@ def save_pretrained(
     default rank 0), which publishes the directory atomically. Every rank returns once the adapter is on
     disk, or raises if any rank failed or did not arrive within `timeout` seconds (default 300). An initial
     adapter saved as `adapter_model.bin` is only read with `allow_pickle=True` (then weights-only).
+    `replace_files_only=True` replaces just the adapter's files, each atomically, in an existing directory
+    that holds much else (a Trainer checkpoint) instead of republishing the whole directory.
     """
     ranks = Ranks.current()
     started = time.perf_counter()
@@ -464,7 +470,7 @@ def save_pretrained(
         tensors, error = _run_gather(request.transfer, writer, rdv)
         if error is None:
             try:
-                _write_adapters(request, tensors)
+                _write_adapters(request, tensors, replace_files_only=replace_files_only)
             except Exception as exc:
                 error = exc
     if ranks.distributed:

@@ -39,6 +39,7 @@ __all__ = [
     "write_config",
     "publish",
     "atomic_file",
+    "replace_adapter_files",
     "check_destination",
     "check_path_argument",
     "adapter_dir",
@@ -395,4 +396,39 @@ def publish(save_directory: str | os.PathLike, fill: Callable[[Path], None]) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return dest
+
+
+def replace_adapter_files(directory: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Replace, inside the existing directory `directory`, the files that `fill(tmp)` writes into `tmp`, each
+    atomically; nothing else in `directory` is linked, copied, fsynced or otherwise touched.
+
+    For directories that hold much more than the adapter (a Trainer checkpoint's optimizer and DeepSpeed
+    shards), which `publish` would carry over whole. `fill` gets an empty hidden directory inside `directory`
+    (same filesystem). Its files are fsynced, then renamed over their namesakes, weights last; a weights file of
+    the other format beside a new one is removed. An error in `fill` leaves `directory` as it was. A reader
+    sees each file old or new, never torn, but may see the new config beside the old weights for a moment:
+    use `publish` where the adapter must change as a whole.
+    """
+    dest = check_destination(directory)
+    if not dest.is_dir():
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"Cannot replace the adapter files in {dest}: it is not an existing directory. Create it first, or "
+            f"publish a new adapter directory there instead",
+            str(dest),
+        )
+    remove_stale_in(dest, re.compile(re.escape(TMP_MARK)))
+    tmp = _hidden(dest, TMP_MARK, lambda path: os.mkdir(path, 0o777))
+    try:
+        fill(tmp)
+        written = [Path(d) / f for d, _, fs in os.walk(tmp) for f in fs]
+        for path in written:
+            _fsync(path)
+        folders = {dest} | {dest / path.parent.relative_to(tmp) for path in written}
+        _replace_in_place(tmp, dest)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # the renames, made durable
+            _fsync(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest

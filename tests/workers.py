@@ -565,6 +565,19 @@ def zero3_group_save(rank, world, out: Path, params):
         torch.save(torch_logits, out / "logits.pt")
     weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
     return {"partition_ranks": dist.get_process_group_ranks(weight.ds_process_group)}
+def callback_without_checkpoint(rank, world, out: Path, params):
+    """ShardSaveCallback.on_save where Trainer's checkpoint folder is missing: every rank refuses at once."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from shardsave.integrations import ShardSaveCallback
+
+    args = TrainingArguments(output_dir=str(out / "run"), use_cpu=True, report_to=[])
+    model = lora_model(params)
+    started = time.perf_counter()
+    try:
+        ShardSaveCallback(timeout=60).on_save(args, TrainerState(global_step=3), TrainerControl(), model=model)
+    finally:
+        (out / f"elapsed-{rank}").write_text(str(time.perf_counter() - started))
 
 
 if __name__ == "__main__":

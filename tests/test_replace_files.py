@@ -14,6 +14,7 @@ from tiny import assert_same_files, peft_model
 
 import shardsave
 from shardsave import writer
+from shardsave.owner import owner_tag
 
 QV = ["q_proj", "v_proj"]
 OTHERS = ["optimizer.pt", "trainer_state.json", "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt"]
@@ -90,9 +91,9 @@ def test_missing_directory_is_refused(tmp_path):
 
 def test_stale_temporary_of_a_dead_writer_is_removed(tmp_path):
     root = checkpoint(tmp_path / "checkpoint-3")
-    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
-    host = writer.owner_tag().split("-")[1]
-    stale, alive = f"{writer.TMP_MARK}{dead_pid}-{host}-abc", f"{writer.TMP_MARK}{os.getpid()}-{host}-def"
+    code = "from shardsave.owner import owner_tag; print(owner_tag())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+    stale, alive = f"{writer.TMP_MARK}{dead}0123abcd", f"{writer.TMP_MARK}{owner_tag()}4567cdef"
     for name in (stale, alive):
         (root / name).mkdir()
     writer.replace_adapter_files(root, fill_new)

@@ -565,6 +565,8 @@ def zero3_group_save(rank, world, out: Path, params):
         torch.save(torch_logits, out / "logits.pt")
     weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
     return {"partition_ranks": dist.get_process_group_ranks(weight.ds_process_group)}
+
+
 def callback_without_checkpoint(rank, world, out: Path, params):
     """ShardSaveCallback.on_save where Trainer's checkpoint folder is missing: every rank refuses at once."""
     from transformers import TrainerControl, TrainerState, TrainingArguments

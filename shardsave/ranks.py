@@ -216,23 +216,24 @@ class Rendezvous:
         if self._store is not None:
             self._set(self._key(phase, self.ranks.rank), payload, phase)
 
-    def wait_for(self, phase: str, rank: int, *, alive: Heartbeat | None = None) -> dict:
-        """`rank`'s post for `phase`. Without `alive`, within `timeout`; with it, as long as `rank` shows
-        signs of life (its heartbeat advances at least once per `timeout`), up to `alive.limit` seconds: a
-        slow but working writer is waited for, a stuck or dead one is not."""
+    def wait_for(self, phase: str, rank: int, *, heartbeat: bool = False) -> dict:
+        """`rank`'s post for `phase`. Without `heartbeat`, within `timeout`; with it, as long as `rank` shows
+        signs of life (its `heartbeat()` advances at least once per `timeout`), up to `patience(timeout)`
+        seconds: a slow but working writer is waited for, a dead or stuck one is not."""
         key = self._key(phase, rank)
+        beat_key = self._key("beat", rank)
         started = time.monotonic()
-        last = alive.read(self._store) if alive is not None else None
+        last = _read_beat(self._store, beat_key) if heartbeat else None
         while not self._wait([key], self.timeout, phase):
-            if alive is None:
+            if not heartbeat:
                 raise self._missing_error(phase, (rank,))
-            beat = alive.read(self._store)
+            beat = _read_beat(self._store, beat_key)
             if beat is None or beat == last:  # no beat for a whole timeout: dead or stuck
                 error = self._missing_error(phase, (rank,))
                 error.args = (f"{error.args[0]} Its heartbeat stopped: it has probably died or hangs (check its log).",)
                 raise error
             waited = time.monotonic() - started
-            if waited >= alive.limit:
+            if waited >= patience(self.timeout):
                 raise SaveError(
                     f"shardsave.{self.op}: rank {rank} is alive but has not finished the {phase!r} step in "
                     f"{waited:.0f} s (this is rank {self.ranks.rank}; the limit is 12 x timeout, at least 1 h). Its "
@@ -243,25 +244,23 @@ class Rendezvous:
 
     def heartbeat(self) -> Heartbeat:
         """A heartbeat this rank keeps while it works on something the others wait for (`wait_for`)."""
-        return Heartbeat(self._store, self._key("beat", self.ranks.rank), self.timeout)
+        key = self._key("beat", self.ranks.rank)
+        self._mine.append(key)
+        return Heartbeat(self._store, key, self.timeout)
 
     def forget_previous(self) -> None:
         """Delete the keys this rank set in its previous call. Safe once this call's first agreement is
         done: every rank has then left the previous call."""
-        global _previous_keys
         if self._store is not None:
-            for key in _previous_keys:
+            for key in _previous_keys.get(self.ranks.rank, ()):
                 try:
                     self._store.delete_key(key)
                 except (RuntimeError, dist.DistError):
                     break
-        _previous_keys = self._mine
-
-    def store_ops(self) -> int:
-        return len(self._mine)
+        _previous_keys[self.ranks.rank] = self._mine
 
 
-_previous_keys: list[str] = []
+_previous_keys: dict[int, list[str]] = {}  # by rank: one entry per process, or per simulated rank
 
 
 class Heartbeat:
@@ -271,16 +270,9 @@ class Heartbeat:
     def __init__(self, store, key: str, timeout: float):
         self.key = key
         self.interval = max(min(timeout / 4, 30.0), 0.05)
-        self.limit = max(12 * timeout, 3600.0)  # even a live writer is not waited for longer than this
         self._store = store
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def read(self, store) -> int | None:
-        try:
-            return int(store.add(self.key, 0))
-        except (RuntimeError, dist.DistError):
-            return None
 
     def __enter__(self) -> Heartbeat:
         if self._store is not None:
@@ -301,6 +293,18 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def patience(timeout: float) -> float:
+    """How long the others wait for a writer whose heartbeat goes on: 12 x timeout, at least an hour."""
+    return max(12 * timeout, 3600.0)
+
+
+def _read_beat(store, key: str) -> int | None:
+    try:
+        return int(store.add(key, 0))
+    except (RuntimeError, dist.DistError):
+        return None
 
 
 def _raise_verdict(verdict: dict, rdv: Rendezvous, phase: str) -> object:

@@ -460,7 +460,7 @@ def save_pretrained(
             raise error
         # the writer may take long (a slow filesystem): waited for while its heartbeat goes on
         try:
-            outcome = rdv.wait_for("done", writer, alive=rdv.heartbeat())
+            outcome = rdv.wait_for("done", writer, heartbeat=True)
         except MissingRanksError:
             remove_stale(request.destination)  # only what a provably dead writer on this host left
             raise

@@ -567,6 +567,7 @@ def zero3_group_save(rank, world, out: Path, params):
     return {"partition_ranks": dist.get_process_group_ranks(weight.ds_process_group)}
 
 
+@scenario
 def callback_without_checkpoint(rank, world, out: Path, params):
     """ShardSaveCallback.on_save where Trainer's checkpoint folder is missing: every rank refuses at once."""
     from transformers import TrainerControl, TrainerState, TrainingArguments

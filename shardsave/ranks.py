@@ -18,6 +18,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from .log import logger
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Ranks",
@@ -73,11 +75,40 @@ class Ranks:
 
 
 def resolve_timeout(timeout: float | None) -> float:
+    """The save's timeout in seconds; warns (once per value) when the process group cannot honour it."""
     if timeout is None:
-        return DEFAULT_TIMEOUT
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        timeout = DEFAULT_TIMEOUT
+    elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    return float(timeout)
+    timeout = float(timeout)
+    own = group_timeout()
+    if own is not None and timeout > own and (timeout, own) not in _warned:
+        _warned.add((timeout, own))
+        logger.warning(
+            "shardsave: timeout=%g s exceeds the process group's own timeout of %g s: a gather that waits that "
+            "long is ended by the process group first (on NCCL its watchdog aborts the communicator and the job). "
+            "Pass a timeout below %g s, or create the process group with a longer timeout.",
+            timeout,
+            own,
+            own,
+        )
+    return timeout
+
+
+_warned: set[tuple[float, float]] = set()
+
+
+def group_timeout() -> float | None:
+    """The default process group's own collective timeout in seconds, where torch exposes it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD
+    for device in getattr(group, "_device_types", ()):
+        try:
+            return group._get_backend(device).options._timeout.total_seconds()
+        except (AttributeError, RuntimeError):
+            continue
+    return None
 
 
 class Rendezvous:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..plan import Piece, Slice, TransferPlan, chunk_ranges, plan_transfer
 from .base import TensorInfo
 
-__all__ = ["Slice", "ShardedCollector", "Transfer", "TransferError", "comm_device", "chunk_ranges"]
+__all__ = ["Slice", "ShardedCollector", "Transfer", "TransferError", "comm_device", "pick_device", "chunk_ranges"]
 
 
 class ShardedCollector:
@@ -110,23 +110,30 @@ class TransferError(RuntimeError):
 
 
 def comm_device(like: torch.device) -> torch.device:
-    """Where this rank's buffers must live to go through the default process group: on `like` (the
-    shards' device) when the group's backend can move tensors there (gloo: CPU; NCCL: CUDA; xccl, hccl),
-    otherwise on the group's bound device (`init_process_group(device_id=...)`), else the current CUDA
-    device. CPU tensors on a gloo-capable group never touch a GPU."""
+    """Where this rank's buffers must live to go through the default process group (see `pick_device`)."""
     if not dist.is_initialized():
         return like
     group = dist.group.WORLD
-    types = {d.type for d in getattr(group, "_device_types", ())}
-    if not types:
-        types = {"cuda"} if "nccl" in str(dist.get_backend()) else {"cpu"}
-    if like.type in types:
+    supported = {d.type for d in getattr(group, "_device_types", ())}
+    if not supported:
+        supported = {"cuda"} if "nccl" in str(dist.get_backend()) else {"cpu"}
+    current = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return pick_device(like, supported, getattr(group, "bound_device_id", None), current)
+
+
+def pick_device(
+    like: torch.device, supported: set[str], bound: torch.device | None, current_cuda: torch.device | None
+) -> torch.device:
+    """The shards' own device `like` when the group's backends can move tensors there (gloo: CPU; NCCL:
+    CUDA; xccl, hccl: theirs), so that CPU-offloaded shards on a `cpu:gloo,cuda:nccl` group never touch a GPU
+    and each rank uses the GPU its shards are on, whatever `torch.cuda.set_device` says. Otherwise the
+    group's bound device (`init_process_group(device_id=...)`), else the current CUDA device, else the CPU."""
+    if like.type in supported:
         return like
-    bound = getattr(group, "bound_device_id", None)
     if bound is not None:
         return bound
-    if "cuda" in types and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+    if "cuda" in supported and current_cuda is not None:
+        return current_cuda
     return torch.device("cpu")
 
 

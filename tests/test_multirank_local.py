@@ -109,3 +109,26 @@ def test_only_rank0_calls_any_entry_point(op, tmp_path):
     assert "rank(s) [1]" in r0.error and f"shardsave.{op}(...)" in r0.error
     assert float((tmp_path / "elapsed").read_text()) < 3 + 10
     assert not (tmp_path / "ours").exists()
+
+
+def test_per_node_paths_are_decided_by_the_writer(tmp_path):
+    """Ranks with other working directories and a base config.json only on the writer's node: the writer
+    resolves the relative destination and decides the embeddings (resized vocabulary: saved, as PEFT does);
+    no "ranks disagree"; the shards go to the writer's directory and merge to the same bytes."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    check_ok(run_ranks("per_node_paths", tmp_path, backend="fsdp2"))
+    node0 = tmp_path / "node0"
+    assert not (tmp_path / "node1" / "adapter").exists() and not (tmp_path / "node1" / "shards").exists()
+    with safe_open(node0 / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert any(k.endswith("embed_tokens.weight") for k in f.keys())
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (node0 / "adapter" / name).read_bytes() == (node0 / "theirs" / name).read_bytes(), name
+    proc = subprocess.run([sys.executable, "-m", "shardsave.merge", str(node0 / "shards"), "-o", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    merged = (tmp_path / "m" / "adapter_model.safetensors").read_bytes()
+    assert merged == (node0 / "adapter" / "adapter_model.safetensors").read_bytes()

@@ -583,5 +583,33 @@ def callback_without_checkpoint(rank, world, out: Path, params):
         (out / f"elapsed-{rank}").write_text(str(time.perf_counter() - started))
 
 
+@scenario
+def per_node_paths(rank, world, out: Path, params):
+    """Each rank as if on its own node: its own working directory; the base model's config.json (a smaller
+    vocabulary: the embeddings were resized) only where the writer runs; relative paths everywhere."""
+    from backends import full_state, wrap
+    from peft import LoraConfig
+    from tiny import llama_config, peft_model
+
+    node = out / f"node{rank}"
+    node.mkdir(exist_ok=True)
+    os.chdir(node)
+    if rank == 0:
+        llama_config(vocab=64).save_pretrained("base")
+    lora = LoraConfig(target_modules=["q_proj", "v_proj"])
+    model = peft_model(lora)
+    model.peft_config["default"].base_model_name_or_path = "base"
+    wrapped, _ = wrap(model, params.get("backend", "fsdp2"))
+    shardsave.save_pretrained(wrapped, "adapter")
+    shardsave.save_shards(wrapped, "shards")
+    state = full_state(wrapped, params.get("backend", "fsdp2"))
+    if rank == 0:
+        reference = peft_model(lora)
+        reference.load_state_dict(state, strict=False)
+        reference.peft_config["default"].base_model_name_or_path = "base"
+        reference.save_pretrained("theirs")
+    return {"cwd": str(node)}
+
+
 if __name__ == "__main__":
     main()

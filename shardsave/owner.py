@@ -83,6 +83,15 @@ class Owner:
 
     @classmethod
     def current(cls) -> Owner:
+        """This process (read once per process: /proc/self/stat costs milliseconds in a large process)."""
+        cached = _CURRENT.get(os.getpid())
+        if cached is None:
+            _CURRENT.clear()
+            cached = _CURRENT[os.getpid()] = cls._read_current()
+        return cached
+
+    @classmethod
+    def _read_current(cls) -> Owner:
         pid, parts, own = os.getpid(), space_parts(), _proc_stat("self")
         # a /proc mounted for another pid namespace shows another pid for "self": it proves nothing here
         if parts is None or own is None or own[0] != pid:
@@ -113,6 +122,9 @@ class Owner:
             return not _exists(self.pid)
         _, state, start = stat
         return state in ("Z", "X") or start != self.start
+
+
+_CURRENT: dict[int, Owner] = {}  # by pid: a forked child reads its own
 
 
 def _exists(pid: int) -> bool:

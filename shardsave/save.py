@@ -29,7 +29,7 @@ from .convert import (
     segment,
 )
 from .kernels import fill_segments
-from .layout import build_layout, find_peft_model, peel, resolve_save_embedding_layers
+from .layout import Layout, build_layout, find_peft_model, peel, resolve_save_embedding_layers
 from .log import logger
 from .names import check_adapter_name
 from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
@@ -112,10 +112,9 @@ def _check_selected(peft_model, selected_adapters: Sequence[str] | None) -> list
     return selected
 
 
-def _plan_choices(peft_model, infos: dict[str, TensorInfo], selected: list[str], value) -> dict:
+def _plan_choices(layout: Layout, peft_model, infos: dict[str, TensorInfo], selected: list[str], value) -> dict:
     """Each adapter's plan for each embeddings decision `value` allows ("auto": both, decided by the writer).
-    Pure apart from the module walk: no file is read here."""
-    layout = build_layout(peft_model)
+    No file is read here."""
     names = list(infos)
     choices: dict[str, dict[bool, AdapterPlan]] = {}
     for name in selected:
@@ -142,9 +141,8 @@ def _plan_choices(peft_model, infos: dict[str, TensorInfo], selected: list[str],
     return choices
 
 
-def _decide_embeddings(peft_model, selected: list[str], value) -> dict[str, bool]:
+def _decide_embeddings(layout: Layout, peft_model, selected: list[str], value) -> dict[str, bool]:
     """The writer's `save_embedding_layers` decision per adapter (reads the base model's config for "auto")."""
-    layout = build_layout(peft_model)
     return {
         name: resolve_save_embedding_layers(
             value, config=peft_model.peft_config[name], peft_model=peft_model, candidates=layout.embedding_candidates
@@ -172,7 +170,8 @@ def _prepare_save(
     selected = _check_selected(peft_model, selected_adapters)
     collector = collector_for(peel(model), ranks)
     infos = collector.infos()
-    choices = _plan_choices(peft_model, infos, selected, save_embedding_layers)
+    layout = build_layout(peft_model)
+    choices = _plan_choices(layout, peft_model, infos, selected, save_embedding_layers)
     every_source = [s for options in choices.values() for plan in options.values() for s in plan.sources]
     _check_readable(collector, every_source, ranks.rank)
     structure = [[n, list(i.shape), str(i.dtype), i.requires_grad] for n, i in infos.items()]
@@ -180,20 +179,20 @@ def _prepare_save(
     holders = {
         n: [[p.rank, p.start, p.stop] for p in collector.slices(collector.primary(n)) or ()] for n in every_source
     }
-    layout = [[[k, v] for k, v in plan.entries.items()] for options in choices.values() for plan in options.values()]
+    keys = [[[k, v] for k, v in plan.entries.items()] for options in choices.values() for plan in options.values()]
     args = {
         "save_directory": path,
         "safe_serialization": bool(safe_serialization),
         "selected_adapters": selected,
         "save_embedding_layers": save_embedding_layers,
-        "plan": hashlib.sha256(json.dumps([structure, layout, holders]).encode()).hexdigest()[:16],
+        "plan": hashlib.sha256(json.dumps([structure, keys, holders]).encode()).hexdigest()[:16],
         "initial": None if initial is None else os.fspath(initial),
     }
     request = _SaveRequest(peft_model, collector, choices, bool(safe_serialization), args)
     if is_main:  # the writer alone resolves the path, reads the base model's config and the initial adapter
         request.decided = {
             "destination": str(check_destination(save_directory)),
-            "embeddings": _decide_embeddings(peft_model, selected, save_embedding_layers),
+            "embeddings": _decide_embeddings(layout, peft_model, selected, save_embedding_layers),
         }
         if initial is not None:
             request.initial = _check_conversion(peft_model, request.plans, infos, initial, allow_pickle)

@@ -211,8 +211,9 @@ def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], *, safe:
 
 
 def write_config(directory: Path, config, *, base_model_name_or_path: str | None, auto_mapping: dict | None) -> Path:
-    """`adapter_config.json` as PEFT writes it, from a copy: the caller's config is never modified."""
-    config = copy.deepcopy(config)
+    """`adapter_config.json` as PEFT writes it, from a copy: the caller's config is never modified (a shallow
+    copy is enough: only top-level fields are set, and PEFT serialises through `asdict`, which copies)."""
+    config = copy.copy(config)
     config.inference_mode = True
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = base_model_name_or_path or None

@@ -62,11 +62,16 @@ def check_shard_entries(tmp_path, backend: str, world_size: int, adapter: dict[s
         assert got == sorted(expected), (rank, got, sorted(expected))
 
 
-@pytest.mark.parametrize("backend,world_size", [("fsdp2", 8), ("zero3", 8), ("fsdp2", 3), ("zero3", 3)])
-def test_many_ranks(backend, world_size, tmp_path):
+@pytest.mark.parametrize(
+    "backend,world_size,round_bytes",
+    # the default round budget (half of what moves: 2-3 rounds), and rounds of at most 1000 bytes, which split
+    # slices across rounds and leave most senders out of most rounds
+    [("fsdp2", 8, None), ("zero3", 8, 1000), ("fsdp2", 3, 1000), ("zero3", 3, None)],
+)
+def test_many_ranks(backend, world_size, round_bytes, tmp_path):
     results = check_backend(
         tmp_path, backend, lora=LORA, model=MODEL, world_size=world_size, limit=600, steps=1,
-        also_gather=True, shards=True,
+        also_gather=True, shards=True, round_bytes=round_bytes,
     )  # fmt: skip
     assert results[0].result["gathered"] > 0 and all(r.result["gathered"] == 0 for r in results[1:])
     check_gathered(tmp_path)
@@ -82,6 +87,9 @@ def test_many_ranks(backend, world_size, tmp_path):
     assert [sent[rank] for rank in range(world_size)] == [0, *expected[1:]], (sent, expected)
     assert sum(sent.values()) == sum(expected[1:]) > 0
     check_shard_entries(tmp_path, backend, world_size, adapter)
+    rounds = len(json.loads((tmp_path / "comm-0.json").read_text()))  # one batch_isend_irecv per round
+    least, most = (-(-sum(expected[1:]) // round_bytes), None) if round_bytes else (2, 3)
+    assert rounds >= least and (most is None or rounds <= most), rounds
 
     if backend == "fsdp2":  # what this test is for: ranks holding no row of lora_A (r=4 rows) took part
         empty = {r for r in range(world_size) if all(held[k][r] == 0 for k in adapter if "lora_A" in k)}

@@ -85,7 +85,7 @@ def test_many_ranks(backend, world_size, round_bytes, tmp_path):
     for key, tensor in adapter.items():
         assert sum(held[key]) == tensor.numel(), key
     expected = [sum(held[k][rank] * t.element_size() for k, t in adapter.items()) for rank in range(world_size)]
-    sent = check_only_adapter_bytes_move(tmp_path, backend, world_size, base_ratio=5)  # lm_head: ~7x
+    sent = check_only_adapter_bytes_move(tmp_path, backend, world_size, base_ratio=5)  # lm_head: base ~6x
     # the writer (rank 0) sends nothing; every other rank exactly what it holds, so nothing twice
     assert [sent[rank] for rank in range(world_size)] == [0, *expected[1:]], (sent, expected)
     assert sum(sent.values()) == sum(expected[1:]) > 0

@@ -379,7 +379,7 @@ def backend_save(rank, world, out: Path, params):
         compile=params.get("compile", False),
         device=params.get("device", "cpu"),
     )
-    train(wrapped, opt, backend, rank)
+    train(wrapped, opt, backend, rank, steps=params.get("steps", 2))
     target = model if params.get("pass_inner") else wrapped
     with CommAudit() as audit:
         if params.get("via_callback"):

@@ -226,10 +226,8 @@ class Rendezvous:
             return {"ok": False, "kind": "missing", "missing": list(missing)}
         try:
             statuses = {0: own_status}
-            values = self._store.multi_get(keys)
+            values = self._store.multi_get(keys)  # each rank deletes its own status at its next call
             statuses.update({r: json.loads(v) for r, v in zip(others, values, strict=True)})
-            for key in keys:
-                self._store.delete_key(key)
         except (RuntimeError, dist.DistError) as exc:
             raise self._store_lost(phase, exc) from exc
         for rank, status in sorted(statuses.items()):

@@ -1,8 +1,8 @@
 """Benchmark: what one gathered save costs as the number of ranks grows, simulated at 64-1024 ranks and real
 at 2, 4 and 8.
 
-    python benchmarks/scale_ranks.py                    # everything (about 10 min on 2 cores)
-    python benchmarks/scale_ranks.py --quick            # under 5 min on 2 cores
+    python benchmarks/scale_ranks.py                    # everything (about 3 min on 2 cores)
+    python benchmarks/scale_ranks.py --quick            # a smaller model, 2 and 8 real ranks (about 2 min)
     python benchmarks/scale_ranks.py --parts plan,agree # the simulated parts only (seconds)
 
 1. plan: a Llama-7B-shaped LoRA (32 layers, q/k/v/o/gate/up/down, r=16, bf16: 76 MiB) laid out as each backend
@@ -413,9 +413,9 @@ def real_table(backends: Sequence[str], ns: Sequence[int], model: dict, repeat: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="plan,agree,real", help="subset of plan,agree,real")
-    parser.add_argument("--quick", action="store_true", help="smaller real model, fewer repeats (< 5 min)")
+    parser.add_argument("--quick", action="store_true", help="smaller real model, fewer repeats and world sizes")
     parser.add_argument("--ranks", default=",".join(map(str, SIMULATED)), help="simulated world sizes")
-    parser.add_argument("--real-ranks", default="2,4,8")
+    parser.add_argument("--real-ranks", help="real world sizes (2,4,8; --quick 2,8)")
     parser.add_argument("--backends", default="fsdp2,zero3", help="real runs: fsdp2,fsdp1,zero3")
     parser.add_argument("--repeat", type=int, help="real runs: timed saves after the warm-up (5; --quick 3)")
     parser.add_argument("--json", type=Path, help="write every result here")
@@ -432,7 +432,7 @@ def main() -> None:
     if "real" in parts:
         model = REAL_MODELS["quick" if args.quick else "full"]
         repeat = args.repeat or (3 if args.quick else 5)
-        real_ns = [int(n) for n in args.real_ranks.split(",")]
+        real_ns = [int(n) for n in (args.real_ranks or ("2,8" if args.quick else "2,4,8")).split(",")]
         results["real"] = real_table(args.backends.split(","), real_ns, model, repeat)
         by_backend = {}
         for row in results["real"]:

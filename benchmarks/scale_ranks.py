@@ -237,12 +237,11 @@ _FORGET = threading.Lock()
 
 
 def forget_previous(rdv: Rendezvous, previous: list[str]) -> list[str]:
-    """`rdv.forget_previous()` for a rank that is a thread: shardsave keeps the keys of a process's previous
-    save in one module-level list (one rank per process), so each simulated rank swaps its own in and out."""
+    """`rdv.forget_previous()` for a rank that is a thread (shardsave keeps each rank's previous keys by rank,
+    so threads as ranks need nothing special; the lock only keeps the counting simple)."""
     with _FORGET:
-        ranks_module._previous_keys = previous
         rdv.forget_previous()
-        return ranks_module._previous_keys
+        return ranks_module._previous_keys.get(rdv.ranks.rank, [])
 
 
 def decide_start(statuses: dict[int, dict]) -> dict:
@@ -289,8 +288,8 @@ def simulate_agreement(n: int, saves: int = 2, timeout: float = 60.0) -> dict:
                     with rdv.heartbeat():
                         pass  # the gather and the write
                     rdv.post("done", status_of(None))
-                else:  # as save.py calls it; heartbeat() names this rank's beat, not the writer's (see README)
-                    rdv.wait_for("done", verdict["writer"], alive=rdv.heartbeat())
+                else:  # as save.py calls it: following the writer's heartbeat
+                    rdv.wait_for("done", verdict["writer"], heartbeat=True)
                 counts[g][rank] = views[rank].counts - before
                 if starts.wait() == 0:
                     walls[g] = time.perf_counter() - walls[g]

@@ -51,21 +51,18 @@ def agreement():
 
 
 def test_agreement_store_ops_are_linear(agreement):
-    """Measured: 8N - 2 operations per save once the previous save's keys are deleted (rank 0: one wait, one
-    multi_get, N - 1 status deletes, two sets, two deletes of its previous keys; every other rank 7)."""
+    """Per save, once the previous save's keys are deleted: a constant number of operations on every rank
+    (rank 0: one wait and one multi_get for all statuses, its sets and deletes), so O(N) in all."""
     for n, result in agreement.items():
         per_rank = [sum(c.values()) for c in result["counts"][-1]]
-        assert max(per_rank[1:]) <= 7
-        assert per_rank[0] <= n + 6
+        assert max(per_rank[1:]) <= 8
+        assert per_rank[0] <= 10
         assert sum(per_rank) <= 8 * n
         assert scale.old_agreement_ops(n) > n * n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Rendezvous.heartbeat() keys the beat by the calling rank: every rank but the writer reads (and, with "
-    "add(key, 0), creates) its own never-bumped beat key, left in the store: N - 1 keys per save",
-)
 def test_agreement_leaves_no_keys_behind(agreement):
-    for result in agreement.values():
-        assert result["keys_left"] <= 4  # the last save's verdict, done and beat keys, deleted at the next one
+    for n, result in agreement.items():
+        # only the last save's keys (each rank's status, the verdict, done and beat), deleted at the next save:
+        # after two saves, no more than after one
+        assert result["keys_left"] <= n + 4

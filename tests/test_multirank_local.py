@@ -132,3 +132,15 @@ def test_per_node_paths_are_decided_by_the_writer(tmp_path):
     assert proc.returncode == 0, proc.stderr
     merged = (tmp_path / "m" / "adapter_model.safetensors").read_bytes()
     assert merged == (node0 / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_unshared_directory_is_named(tmp_path):
+    """save_shards needs a filesystem every rank sees: a rank with its own view of the directory (a private
+    mount, as on a node without the shared filesystem) raises naming the directory; no manifest is written."""
+    results = run_ranks("unshared_shards", tmp_path)
+    if results[0].result.get("skipped"):
+        pytest.skip(results[0].result["skipped"])
+    assert results[1].result.get("type") == "SaveError", results[1].output[-3000:]
+    assert "cannot see the files rank 0 prepared" in results[1].error and "shared by every rank" in results[1].error
+    assert results[0].result.get("type") == "RemoteError", results[0].output[-3000:]
+    assert not (tmp_path / "private" / "shards" / "manifest.json").exists()

@@ -611,5 +611,36 @@ def per_node_paths(rank, world, out: Path, params):
     return {"cwd": str(node)}
 
 
+def _private_mount(path: Path) -> bool:
+    """Give this process its own empty view of `path` (a tmpfs in a new mount namespace), as a rank on another
+    node without a shared filesystem would have; False where the kernel refuses."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ms_rec, ms_private, clone_newns = 0x4000, 1 << 18, 0x00020000
+    return (
+        libc.unshare(clone_newns) == 0
+        and libc.mount(b"none", b"/", None, ms_rec | ms_private, None) == 0
+        and libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", 0, None) == 0
+    )
+
+
+@scenario
+def unshared_shards(rank, world, out: Path, params):
+    """save_shards where rank 1 does not see rank 0's filesystem under the shard directory."""
+    from backends import wrap
+
+    private = out / "private"
+    private.mkdir(exist_ok=True)
+    mounted = _private_mount(private) if rank == 1 else True
+    ok = [None] * world
+    dist.all_gather_object(ok, mounted)
+    if not all(ok):
+        return {"skipped": "mount namespaces are not available here"}
+    wrapped, _ = wrap(lora_model(params), "fsdp2")
+    shardsave.save_shards(wrapped, private / "shards", timeout=30)
+    return {}
+
+
 if __name__ == "__main__":
     main()

@@ -17,6 +17,8 @@ MALLOC_MMAP_THRESHOLD_ fixed, so that every large buffer is a fresh mapping and 
                ZeRO-3 the engine's consolidated 16-bit state dict)
 - native:      the best adapter-only alternative (FSDP2 get_model_state_dict(ignore_frozen_params=True);
                ZeRO-3 GatheredParameters over the LoRA parameters; none for FSDP1)
+- peft:        PEFT's own single-process save of the same, already gathered adapter on rank 0
+               (`PeftModel.save_pretrained(dir, state_dict=gathered)`: card, config, weights; no fsync)
 - floor:       safetensors.torch.save_file of the same gathered tensors, one process
 - floor+fsync: the same, then fsync of the file (shardsave makes its files durable before publishing)
 
@@ -95,7 +97,7 @@ def reexec_with_fixed_mmap_threshold() -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-PATHS = ("shardsave", "full+filter", "native", "floor", "floor+fsync")
+PATHS = ("shardsave", "full+filter", "native", "peft", "floor", "floor+fsync")
 
 
 def build(args):
@@ -225,6 +227,12 @@ def main() -> None:
                 os.fsync(fd)
                 os.close(fd)
 
+    def peft_own():
+        if rank == 0:
+            model.save_pretrained(str(tmp / "peft"), state_dict=gathered)
+
+    if "peft" in paths:
+        results["peft"] = measure(peft_own, args.repeat)
     if "floor" in paths:
         results["floor"] = measure(lambda: floor(False), args.repeat)
     if "floor+fsync" in paths:
@@ -238,7 +246,7 @@ def main() -> None:
         for name, (t, m) in results.items():
             if name == "shardsave":
                 speed = ""
-            elif name.startswith("floor"):
+            elif name.startswith("floor") or name == "peft":
                 speed = f"{ours_t / t:6.2f}x the {name}"
             else:
                 speed = f"{t / ours_t:8.1f}x faster"

@@ -162,6 +162,7 @@ def _prepare_save(
     ranks,
     is_main: bool,
     allow_pickle: bool = False,
+    gather: bool = True,
 ) -> _SaveRequest:
     path = check_path_argument(save_directory)
     if save_embedding_layers not in ("auto", True, False):
@@ -196,7 +197,8 @@ def _prepare_save(
         }
         if initial is not None:
             request.initial = _check_conversion(peft_model, request.plans, infos, initial, allow_pickle)
-        request.transfer = collector.prepare_gather(request.sources, ranks.rank)
+        if gather:  # save_shards moves nothing
+            request.transfer = collector.prepare_gather(request.sources, ranks.rank)
     return request
 
 

@@ -145,6 +145,7 @@ def save_shards(
         save_embedding_layers=save_embedding_layers,
         initial=None,
         is_main_process=None,
+        gather=False,
     )
     directory = request.destination  # rank 0's resolution of the path: every rank writes there
     names = [p.adapter_name for p in request.plans]

@@ -5,7 +5,7 @@
 Runs on CUDA when present (the conversion then happens on the GPU, in one Triton launch per dtype, before
 the single device-to-host copy), on CPU otherwise. Prints median times and ratios measured in this run:
 - copy:       the converted tensors' plain device-to-host copy (the floor);
-- shardsave:  shardsave's conversion + copy (`_to_host` with the initial adapter);
+- shardsave:  shardsave's conversion + copy (`to_host` with the initial adapter);
 - peft:       PEFT's conversion as save_pretrained does it (initial adapter loaded into the live model, then
               a concatenation per tensor on the host), without the file writes.
 """
@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shardsave.convert import convert_tensor, read_initial_adapter  # noqa: E402
-from shardsave.save import _to_host  # noqa: E402
+from shardsave.save import to_host  # noqa: E402
 
 
 def median_time(fn, repeat: int, sync) -> float:
@@ -78,7 +78,7 @@ def main() -> None:
                 t.to("cpu", copy=True)
 
         def ours():
-            _to_host(trained, initial)
+            to_host(trained, initial)
 
         def peft_path():
             model.load_adapter(str(Path(tmp).parent), subfolder=Path(tmp).name, adapter_name="initial")

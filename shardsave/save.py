@@ -47,7 +47,7 @@ from .writer import (
     write_weights,
 )
 
-__all__ = ["save_pretrained", "gather_state_dict", "start_save", "adapter_dir", "render_text_files"]
+__all__ = ["save_pretrained", "gather_state_dict", "start_save", "adapter_dir", "render_text_files", "to_host"]
 
 
 KeepSpec = Callable[[str, TensorInfo], bool] | Iterable[str] | None
@@ -299,7 +299,7 @@ def _key_name(key) -> str:
     return key[-1] if isinstance(key, tuple) else key
 
 
-def _to_host(tensors: dict, initial: dict[str, torch.Tensor] | None = None) -> dict:
+def to_host(tensors: dict, initial: dict[str, torch.Tensor] | None = None) -> dict:
     """The tensors on the host, converted (PiSSA/CorDA/OLoRA) first when `initial` is given.
 
     Tensors already on the CPU that need no conversion are used as they are. Everything else is written,
@@ -393,7 +393,7 @@ def _write_adapters(
 ) -> None:
     """Convert if asked, bring to the host in one copy, publish. `tensors`: full tensors by source name."""
     by_key = {(p.adapter_name, key): tensors[src] for p in request.plans for key, src in p.entries.items()}
-    host = _to_host(by_key, request.initial)
+    host = to_host(by_key, request.initial)
     existing_card = request.destination / CARD_NAME
 
     def fill(tmp: Path) -> None:
@@ -569,5 +569,5 @@ def gather_state_dict(
     if error is not None:
         raise error
     # always fresh tensors: what the writer held whole is copied, never handed out as a live alias
-    host = _to_host(tensors)
+    host = to_host(tensors)
     return {k: v.clone() if v is tensors[k] else v for k, v in host.items()}

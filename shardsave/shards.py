@@ -33,7 +33,7 @@ import torch
 from .log import logger
 from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .replicas import diverging, fingerprints
-from .save import _to_host, adapter_dir, render_text_files, start_save
+from .save import adapter_dir, render_text_files, start_save, to_host
 from .stream import TensorSpec, dtype_name, write_streaming
 from .writer import CARD_NAME, CONFIG_NAME, atomic_file, remove_stale_in
 
@@ -182,7 +182,7 @@ def save_shards(
         }  # fmt: skip
         path = directory / shard_name(ranks.rank, ranks.world_size)
         digest = hashlib.sha256()
-        host = _to_host(tensors)
+        host = to_host(tensors)
         specs = {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in host.items()}
         # byte-identical to save_file, hashed as it is written rather than read back
         atomic_file(path, lambda tmp: write_streaming(tmp, specs, host.__getitem__, metadata=metadata, digest=digest))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardsave.save import _pack_to_host, _to_host
+from shardsave.save import _pack_to_host, to_host
 from shardsave.writer import write_weights
 
 
@@ -40,12 +40,12 @@ def test_pack_roundtrip_and_same_file(tmp_path):
 
 def test_cpu_tensors_are_not_copied():
     tensors = sample("cpu")
-    assert all(_to_host(tensors)[k] is v for k, v in tensors.items())
+    assert all(to_host(tensors)[k] is v for k, v in tensors.items())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_reach_host_once(tmp_path):
     tensors = sample("cuda")
-    host = _to_host(tensors)
+    host = to_host(tensors)
     for k, v in tensors.items():
         assert host[k].device.type == "cpu" and torch.equal(host[k], v.cpu())

@@ -124,12 +124,12 @@ def test_triton_kernel_addresses_in_64_bit(tmp_path, monkeypatch):
 def test_conversion_on_cuda_matches_cpu_reference():
     pytest.importorskip("triton")
     from shardsave.convert import convert_tensor
-    from shardsave.save import _to_host
+    from shardsave.save import to_host
 
     trained = {"m.q.lora_A.weight": torch.randn(8, 64), "m.q.lora_B.weight": torch.randn(64, 8),
                "m.head.weight": torch.randn(10, 64)}  # fmt: skip
     initial = {k: torch.randn_like(v) for k, v in trained.items() if "lora" in k}
-    host = _to_host({k: v.cuda() for k, v in trained.items()}, initial)
+    host = to_host({k: v.cuda() for k, v in trained.items()}, initial)
     for key, tensor in trained.items():
         assert host[key].device.type == "cpu"
         assert torch.equal(host[key], convert_tensor(key, tensor, initial.get(key)))

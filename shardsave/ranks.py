@@ -206,8 +206,10 @@ class Rendezvous:
             return decide({self.ranks.rank: status}) if decide else None
         verdict_key = self._key(phase, "verdict")
         if self.ranks.rank == 0:
-            verdict = self._decide(phase, status, decide)
+            verdict, refused = self._decide(phase, status, decide)
             self._set(verdict_key, verdict, phase)
+            if refused is not None and own is None:
+                raise refused  # rank 0's own decision: its own exception, with its traceback
         else:
             self._set(self._key(phase, self.ranks.rank), status, phase)
             # rank 0 waits `timeout` for everyone, then posts: give it that long and a margin
@@ -218,12 +220,12 @@ class Rendezvous:
             raise own
         return _raise_verdict(verdict, self, phase)
 
-    def _decide(self, phase: str, own_status: dict, decide) -> dict:
+    def _decide(self, phase: str, own_status: dict, decide) -> tuple[dict, Exception | None]:
         others = range(1, self.ranks.world_size)
         keys = [self._key(phase, r) for r in others]
         if not self._wait(keys, self.timeout, phase):
             missing = tuple(r for r, k in zip(others, keys, strict=True) if not self._check(k))
-            return {"ok": False, "kind": "missing", "missing": list(missing)}
+            return {"ok": False, "kind": "missing", "missing": list(missing)}, None
         try:
             statuses = {0: own_status}
             values = self._store.multi_get(keys)  # each rank deletes its own status at its next call
@@ -232,13 +234,15 @@ class Rendezvous:
             raise self._store_lost(phase, exc) from exc
         for rank, status in sorted(statuses.items()):
             if not status.get("ok", False):
-                return {"ok": False, "kind": "remote", "rank": rank, "message": status.get("error")}
+                return {"ok": False, "kind": "remote", "rank": rank, "message": status.get("error")}, None
         if decide is None:
-            return {"ok": True, "result": None}
+            return {"ok": True, "result": None}, None
         try:
-            return {"ok": True, "result": decide(statuses)}
-        except (ValueError, SaveError) as exc:
-            return {"ok": False, "kind": "invalid" if isinstance(exc, ValueError) else "error", "message": str(exc)}
+            return {"ok": True, "result": decide(statuses)}, None
+        except ValueError as exc:  # the ranks' inputs disagree: the same ValueError on every rank
+            return {"ok": False, "kind": "invalid", "message": str(exc)}, exc
+        except SaveError as exc:  # rank 0 failed while deciding: RemoteError on the others
+            return {"ok": False, "kind": "remote", "rank": 0, "message": f"{type(exc).__name__}: {exc}"}, exc
 
     def post(self, phase: str, payload: dict) -> None:
         """This rank's outcome of `phase`, for `wait_for` on the others."""
@@ -350,7 +354,7 @@ def _raise_verdict(verdict: dict, rdv: Rendezvous, phase: str) -> object:
         )
     if kind == "invalid":
         raise ValueError(verdict["message"])
-    raise SaveError(verdict.get("message", "unknown failure"))
+    raise SaveError(verdict.get("message", f"shardsave.{rdv.op}: the {phase!r} step failed"))
 
 
 def status_of(exc: BaseException | None, **extra) -> dict:

@@ -309,15 +309,17 @@ class Heartbeat:
 
     def __enter__(self) -> Heartbeat:
         if self._store is not None:
-            clone = getattr(self._store, "clone", None)
-            client = clone() if clone is not None else self._store
-            self._thread = threading.Thread(target=self._run, args=(client,), name="shardsave-heartbeat", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="shardsave-heartbeat", daemon=True)
             self._thread.start()
         return self
 
-    def _run(self, client) -> None:
+    def _run(self) -> None:
+        client = None  # connected at the first beat: a save shorter than the interval costs no connection
         while not self._stop.wait(self.interval):
             try:
+                if client is None:
+                    clone = getattr(self._store, "clone", None)
+                    client = clone() if clone is not None else self._store
                 client.add(self.key, 1)
             except (RuntimeError, dist.DistError):
                 return

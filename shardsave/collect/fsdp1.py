@@ -100,7 +100,7 @@ class FSDP1Collector(ShardedCollector):
             infos[name] = TensorInfo(infos[name].shape, infos[name].dtype, requires_grad)
         self._infos = {name: infos[name] for name in sorted(infos, key=keys.__getitem__)}
 
-    def slices(self, name: str) -> list[Slice] | None:
+    def _slices(self, name: str) -> list[Slice] | None:
         run = self._runs.get(name)
         if run is None or run.group_ranks is None:
             return None

@@ -28,7 +28,7 @@ class FSDP2Collector(ShardedCollector):
             self._meshes[id(mesh)] = ranks if ranks and sorted(ranks) == list(range(self.world_size)) else None
         return self._meshes[id(mesh)]
 
-    def slices(self, name: str) -> list[Slice] | None:
+    def _slices(self, name: str) -> list[Slice] | None:
         tensor = self._tensors[name]
         if not isinstance(tensor, DTensor):
             return None

@@ -36,6 +36,7 @@ class ShardedCollector:
         self.world_size = world_size
         self._infos: dict[str, TensorInfo] = {}
         self._aliases: dict[str, str] = {}  # tied name -> the name whose tensor it shares
+        self._held: dict[str, list[Slice] | None] = {}  # slices, once per tensor and save
 
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
@@ -62,9 +63,15 @@ class ShardedCollector:
     def infos_of(self, name: str) -> TensorInfo:
         return self._infos[name]
 
-    # -- what a backend provides -------------------------------------------------------------------
     def slices(self, name: str) -> list[Slice] | None:
-        """Who holds which part of `name`; `None` when every rank holds it whole."""
+        """Who holds which part of `name`; `None` when every rank holds it whole (computed once per tensor)."""
+        if name not in self._held:
+            self._held[name] = self._slices(name)
+        return self._held[name]
+
+    # -- what a backend provides -------------------------------------------------------------------
+    def _slices(self, name: str) -> list[Slice] | None:
+        """`slices`, computed from the backend's metadata."""
         raise NotImplementedError
 
     def local(self, name: str, piece: Slice) -> torch.Tensor:

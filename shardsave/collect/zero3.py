@@ -110,7 +110,7 @@ class Zero3Collector(ShardedCollector):
                 self._groups[id(group)] = tuple(dist.get_process_group_ranks(group))
         return self._groups[id(group)]
 
-    def slices(self, name: str) -> list[Slice] | None:
+    def _slices(self, name: str) -> list[Slice] | None:
         tensor = self._tensors[name]
         if not self._partitioned(tensor):
             return None

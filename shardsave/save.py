@@ -11,12 +11,15 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .collect import Collector, TensorInfo, TransferError, collector_for
@@ -33,6 +36,7 @@ from .layout import Layout, build_layout, find_peft_model, peel, resolve_save_em
 from .log import logger
 from .names import check_adapter_name
 from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
+from .reuse import PlanCache
 from .select import AdapterPlan, select_adapter
 from .writer import (
     CARD_NAME,
@@ -68,6 +72,7 @@ class _SaveRequest:
     decided: dict | None = None  # set on the main process while planning, on every rank by the agreement
     initial: dict[str, torch.Tensor] | None = None  # PiSSA/CorDA/OLoRA initial adapter, by checkpoint key (writer)
     transfer: object | None = None  # the writer's prepared gather
+    texts: Future | None = None  # the writer's card and configs, rendering in a thread
 
     @property
     def destination(self) -> Path:
@@ -169,26 +174,21 @@ def _prepare_save(
         raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}.")
     peft_model = find_peft_model(model)
     selected = _check_selected(peft_model, selected_adapters)
-    collector = collector_for(peel(model), ranks)
-    infos = collector.infos()
-    layout = build_layout(peft_model)
-    choices = _plan_choices(layout, peft_model, infos, selected, save_embedding_layers)
-    every_source = [s for options in choices.values() for plan in options.values() for s in plan.sources]
-    _check_readable(collector, every_source, ranks.rank)
-    structure = [[n, list(i.shape), str(i.dtype), i.requires_grad] for n, i in infos.items()]
-    # which rank holds which range of each tensor: every rank must derive the same, or the gather would mix
-    holders = {
-        n: [[p.rank, p.start, p.stop] for p in collector.slices(collector.primary(n)) or ()] for n in every_source
-    }
-    keys = [[[k, v] for k, v in plan.entries.items()] for options in choices.values() for plan in options.values()]
+    root = peel(model)
+    configs = json.dumps([peft_model.peft_config[n].to_dict() for n in selected], sort_keys=True, default=str)
+    key = (ranks, _group(), id(peft_model), tuple(selected), save_embedding_layers, configs)
+    planned = _PLANS.get(root, key, lambda: _plan(root, peft_model, ranks, selected, save_embedding_layers))
+    collector, layout, choices = planned.collector, planned.layout, planned.choices
+    _check_readable(collector, planned.sources, ranks.rank)
     args = {
         "save_directory": path,
         "safe_serialization": bool(safe_serialization),
         "selected_adapters": selected,
         "save_embedding_layers": save_embedding_layers,
-        "plan": hashlib.sha256(json.dumps([structure, keys, holders]).encode()).hexdigest()[:16],
+        "plan": planned.digest,
         "initial": None if initial is None else os.fspath(initial),
     }
+    infos = collector.infos()
     request = _SaveRequest(peft_model, collector, choices, bool(safe_serialization), args)
     if is_main:  # the writer alone resolves the path, reads the base model's config and the initial adapter
         request.decided = {
@@ -199,7 +199,41 @@ def _prepare_save(
             request.initial = _check_conversion(peft_model, request.plans, infos, initial, allow_pickle)
         if gather:  # save_shards moves nothing
             request.transfer = collector.prepare_gather(request.sources, ranks.rank)
+            # last: the texts render (holding the GIL) while this rank waits for the others and the tensors
+            request.texts = _render_in_background(peft_model, selected, request.destination / CARD_NAME)
     return request
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """What a save plans from the model's structure alone; reused while the structure is unchanged."""
+
+    collector: Collector
+    layout: Layout
+    choices: dict[str, dict[bool, AdapterPlan]]
+    sources: list[str]  # every tensor any choice may save
+    digest: str  # of the structure, the keys and who holds which range: equal on every rank or no save
+
+
+_PLANS: PlanCache[_Planned] = PlanCache()
+
+
+def _group() -> object:
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def _plan(root, peft_model, ranks: Ranks, selected: list[str], save_embedding_layers) -> _Planned:
+    collector = collector_for(root, ranks)
+    infos = collector.infos()
+    layout = build_layout(peft_model)
+    choices = _plan_choices(layout, peft_model, infos, selected, save_embedding_layers)
+    sources = list(dict.fromkeys(s for options in choices.values() for plan in options.values() for s in plan.sources))
+    structure = [[n, list(i.shape), str(i.dtype), i.requires_grad] for n, i in infos.items()]
+    # which rank holds which range of each tensor: every rank must derive the same, or the gather would mix
+    holders = {n: [[p.rank, p.start, p.stop] for p in collector.slices(collector.primary(n)) or ()] for n in sources}
+    keys = [[[k, v] for k, v in plan.entries.items()] for options in choices.values() for plan in options.values()]
+    digest = hashlib.sha256(json.dumps([structure, keys, holders]).encode()).hexdigest()[:16]
+    return _Planned(collector, layout, choices, sources, digest)
 
 
 def _check_readable(collector: Collector, names: list[str], rank: int) -> None:
@@ -373,6 +407,27 @@ def _auto_mapping(peft_model, config) -> dict | None:
     return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
 
+def _render_texts(peft_model, adapter_names: Sequence[str], existing_card: Path) -> dict[str, bytes]:
+    """The card (updating `existing_card` as PEFT does) and the configs, as bytes by relative path: rendered
+    apart, on the writer, while the ranks agree and the tensors travel."""
+    with tempfile.TemporaryDirectory(prefix="shardsave-texts-") as tmp:
+        root = Path(tmp)
+        if existing_card.is_file():
+            shutil.copyfile(existing_card, root / CARD_NAME)
+        render_text_files(peft_model, adapter_names, root)
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+_RENDER: ThreadPoolExecutor | None = None
+
+
+def _render_in_background(peft_model, adapter_names: Sequence[str], existing_card: Path) -> Future:
+    global _RENDER
+    if _RENDER is None:
+        _RENDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardsave-render")
+    return _RENDER.submit(_render_texts, peft_model, list(adapter_names), existing_card)
+
+
 def render_text_files(peft_model, adapter_names: Sequence[str], root: Path) -> None:
     """The model card and each adapter's `adapter_config.json`, as PEFT writes them, into `root`."""
     peft_model.create_or_update_model_card(str(root))
@@ -389,7 +444,11 @@ def render_text_files(peft_model, adapter_names: Sequence[str], root: Path) -> N
 
 
 def _write_adapters(
-    request: _SaveRequest, tensors: dict[str, torch.Tensor], *, replace_files_only: bool = False
+    request: _SaveRequest,
+    tensors: dict[str, torch.Tensor],
+    *,
+    replace_files_only: bool = False,
+    later: Callable[[Callable[[], None]], None] | None = None,
 ) -> None:
     """Convert if asked, bring to the host in one copy, publish. `tensors`: full tensors by source name."""
     by_key = {(p.adapter_name, key): tensors[src] for p in request.plans for key, src in p.entries.items()}
@@ -397,9 +456,14 @@ def _write_adapters(
     existing_card = request.destination / CARD_NAME
 
     def fill(tmp: Path) -> None:
-        if existing_card.is_file():  # PEFT updates an existing card rather than replacing it
-            shutil.copyfile(existing_card, tmp / CARD_NAME)
-        render_text_files(request.peft_model, [p.adapter_name for p in request.plans], tmp)
+        if request.texts is not None:
+            for relative, data in request.texts.result().items():
+                (tmp / relative).parent.mkdir(exist_ok=True)
+                (tmp / relative).write_bytes(data)
+        else:
+            if existing_card.is_file():  # PEFT updates an existing card rather than replacing it
+                shutil.copyfile(existing_card, tmp / CARD_NAME)
+            render_text_files(request.peft_model, [p.adapter_name for p in request.plans], tmp)
         for plan in request.plans:
             out = adapter_dir(tmp, plan.adapter_name)
             write_weights(out, {key: host[(plan.adapter_name, key)] for key in plan.entries}, safe=request.safe)
@@ -407,7 +471,10 @@ def _write_adapters(
                 rewrite_config_file(out / CONFIG_NAME)
 
     try:
-        (replace_adapter_files if replace_files_only else publish)(request.destination, fill)
+        if replace_files_only:
+            replace_adapter_files(request.destination, fill)
+        else:
+            publish(request.destination, fill, **({} if later is None else {"later": later}))
     except OSError as exc:
         raise SaveError(
             f"shardsave.save_pretrained: writing the adapter to {request.destination} failed: {type(exc).__name__}: "
@@ -467,15 +534,18 @@ def save_pretrained(
             raise
         raise_on_failure({writer: outcome}, own=None, ranks=ranks, op="save_pretrained")
         return
+    cleanup: list[Callable[[], None]] = []  # removing the previous adapter: after the others are released
     with rdv.heartbeat():
         tensors, error = _run_gather(request.transfer, writer, rdv)
         if error is None:
             try:
-                _write_adapters(request, tensors, replace_files_only=replace_files_only)
+                _write_adapters(request, tensors, replace_files_only=replace_files_only, later=cleanup.append)
             except Exception as exc:
                 error = exc
     if ranks.distributed:
         rdv.post("done", status_of(error))
+    for task in cleanup:
+        task()
     if error is not None:
         raise error
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -317,12 +317,12 @@ def _rename_noreplace(a: Path, b: Path) -> None:
     os.rename(a, b)
 
 
-def _swap_in(tmp: Path, dest: Path) -> None:
+def _swap_in(tmp: Path, dest: Path, later: Callable[[Callable[[], None]], None]) -> None:
     if not os.path.lexists(dest):
         os.rename(tmp, dest)
         return
     if _rename_exchange(tmp, dest):  # `dest` is never missing; `tmp` now holds the previous adapter
-        shutil.rmtree(tmp, ignore_errors=True)
+        later(lambda: shutil.rmtree(tmp, ignore_errors=True))
         return
     # two renames: a writer killed between them leaves no `dest` and the previous adapter in `old`
     old = _hidden_name(dest.parent, f".{dest.name}{OLD_MARK}")
@@ -367,11 +367,21 @@ def _replace_in_place(tmp: Path, dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(save_directory: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+def _now(task: Callable[[], None]) -> None:
+    task()
+
+
+def publish(
+    save_directory: str | os.PathLike,
+    fill: Callable[[Path], None],
+    *,
+    later: Callable[[Callable[[], None]], None] = _now,
+) -> Path:
     """Create or replace the adapter directory `save_directory` with what `fill(tmp)` writes into `tmp`.
 
     `fill` gets an empty hidden sibling directory. On any error the sibling is removed and the destination
-    is untouched.
+    is untouched. Removing the previous adapter once the new one is in place is handed to `later` (at once
+    by default): a caller that others wait for can do it after telling them it is done.
     """
     dest = check_destination(save_directory)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -388,7 +398,7 @@ def publish(save_directory: str | os.PathLike, fill: Callable[[Path], None]) -> 
             _replace_in_place(tmp, dest)
         else:
             try:
-                _swap_in(tmp, dest)
+                _swap_in(tmp, dest, later)
             except OSError as exc:
                 if exc.errno not in (errno.EBUSY, errno.EXDEV, errno.EPERM):
                     raise

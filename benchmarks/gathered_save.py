@@ -124,9 +124,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--paths", default=",".join(PATHS), help=f"subset of {','.join(PATHS)}")
     parser.add_argument("--json", type=Path, help="write the results here (rank 0)")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="time with glibc's default (dynamic) mmap threshold, as a training process runs: buffers are then "
+        "reused from the heap instead of being mapped and faulted in afresh each save (memory figures are "
+        "then unreliable)",
+    )
     args = parser.parse_args()
     paths = args.paths.split(",")
-    reexec_with_fixed_mmap_threshold()
+    if not args.default_malloc:
+        reexec_with_fixed_mmap_threshold()
 
     if args.backend == "zero3":
         import deepspeed

@@ -144,3 +144,16 @@ def test_unshared_directory_is_named(tmp_path):
     assert "cannot see the files rank 0 prepared" in results[1].error and "shared by every rank" in results[1].error
     assert results[0].result.get("type") == "RemoteError", results[0].output[-3000:]
     assert not (tmp_path / "private" / "shards" / "manifest.json").exists()
+
+
+def test_writer_out_of_memory_is_agreed_before_any_tensor_moves(tmp_path):
+    """The writer allocates its buffers while planning: running out of memory there fails every rank at the
+    agreement (the writer its own error, the others RemoteError naming it), and no rank sends anything."""
+    import json
+
+    results = run_ranks("writer_out_of_memory", tmp_path)
+    assert results[0].result.get("type") == "OutOfMemoryError", results[0].output[-3000:]
+    assert results[1].result.get("type") == "RemoteError" and "could not allocate" in results[1].error
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"comm-{rank}.json").read_text()) == []
+    assert not (tmp_path / "adapter").exists()

@@ -611,6 +611,28 @@ def per_node_paths(rank, world, out: Path, params):
     return {"cwd": str(node)}
 
 
+@scenario
+def writer_out_of_memory(rank, world, out: Path, params):
+    """The writer cannot allocate its gather buffers: an agreed error on every rank, before any tensor moves."""
+    from backends import wrap
+
+    import shardsave.collect.sharded as sharded
+
+    if rank == 0:
+
+        def no_memory(nbytes, device, *, pinned=False):
+            raise torch.OutOfMemoryError(f"could not allocate {nbytes} bytes on {device}")
+
+        sharded._empty = no_memory
+    wrapped, _ = wrap(lora_model(params), params.get("backend", "fsdp2"))
+    with CommAudit() as audit:
+        try:
+            shardsave.save_pretrained(wrapped, out / "adapter", timeout=30)
+        finally:
+            (out / f"comm-{rank}.json").write_text(json.dumps(audit.calls))
+    return {}
+
+
 def _private_mount(path: Path) -> bool:
     """Give this process its own empty view of `path` (a tmpfs in a new mount namespace), as a rank on another
     node without a shared filesystem would have; False where the kernel refuses."""

@@ -286,6 +286,8 @@ class Rendezvous:
         done: every rank has then left the previous call."""
         if self._store is not None:
             for key in _previous_keys.get(self.ranks.rank, ()):
+                if key.startswith(self._prefix):  # a call numbered like this one (another store): not ours to drop
+                    continue
                 try:
                     self._store.delete_key(key)
                 except (RuntimeError, dist.DistError):

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -409,13 +410,47 @@ def _auto_mapping(peft_model, config) -> dict | None:
 
 def _render_texts(peft_model, adapter_names: Sequence[str], existing_card: Path) -> dict[str, bytes]:
     """The card (updating `existing_card` as PEFT does) and the configs, as bytes by relative path: rendered
-    apart, on the writer, while the ranks agree and the tensors travel."""
+    apart, on the writer, while the ranks agree and the tensors travel; reused while every input PEFT's
+    card and config writers read is the same (Trainer saves the same adapter config every N steps)."""
+    card = existing_card.read_bytes() if existing_card.is_file() else None
+    key = _texts_key(peft_model, adapter_names, card)
+    if key in _TEXTS:
+        _TEXTS.move_to_end(key)
+        return _TEXTS[key]
     with tempfile.TemporaryDirectory(prefix="shardsave-texts-") as tmp:
         root = Path(tmp)
-        if existing_card.is_file():
-            shutil.copyfile(existing_card, root / CARD_NAME)
+        if card is not None:
+            (root / CARD_NAME).write_bytes(card)
         render_text_files(peft_model, adapter_names, root)
-        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        texts = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    _TEXTS[key] = texts
+    while len(_TEXTS) > 8:
+        _TEXTS.popitem(last=False)
+    return texts
+
+
+def _texts_key(peft_model, adapter_names: Sequence[str], card: bytes | None) -> tuple:
+    """Everything `create_or_update_model_card` and `write_config` read: the existing card, the adapters'
+    configs, the classes, the base model's tags and name, PEFT's version."""
+    import peft
+
+    base = peft_model.get_base_model()
+    configs = [peft_model.peft_config[n].to_dict() for n in adapter_names]
+    return (
+        card,
+        tuple(adapter_names),
+        json.dumps(configs, sort_keys=True, default=str),
+        f"{type(peft_model).__module__}.{type(peft_model).__qualname__}",
+        f"{type(base).__module__}.{type(base).__qualname__}",
+        tuple(sorted(getattr(base, "model_tags", None) or [])),
+        tuple(peft_model._get_peft_specific_model_tags()),
+        getattr(getattr(base, "config", None), "_name_or_path", None),
+        _base_name_or_path(peft_model),
+        peft.__version__,
+    )
+
+
+_TEXTS: OrderedDict[tuple, dict[str, bytes]] = OrderedDict()
 
 
 _RENDER: ThreadPoolExecutor | None = None

@@ -1,0 +1,527 @@
+"""Check a saved PEFT adapter for the silent failures of distributed saves, before it is shipped or merged.
+
+    python -m shardsave.verify PATH [--base BASE] [--json] [--allow-pickle]
+
+A save under ZeRO-3 or FSDP that went wrong rarely raises: it writes a 40-byte file of `(0,)`-shaped tensors,
+an adapter whose `lora_B` are all zero (merged == base), or one where only one rank's slice of every `lora_B`
+survived. This reads any adapter folder (PEFT's, Trainer's, shardsave's; non-default adapters in their
+subfolders) one tensor at a time and names each problem with its key. Without `--base` the shapes are checked
+against the config's `r` / `rank_pattern`; with it, against what PEFT builds on the base model's structure,
+made on the meta device (no weights are loaded, nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .writer import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+
+__all__ = ["VerifyError", "Finding", "AdapterSummary", "Report", "KINDS", "verify_adapter", "main"]
+
+PREFIX = "base_model.model."
+#: Adapter types whose keys carry no model prefix (prompt learning saves bare `prompt_embeddings`).
+_UNPREFIXED_TYPES = frozenset({"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"})
+_LORA_PART = re.compile(
+    r"^(?P<module>.*)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?P<leaf>weight|bias))?$"
+)
+_MAX_SLICES = 1024
+
+#: Every `Finding.kind`, and what it means (the names are stable: `--json` consumers match on them).
+KINDS = {
+    "no_tensors": "the weights file holds no tensor",
+    "empty": "a tensor with no element (what a ZeRO-3 / FSDP save that did not gather writes)",
+    "non_finite": "NaN or Inf values",
+    "shape": "a shape that disagrees with the config (r, rank_pattern) or with the base model",
+    "incomplete": "a LoRA module with only some of its tensors (lora_A without lora_B, DoRA without magnitude)",
+    "no_prefix": f"a key without the {PREFIX!r} prefix: PEFT does not load it, silently",
+    "no_effect": "every lora_B is zero: the LoRA update is zero and merging it gives the base model",
+    "zero_lora_b": "this lora_B is zero while others are not: its module's update was lost (or never trained)",
+    "sliced": "only one contiguous 1/N block of every lora_B is non-zero: one rank's slice was saved",
+    "missing": "a tensor PEFT expects for this config on the base model is not in the file",
+    "unexpected": "a tensor that PEFT would not load for this config on the base model",
+}
+
+
+class VerifyError(ValueError):
+    """The adapter cannot be read at all (no config, corrupt or truncated file, a refused pickle)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem: in which adapter, which tensor (None for the adapter as a whole), what kind, and why."""
+
+    adapter: str
+    kind: str
+    key: str | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSummary:
+    """What was read: the adapter's name, its folder, weights file and tensor count."""
+
+    name: str
+    directory: str
+    file: str
+    peft_type: str | None
+    tensors: int
+
+
+@dataclass(slots=True)
+class Report:
+    """The findings for every adapter under `path`; `sound` when there are none."""
+
+    path: str
+    base: str | None = None
+    adapters: list[AdapterSummary] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def sound(self) -> bool:
+        return not self.findings
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "base": self.base,
+            "sound": self.sound,
+            "adapters": [asdict(a) for a in self.adapters],
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+
+def _adapter_dirs(root: Path) -> list[tuple[str, Path]]:
+    """`(name, folder)` of every adapter PEFT would load from `root`: `default` at the root, others below."""
+    if not root.is_dir():
+        raise VerifyError(f"{root}: not a directory. Pass the folder that holds {CONFIG_NAME}.")
+    found = [("default", root)] if (root / CONFIG_NAME).exists() else []
+    found += sorted((p.name, p) for p in root.iterdir() if p.is_dir() and (p / CONFIG_NAME).exists())
+    if not found:
+        weights = [n for n in (SAFETENSORS_NAME, BIN_NAME) if (root / n).exists()]
+        raise VerifyError(
+            f"{root}: no {CONFIG_NAME} here or in a subfolder"
+            + (f" (but {weights[0]} is here)" if weights else "")
+            + ". PEFT cannot load an adapter without its config: copy the training run's adapter_config.json "
+            "next to the weights."
+        )
+    return found
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise VerifyError(f"{path}: unreadable ({exc}); restore the adapter_config.json the training wrote.") from None
+    if not isinstance(config, dict):
+        raise VerifyError(f"{path}: holds {type(config).__name__}, not a JSON object.")
+    if config.get("peft_type") == "LORA" and not (isinstance(config.get("r"), int) and config["r"] > 0):
+        raise VerifyError(f"{path}: a LoRA config without a positive integer 'r' ({config.get('r')!r}).")
+    return config
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in (SAFETENSORS_NAME, BIN_NAME):
+        if (directory / name).is_file():
+            return directory / name
+    raise VerifyError(f"{directory}: has {CONFIG_NAME} but neither {SAFETENSORS_NAME} nor {BIN_NAME}.")
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:  # safe_open checks the header's bounds and that the data fills the file exactly
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        raise VerifyError(f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupt.") from None
+
+
+def _tensors(path: Path, allow_pickle: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(key, tensor)` one at a time, memory-mapped: only the tensor being checked is in memory."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        keys = _safetensors_keys(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    yield key, f.get_tensor(key)
+        except Exception as exc:
+            raise VerifyError(f"{path}: reading its tensors failed ({exc}); the file is corrupt.") from None
+        return
+    if not allow_pickle:
+        raise VerifyError(
+            f"{path}: a pickle, and shardsave does not unpickle files unless asked (loading a pickle can run "
+            f"code). Pass --allow-pickle (allow_pickle=True) to read it with torch.load(weights_only=True)."
+        )
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # the legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise VerifyError(f"{path}: not loadable with torch.load(weights_only=True) ({exc}).") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise VerifyError(f"{path}: holds {type(state).__name__}, not a dict of named tensors.")
+    yield from state.items()
+
+
+# --- checks ---------------------------------------------------------------------------------------------
+
+
+def _expected_rank(module: str, config: dict) -> int:
+    pattern = config.get("rank_pattern") or {}
+    if pattern:
+        from peft.utils.other import get_pattern_key
+
+        hit = get_pattern_key(list(pattern), module)
+        if hit in pattern:
+            return int(pattern[hit])
+    return int(config["r"])
+
+
+def _lora_shape_problem(part: str, leaf: str | None, shape: tuple[int, ...], r: int, multiple: bool) -> str | None:
+    """Why `shape` cannot be this LoRA tensor's at rank `r` (None when it can). `multiple`: a rank dimension that
+    is a multiple of r is right (LoRA on parameters stacks one rank block per expert)."""
+    if part == "lora_magnitude_vector" or leaf == "bias":
+        return None  # their size is the module's output size, checked against lora_B
+    axis = 0 if part in ("lora_A", "lora_embedding_A") else 1
+    if len(shape) < 2:
+        return f"is {list(shape)}, but {part} has at least 2 dimensions"
+    have = shape[axis]
+    if have == r or (multiple and have % r == 0):
+        return None
+    where = "first" if axis == 0 else "second"
+    return f"is {list(shape)}: its {where} dimension should be the rank r={r} of the config"
+
+
+def _block(mask: torch.Tensor) -> tuple[int, int] | None:
+    """`(lo, hi)` when the True entries of a 1-D mask are exactly `lo:hi`, else None (none, or not contiguous)."""
+    index = mask.nonzero().flatten()
+    if index.numel() == 0:
+        return None
+    lo, hi = int(index[0]), int(index[-1]) + 1
+    return (lo, hi) if hi - lo == index.numel() else None
+
+
+def _slicings(block: tuple[int, int] | None, size: int) -> set[tuple[int, int]] | None:
+    """Every `(N, k)` such that `block` is exactly rank k's part of `size` split in N (ceil-sized chunks, as
+    FSDP2 and torch.chunk split); None when the block is not one (no block, or the whole size)."""
+    if block is None or block == (0, size):
+        return None
+    lo, hi = block
+    out = set()
+    for n in range(2, _MAX_SLICES + 1):
+        chunk = math.ceil(size / n)
+        if lo % chunk == 0 and hi == min(lo + chunk, size):
+            out.add((n, lo // chunk))
+    return out
+
+
+@dataclass(slots=True)
+class _BState:
+    """What the adapter-wide lora_B checks need of each lora_B: sizes and non-zero blocks, not the values."""
+
+    rows: int
+    cols: int
+    zero: bool
+    row_block: tuple[int, int] | None
+    col_block: tuple[int, int] | None
+
+
+def _slice_finding(name: str, bs: dict[str, _BState]) -> Finding | None:
+    live = {k: b for k, b in bs.items() if not b.zero}
+    for axis, what in ((0, "rows"), (1, "columns")):
+        common: set[tuple[int, int]] | None = None
+        for b in live.values():
+            found = _slicings(b.row_block if axis == 0 else b.col_block, b.rows if axis == 0 else b.cols)
+            common = found if common is None else (common & found if found is not None else set())
+            if not common:
+                break
+        if not common:
+            continue
+        # a lora_B that is all zero fits when rank k's chunk of it is empty
+        common = {
+            (n, k)
+            for n, k in common
+            if all(k * math.ceil((b.rows if axis == 0 else b.cols) / n) >= (b.rows if axis == 0 else b.cols)
+                   for b in bs.values() if b.zero)
+        }  # fmt: skip
+        if not common:
+            continue
+        n, k = min(common)
+        others = sorted({m for m, _ in common} - {n})
+        return Finding(
+            name,
+            "sliced",
+            None,
+            f"in all {len(live)} non-zero lora_B, only {what} of part {k} of {n} are non-zero"
+            + (f" (or of {others})" if others else "")
+            + f": only one rank's 1/{n} slice was saved (likely {n} ranks), the rest is zero. Re-save the "
+            f"adapter with shardsave.save_pretrained on every rank, or rebuild it from the framework checkpoint.",
+        )
+    return None
+
+
+def _lora_b_findings(name: str, bs: dict[str, _BState], others: list[str]) -> list[Finding]:
+    if not bs:
+        return []
+    zero = sorted(k for k, b in bs.items() if b.zero)
+    if len(zero) == len(bs):
+        also = f" (only {', '.join(others)} can still change the model)" if others else ""
+        return [
+            Finding(
+                name,
+                "no_effect",
+                None,
+                f"all {len(bs)} lora_B tensors are zero, so the adapter's LoRA update is zero and merging it gives "
+                f"the base model{also}: untrained (B starts at zero) or its weights were lost in the save.",
+            )
+        ]
+    sliced = _slice_finding(name, bs)
+    if sliced is not None:
+        return [sliced]
+    return [
+        Finding(name, "zero_lora_b", k, "all zero while other lora_B are not: this module's update was lost or never "
+                "trained.")
+        for k in zero
+    ]  # fmt: skip
+
+
+def _check_adapter(name: str, directory: Path, config: dict, allow_pickle: bool) -> tuple[AdapterSummary, list]:
+    path = _weights_file(directory)
+    if path.suffix == ".safetensors":
+        _safetensors_keys(path)  # unreadable: fail before any finding
+    peft_type = config.get("peft_type")
+    lora = peft_type == "LORA"
+    multiple = bool(config.get("target_parameters"))
+    findings: list[Finding] = []
+    bs: dict[str, _BState] = {}
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}  # module -> part -> shape
+    extras = 0  # tensors other than LoRA's (modules_to_save copies, trainable tokens, saved layers)
+    count = 0
+    for key, tensor in _tensors(path, allow_pickle):
+        count += 1
+        shape = tuple(tensor.shape)
+        if tensor.numel() == 0:
+            findings.append(Finding(name, "empty", key, f"has shape {list(shape)}: no element was saved."))
+            continue
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            findings.append(Finding(name, "non_finite", key, f"{bad} of {tensor.numel()} values are NaN or Inf."))
+        if peft_type not in _UNPREFIXED_TYPES and not key.startswith(PREFIX):
+            findings.append(
+                Finding(name, "no_prefix", key, f"does not start with {PREFIX!r}, so PEFT silently skips it when "
+                        f"loading; save with PeftModel.save_pretrained or shardsave.save_pretrained.")
+            )  # fmt: skip
+        match = _LORA_PART.match(key) if lora else None
+        if match is None:
+            extras += 1
+            continue
+        module = match["module"].removeprefix(PREFIX)
+        part, leaf = match["part"], match["leaf"]
+        problem = _lora_shape_problem(part, leaf, shape, _expected_rank(module, config), multiple)
+        if problem is not None:
+            findings.append(Finding(name, "shape", key, problem + "."))
+        parts.setdefault(module, {})[part if leaf != "bias" else "bias"] = shape
+        if part in ("lora_B", "lora_embedding_B") and leaf != "bias" and len(shape) >= 2:
+            nonzero = tensor.reshape(shape[0], -1) != 0
+            rows, cols = nonzero.any(dim=1), nonzero.any(dim=0)
+            bs[key] = _BState(shape[0], nonzero.shape[1], not bool(rows.any()), _block(rows), _block(cols))
+    if count == 0:
+        findings.append(Finding(name, "no_tensors", None, f"{path.name} holds no tensor."))
+    for module, have in sorted(parts.items()):
+        findings += _pair_findings(name, module, have, bool(config.get("use_dora")))
+    others = ["the DoRA magnitudes"] if any("lora_magnitude_vector" in p for p in parts.values()) else []
+    others += [f"{extras} other saved tensors"] if extras else []
+    findings += _lora_b_findings(name, bs, others)
+    return AdapterSummary(name, str(directory), path.name, peft_type, count), findings
+
+
+def _pair_findings(name: str, module: str, have: dict[str, tuple[int, ...]], dora: bool) -> list[Finding]:
+    embedding = "lora_embedding_A" in have or "lora_embedding_B" in have
+    a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    key = f"{PREFIX}{module}"
+    out = []
+    for part in (a, b):
+        if part not in have:
+            out.append(Finding(name, "incomplete", f"{key}.{part}", f"missing while {key} has {sorted(have)}."))
+    if dora and "lora_magnitude_vector" not in have:
+        out.append(Finding(name, "incomplete", f"{key}.lora_magnitude_vector", "missing: the config uses DoRA."))
+    if b in have and len(have[b]) >= 2:
+        size = have[b][0]
+        for part in ("lora_magnitude_vector", "bias"):
+            if part in have and math.prod(have[part]) != size:
+                out.append(
+                    Finding(name, "shape", f"{key}.{part}", f"is {list(have[part])}, but {b} has {size} outputs.")
+                )
+    return out
+
+
+# --- against the base model -------------------------------------------------------------------------------
+
+
+def _base_config(base: str):
+    from transformers import AutoConfig
+
+    folder = Path(base)
+    if not (folder / "config.json").is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base, "config.json")
+        except Exception:  # not a repo id huggingface_hub accepts
+            cached = None
+        if not isinstance(cached, str):
+            raise VerifyError(
+                f"--base {base}: neither a folder with config.json nor a model in the local Hugging Face cache. "
+                f"Nothing is downloaded: pass the base model's folder, or download its config.json first."
+            )
+        folder = Path(cached).parent
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise VerifyError(f"--base {base}: its config.json cannot be read by transformers ({exc}).") from None
+
+
+def _expected_state(base_config, directory: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """What PEFT itself saves for this config on the base's structure: key -> shape, and every key of the model
+    (a saved frozen layer, such as a resized embedding, is one of those)."""
+    import transformers
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+
+    try:
+        config = PeftConfig.from_pretrained(str(directory))
+    except Exception as exc:
+        raise VerifyError(f"{directory / CONFIG_NAME}: PEFT cannot read it ({exc}).") from None
+    if hasattr(config, "init_lora_weights"):
+        config.init_lora_weights = True  # the structure only: PiSSA/LoftQ initialisations need real weights
+    auto = {
+        "SEQ_CLS": "AutoModelForSequenceClassification",
+        "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+        "TOKEN_CLS": "AutoModelForTokenClassification",
+        "QUESTION_ANS": "AutoModelForQuestionAnswering",
+        "FEATURE_EXTRACTION": "AutoModel",
+    }.get(str(config.task_type), "AutoModelForCausalLM")
+    try:
+        with torch.device("meta"):
+            model = getattr(transformers, auto).from_config(base_config)
+            peft_model = get_peft_model(model, config)
+        expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    except Exception as exc:
+        raise VerifyError(
+            f"{directory / CONFIG_NAME}: PEFT cannot apply this config to the base model "
+            f"({type(exc).__name__}: {exc}); it was not trained on this base."
+        ) from None
+    return {k: tuple(v.shape) for k, v in expected.items()}, set(peft_model.state_dict())
+
+
+def _base_findings(name: str, path: Path, expected: dict, known: set[str], allow_pickle: bool) -> list[Finding]:
+    saved: dict[str, tuple[int, ...]] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:  # readable: checked before
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    else:
+        saved = {k: tuple(t.shape) for k, t in _tensors(path, allow_pickle)}
+    out = []
+    for key, shape in sorted(expected.items()):
+        if key not in saved:
+            out.append(Finding(name, "missing", key, f"PEFT expects it ({list(shape)}) for this config on the base."))
+        elif saved[key] != shape and math.prod(saved[key]) != 0:  # empty tensors are reported already
+            out.append(Finding(name, "shape", key, f"is {list(saved[key])}, the base model needs {list(shape)}."))
+    for key in sorted(set(saved) - set(expected) - known):
+        out.append(Finding(name, "unexpected", key, "not a tensor of this config on the base: PEFT ignores it."))
+    return out
+
+
+# --- entry points ------------------------------------------------------------------------------------------
+
+
+def verify_adapter(path: str | os.PathLike, *, base: str | None = None, allow_pickle: bool = False) -> Report:
+    """Check every adapter under `path` (the folder `save_pretrained` wrote); `base` (a local folder with
+    config.json, or a Hub id in the local cache) adds the check against the base model's structure.
+
+    Raises `VerifyError` when an adapter cannot be read at all; problems in readable adapters are findings.
+    """
+    root = Path(os.fspath(path))
+    report = Report(str(root), base)
+    adapters = [(name, directory, _read_config(directory)) for name, directory in _adapter_dirs(root)]
+    base_config = _base_config(base) if base is not None else None
+    for name, directory, config in adapters:
+        summary, findings = _check_adapter(name, directory, config, allow_pickle)
+        if base_config is not None:
+            expected, known = _expected_state(base_config, directory)
+            found = {(f.kind, f.key) for f in findings}
+            findings += [
+                f
+                for f in _base_findings(name, directory / summary.file, expected, known, allow_pickle)
+                if ("shape", f.key) not in found or f.kind != "shape"
+            ]
+        report.adapters.append(summary)
+        report.findings += findings
+    return report
+
+
+def _print_text(report: Report) -> None:
+    for adapter in report.adapters:
+        findings = [f for f in report.findings if f.adapter == adapter.name]
+        where = Path(adapter.directory, adapter.file)
+        state = "sound" if not findings else f"{len(findings)} problem(s)"
+        print(f"{where}: adapter {adapter.name!r}, {adapter.tensors} tensors: {state}")
+        for f in findings:
+            print(f"  [{f.kind}] {f.key or '(adapter)'}: {f.message}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m shardsave.verify",
+        description="Check a saved PEFT adapter folder (and its subfolders for non-default adapters) for empty, "
+        "sliced, all-zero, non-finite or misshapen tensors, keys PEFT would not load, and (with --base) tensors the "
+        "base model needs. Reads one tensor at a time; nothing is written or downloaded.",
+        epilog="Exit status: 0 sound; 1 problems found (each named with its key); 2 unreadable (no config, a "
+        "truncated or corrupt file, a refused pickle, a base that cannot be found).",
+    )
+    parser.add_argument("path", help="the adapter folder (holds adapter_config.json)")
+    parser.add_argument("--base", help="base model: a local folder with config.json, or a Hub id in the local cache")
+    parser.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read an adapter_model.bin (with torch.load(weights_only=True)); refused otherwise",
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = verify_adapter(args.path, base=args.base, allow_pickle=args.allow_pickle)
+    except VerifyError as exc:
+        if args.json:
+            print(json.dumps({"path": args.path, "base": args.base, "sound": False, "error": str(exc)}, indent=2))
+        print(f"shardsave.verify: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_text(report)
+    return 0 if report.sound else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -197,10 +197,10 @@ def _expected_rank(module: str, config: dict) -> int:
     return int(config["r"])
 
 
-def _lora_shape_problem(part: str, leaf: str | None, shape: tuple[int, ...], r: int, multiple: bool) -> str | None:
+def _lora_shape_problem(part: str, shape: tuple[int, ...], r: int, multiple: bool) -> str | None:
     """Why `shape` cannot be this LoRA tensor's at rank `r` (None when it can). `multiple`: a rank dimension that
     is a multiple of r is right (LoRA on parameters stacks one rank block per expert)."""
-    if part == "lora_magnitude_vector" or leaf == "bias":
+    if part in ("lora_magnitude_vector", "bias"):
         return None  # their size is the module's output size, checked against lora_B
     axis = 0 if part in ("lora_A", "lora_embedding_A") else 1
     if len(shape) < 2:
@@ -320,6 +320,11 @@ def _check_adapter(name: str, directory: Path, config: dict, allow_pickle: bool)
     for key, tensor in _tensors(path, allow_pickle):
         count += 1
         shape = tuple(tensor.shape)
+        match = _LORA_PART.match(key) if lora else None
+        module = match["module"].removeprefix(PREFIX) if match else ""
+        part = ("bias" if match["leaf"] == "bias" else match["part"]) if match else ""
+        if match:
+            parts.setdefault(module, {})[part] = shape
         if tensor.numel() == 0:
             findings.append(Finding(name, "empty", key, f"has shape {list(shape)}: no element was saved."))
             continue
@@ -331,17 +336,13 @@ def _check_adapter(name: str, directory: Path, config: dict, allow_pickle: bool)
                 Finding(name, "no_prefix", key, f"does not start with {PREFIX!r}, so PEFT silently skips it when "
                         f"loading; save with PeftModel.save_pretrained or shardsave.save_pretrained.")
             )  # fmt: skip
-        match = _LORA_PART.match(key) if lora else None
         if match is None:
             extras += 1
             continue
-        module = match["module"].removeprefix(PREFIX)
-        part, leaf = match["part"], match["leaf"]
-        problem = _lora_shape_problem(part, leaf, shape, _expected_rank(module, config), multiple)
+        problem = _lora_shape_problem(part, shape, _expected_rank(module, config), multiple)
         if problem is not None:
             findings.append(Finding(name, "shape", key, problem + "."))
-        parts.setdefault(module, {})[part if leaf != "bias" else "bias"] = shape
-        if part in ("lora_B", "lora_embedding_B") and leaf != "bias" and len(shape) >= 2:
+        if part in ("lora_B", "lora_embedding_B") and len(shape) >= 2:
             nonzero = tensor.reshape(shape[0], -1) != 0
             rows, cols = nonzero.any(dim=1), nonzero.any(dim=0)
             bs[key] = _BState(shape[0], nonzero.shape[1], not bool(rows.any()), _block(rows), _block(cols))
@@ -362,7 +363,8 @@ def _pair_findings(name: str, module: str, have: dict[str, tuple[int, ...]], dor
     out = []
     for part in (a, b):
         if part not in have:
-            out.append(Finding(name, "incomplete", f"{key}.{part}", f"missing while {key} has {sorted(have)}."))
+            leaf = ".weight" if part in ("lora_A", "lora_B") else ""
+            out.append(Finding(name, "incomplete", f"{key}.{part}{leaf}", f"missing while {key} has {sorted(have)}."))
     if dora and "lora_magnitude_vector" not in have:
         out.append(Finding(name, "incomplete", f"{key}.lora_magnitude_vector", "missing: the config uses DoRA."))
     if b in have and len(have[b]) >= 2:

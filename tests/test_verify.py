@@ -1,0 +1,304 @@
+"""`shardsave.verify` catches each broken adapter a distributed save produces, and passes the sound ones."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from tiny import base_model, llama_config, train_a_little
+
+import shardsave
+from shardsave.verify import KINDS, VerifyError, main, verify_adapter
+from shardsave.writer import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trained(config: LoraConfig, *, adapters=()):
+    """A LoRA initialised by PEFT (B = 0) and trained a little, so that every B is non-zero."""
+    model = get_peft_model(base_model(), config)
+    for name, cfg in adapters:
+        model.add_adapter(name, cfg)
+    for n, p in model.named_parameters():
+        if any(f".{a}." in n or n.endswith(f".{a}") for a in model.peft_config):
+            p.requires_grad_(True)
+    train_a_little(model)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _trained(LoraConfig(r=4, target_modules=TARGETS))
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    """PEFT's own save of the trained adapter."""
+    out = tmp_path_factory.mktemp("peft")
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    llama_config().save_pretrained(str(out))
+    return out
+
+
+def _copy(saved: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(saved, tmp_path / "adapter"))
+
+
+def _rewrite(directory: Path, edit) -> None:
+    """Apply `edit(tensors)` to the adapter's tensors and write them back as safetensors."""
+    path = directory / SAFETENSORS_NAME
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _kinds(report) -> set[tuple[str, str | None]]:
+    return {(f.kind, f.key) for f in report.findings}
+
+
+def _lora_b(tensors: dict) -> list[str]:
+    return [k for k in tensors if ".lora_B." in k]
+
+
+# --- sound adapters ---------------------------------------------------------------------------------------
+
+
+def test_peft_save_is_sound(saved, base_dir):
+    report = verify_adapter(saved)
+    assert report.sound, report.findings
+    assert [(a.name, a.file, a.tensors) for a in report.adapters] == [("default", SAFETENSORS_NAME, 16)]
+    assert verify_adapter(saved, base=str(base_dir)).sound
+
+
+def test_shardsave_save_with_dora_embedding_and_second_adapter_is_sound(tmp_path, base_dir):
+    model = _trained(
+        LoraConfig(
+            r=4, target_modules=["q_proj", "down_proj", "embed_tokens"], use_dora=True, rank_pattern={"down_proj": 2}
+        ),
+        adapters=[("other", LoraConfig(r=2, target_modules="all-linear", modules_to_save=["lm_head"]))],
+    )
+    shardsave.save_pretrained(model, tmp_path / "out")
+    report = verify_adapter(tmp_path / "out", base=str(base_dir))
+    assert report.sound, report.findings
+    assert [a.name for a in report.adapters] == ["default", "other"]
+
+
+def test_bin_adapter_read_only_with_allow_pickle(model, tmp_path):
+    model.save_pretrained(str(tmp_path), safe_serialization=False)
+    with pytest.raises(VerifyError, match="pickle.*--allow-pickle"):
+        verify_adapter(tmp_path)
+    assert verify_adapter(tmp_path, allow_pickle=True).sound
+
+
+# --- broken adapters: problems, exit 1 -------------------------------------------------------------------
+
+
+def test_untrained_adapter_does_nothing(tmp_path):
+    get_peft_model(base_model(), LoraConfig(r=4, target_modules=TARGETS)).save_pretrained(str(tmp_path))
+    report = verify_adapter(tmp_path)
+    assert _kinds(report) == {("no_effect", None)}
+    assert "untrained" in report.findings[0].message and "base model" in report.findings[0].message
+
+
+def test_zeroed_lora_b(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+    _rewrite(adapter, lambda t: [t[k].zero_() for k in _lora_b(t)])
+    assert _kinds(verify_adapter(adapter)) == {("no_effect", None)}
+
+
+def test_one_zeroed_lora_b_is_named(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    _rewrite(adapter, lambda t: t[key].zero_())
+    assert _kinds(verify_adapter(adapter)) == {("zero_lora_b", key)}
+
+
+def test_one_rank_slice_of_rows_names_the_world_size(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+
+    def keep_first_quarter(tensors):  # what FSDP2's rank 0 holds of every lora_B (dim-0 chunks of 4 ranks)
+        for k in _lora_b(tensors):
+            tensors[k][math.ceil(tensors[k].shape[0] / 4) :] = 0
+
+    _rewrite(adapter, keep_first_quarter)
+    report = verify_adapter(adapter)
+    assert [(f.kind, f.key) for f in report.findings] == [("sliced", None)]
+    assert "part 0 of 4" in report.findings[0].message and "likely 4 ranks" in report.findings[0].message
+
+
+def test_one_rank_slice_of_columns_at_a_later_rank(tmp_path):
+    _trained(LoraConfig(r=8, target_modules=TARGETS)).save_pretrained(str(tmp_path))
+
+    def keep_rank_2_of_4(tensors):
+        for k in _lora_b(tensors):
+            tensors[k][:, :4] = 0
+            tensors[k][:, 6:] = 0
+
+    _rewrite(tmp_path, keep_rank_2_of_4)
+    (finding,) = verify_adapter(tmp_path).findings
+    assert finding.kind == "sliced" and "columns of part 2 of 4" in finding.message
+
+
+def test_empty_tensors_like_an_ungathered_zero3_save(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+    _rewrite(adapter, lambda t: t.update({k: torch.empty(0) for k in t}))
+    report = verify_adapter(adapter)
+    assert {f.kind for f in report.findings} == {"empty"}
+    assert {f.key for f in report.findings} == set(load_file(str(saved / SAFETENSORS_NAME)))
+
+
+def test_nan(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _rewrite(adapter, lambda t: t[key].view(-1).__setitem__(3, float("nan")))
+    assert _kinds(verify_adapter(adapter)) == {("non_finite", key)}
+
+
+def test_wrong_r_in_config(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+    config = json.loads((adapter / CONFIG_NAME).read_text())
+    (adapter / CONFIG_NAME).write_text(json.dumps({**config, "r": 8}))
+    report = verify_adapter(adapter)
+    assert {f.kind for f in report.findings} == {"shape"}
+    assert {f.key for f in report.findings} == set(load_file(str(saved / SAFETENSORS_NAME)))
+    assert "r=8" in report.findings[0].message
+
+
+def test_keys_without_prefix(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+    prefix = "base_model.model."
+
+    def strip(tensors):
+        for k in list(tensors):
+            tensors[k.removeprefix(prefix)] = tensors.pop(k)
+
+    _rewrite(adapter, strip)
+    report = verify_adapter(adapter)
+    assert {f.kind for f in report.findings} == {"no_prefix"}
+    assert len(report.findings) == 16
+
+
+def test_base_missing_module_and_unexpected_keys(saved, tmp_path, base_dir):
+    adapter = _copy(saved, tmp_path)
+    module, other = "base_model.model.model.layers.1.mlp.down_proj", "base_model.model.model.layers.0.mlp.up_proj"
+    _rewrite(adapter, lambda t: [t.pop(f"{module}.lora_{p}.weight") for p in "AB"])
+    assert verify_adapter(adapter).sound  # the file alone looks fine
+    assert _kinds(verify_adapter(adapter, base=str(base_dir))) == {
+        ("missing", f"{module}.lora_A.weight"),
+        ("missing", f"{module}.lora_B.weight"),
+    }
+    _rewrite(
+        adapter,
+        lambda t: t.update({f"{other}.lora_A.weight": torch.ones(4, 32), f"{other}.lora_B.weight": torch.ones(64, 4)}),
+    )
+    assert verify_adapter(adapter).sound
+    assert {(k, f) for k, f in _kinds(verify_adapter(adapter, base=str(base_dir))) if k == "unexpected"} == {
+        ("unexpected", f"{other}.lora_A.weight"),
+        ("unexpected", f"{other}.lora_B.weight"),
+    }
+
+
+def test_base_that_cannot_be_found(saved, tmp_path):
+    with pytest.raises(VerifyError, match="--base nobody/no-such-model: neither a folder"):
+        verify_adapter(saved, base="nobody/no-such-model")
+    assert main([str(saved), "--base", str(tmp_path)]) == 2
+
+
+# --- unreadable: exit 2 ----------------------------------------------------------------------------------
+
+
+def test_truncated_file(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+    path = adapter / SAFETENSORS_NAME
+    os.truncate(path, path.stat().st_size - 10)
+    with pytest.raises(VerifyError, match="truncated or corrupt"):
+        verify_adapter(adapter)
+    path.write_bytes(b"\xff" * 8 + b"{}")  # a header length far past the end
+    with pytest.raises(VerifyError, match=str(path)):
+        verify_adapter(adapter)
+
+
+def test_missing_or_unreadable_config(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+    (adapter / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(VerifyError, match="adapter_config.json: unreadable"):
+        verify_adapter(adapter)
+    (adapter / CONFIG_NAME).unlink()
+    with pytest.raises(VerifyError, match="no adapter_config.json.*adapter_model.safetensors is here"):
+        verify_adapter(adapter)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_that_would_run_code_is_never_executed(saved, tmp_path):
+    adapter = _copy(saved, tmp_path)
+    (adapter / SAFETENSORS_NAME).unlink()
+    marker = tmp_path / "ran"
+    torch.save({"base_model.model.x.lora_A.weight": _RunsCode(marker)}, adapter / BIN_NAME, pickle_module=pickle)
+    assert main([str(adapter)]) == 2
+    assert main([str(adapter), "--allow-pickle"]) == 2  # weights_only refuses the call
+    assert not marker.exists()
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "shardsave.verify", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_cli_exit_codes_and_json(saved, tmp_path):
+    sound = _cli(str(saved), "--json")
+    assert sound.returncode == 0, sound.stderr
+    data = json.loads(sound.stdout)
+    assert data["sound"] is True and data["findings"] == [] and data["adapters"][0]["name"] == "default"
+
+    adapter = _copy(saved, tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"
+    _rewrite(adapter, lambda t: t.update({key: torch.empty(0)}))
+    broken = _cli(str(adapter), "--json")
+    assert broken.returncode == 1
+    findings = json.loads(broken.stdout)["findings"]
+    assert findings == [{"adapter": "default", "kind": "empty", "key": key, "message": findings[0]["message"]}]
+    assert all(f["kind"] in KINDS for f in findings)
+
+    os.truncate(adapter / SAFETENSORS_NAME, 100)
+    unreadable = _cli(str(adapter), "--json")
+    assert unreadable.returncode == 2
+    assert "truncated or corrupt" in json.loads(unreadable.stdout)["error"]
+    assert "shardsave.verify: error:" in unreadable.stderr
+
+
+def test_text_output_names_each_key(saved, tmp_path, capsys):
+    adapter = _copy(saved, tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _rewrite(adapter, lambda t: t[key].fill_(float("inf")))
+    assert main([str(adapter)]) == 1
+    out = capsys.readouterr().out
+    assert "1 problem(s)" in out and f"[non_finite] {key}:" in out

@@ -664,5 +664,26 @@ def unshared_shards(rank, world, out: Path, params):
     return {}
 
 
+@scenario
+def dcp_save(rank, world, out: Path, params):
+    """FSDP2 training step, then the model saved with DCP as plain FQNs (`dcp/`) and as accelerate writes it,
+    with the optimizer (`pytorch_model_fsdp_0/`, keys under `model.` and `optim.`); rank 0 keeps the full
+    adapter tensors gathered natively for the comparison."""
+    import torch.distributed.checkpoint as dcp
+    from backends import full_state, train, wrap
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model = lora_model(params)
+    wrapped, opt = wrap(model, "fsdp2")
+    train(wrapped, opt, "fsdp2", rank)
+    dcp.save(get_model_state_dict(wrapped), checkpoint_id=str(out / "dcp"))
+    model_sd, optim_sd = get_state_dict(wrapped, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "pytorch_model_fsdp_0"))
+    state = full_state(wrapped, "fsdp2")
+    if rank == 0:
+        torch.save({k: v for k, v in state.items() if "lora_" in k}, out / "lora.pt")
+    return {}
+
+
 if __name__ == "__main__":
     main()

@@ -685,5 +685,33 @@ def dcp_save(rank, world, out: Path, params):
     return {}
 
 
+@scenario
+def deepspeed_save(rank, world, out: Path, params):
+    """For each of `params["runs"]` ({name, stage, bf16, exclude_frozen, model}): DeepSpeed ZeRO training steps,
+    then `engine.save_checkpoint(out / name)`; rank 0 keeps the trainable parameters gathered natively
+    (`out / name / "lora.pt"`) for the comparison. Several engines in one run save the start-up time."""
+    import deepspeed
+    from backends import full_state, train
+
+    for run in params["runs"]:
+        model = lora_model({**params, "model": run.get("model", {})})
+        config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": run["stage"], "stage3_param_persistence_threshold": 0},
+            "bf16": {"enabled": bool(run.get("bf16"))},
+        }
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        train(engine, None, "zero", rank)
+        folder = out / run["name"]
+        engine.save_checkpoint(str(folder), exclude_frozen_parameters=bool(run.get("exclude_frozen")))
+        state = full_state(engine, "zero")
+        if rank == 0:
+            torch.save({k: v for k, v in state.items() if "lora_" in k}, folder / "lora.pt")
+        engine.destroy()
+    return {}
+
+
 if __name__ == "__main__":
     main()

@@ -45,10 +45,13 @@ from .writer import (
     adapter_dir,
     check_destination,
     check_path_argument,
+    discard,
     publish,
     remove_stale,
     replace_adapter_files,
+    stage_directory,
     write_config,
+    write_files,
     write_weights,
 )
 
@@ -169,6 +172,7 @@ def _prepare_save(
     is_main: bool,
     allow_pickle: bool = False,
     gather: bool = True,
+    stage: bool = True,
 ) -> _SaveRequest:
     path = check_path_argument(save_directory)
     if save_embedding_layers not in ("auto", True, False):
@@ -201,7 +205,7 @@ def _prepare_save(
         if gather:  # save_shards moves nothing
             request.transfer = collector.prepare_gather(request.sources, ranks.rank)
             # last: the texts render (holding the GIL) while this rank waits for the others and the tensors
-            request.texts = _render_in_background(peft_model, selected, request.destination / CARD_NAME)
+            request.texts = _render_in_background(peft_model, selected, request.destination, stage=stage)
     return request
 
 
@@ -321,10 +325,14 @@ def _agree(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object], mai
     except Exception as exc:  # shared with the other ranks below, then re-raised
         error = exc
     payload = {"main": is_main, "args": getattr(result, "args", {}), "decided": getattr(result, "decided", None)}
-    if not ranks.distributed:
-        rdv.agree("start", payload, own=error)
-        return result, (ranks.rank if is_main else -1), payload["decided"]
-    verdict = rdv.agree("start", payload, own=error, decide=_decide_start)
+    try:
+        if not ranks.distributed:
+            rdv.agree("start", payload, own=error)
+            return result, (ranks.rank if is_main else -1), payload["decided"]
+        verdict = rdv.agree("start", payload, own=error, decide=_decide_start)
+    except BaseException:
+        _abandon(result)
+        raise
     rdv.forget_previous()
     return result, verdict["writer"], verdict["decided"]
 
@@ -456,11 +464,45 @@ _TEXTS: OrderedDict[tuple, dict[str, bytes]] = OrderedDict()
 _RENDER: ThreadPoolExecutor | None = None
 
 
-def _render_in_background(peft_model, adapter_names: Sequence[str], existing_card: Path) -> Future:
+@dataclass(frozen=True, slots=True)
+class _Texts:
+    files: dict[str, bytes]  # card and configs by relative path
+    staged: Path | None  # the hidden directory to publish, already holding them (written and fsynced)
+
+
+def _render_in_background(peft_model, adapter_names: Sequence[str], destination: Path, *, stage: bool) -> Future:
+    """Render the card and configs and, with `stage`, write and fsync them into the hidden directory the
+    adapter will be published from: done in a thread while the ranks agree and the tensors travel."""
     global _RENDER
     if _RENDER is None:
         _RENDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardsave-render")
-    return _RENDER.submit(_render_texts, peft_model, list(adapter_names), existing_card)
+
+    def task() -> _Texts:
+        files = _render_texts(peft_model, list(adapter_names), destination / CARD_NAME)
+        if not stage:
+            return _Texts(files, None)
+        staged = stage_directory(destination)
+        try:
+            write_files(staged, files)
+        except BaseException:
+            discard(staged)
+            raise
+        return _Texts(files, staged)
+
+    return _RENDER.submit(task)
+
+
+def _abandon(request) -> None:
+    """Remove what the writer staged for a save that will not publish (its texts' hidden directory)."""
+    texts = getattr(request, "texts", None)
+    if texts is None:
+        return
+    try:
+        staged = texts.result().staged
+    except Exception:
+        return
+    if staged is not None:
+        discard(staged)
 
 
 def render_text_files(peft_model, adapter_names: Sequence[str], root: Path) -> None:
@@ -490,11 +532,13 @@ def _write_adapters(
     host = to_host(by_key, request.initial)
     existing_card = request.destination / CARD_NAME
 
+    texts: _Texts | None = None
+    staged: Path | None = None
+
     def fill(tmp: Path) -> None:
-        if request.texts is not None:
-            for relative, data in request.texts.result().items():
-                (tmp / relative).parent.mkdir(exist_ok=True)
-                (tmp / relative).write_bytes(data)
+        if texts is not None:
+            if tmp != staged:  # else already written and fsynced there, while the tensors travelled
+                write_files(tmp, texts.files)
         else:
             if existing_card.is_file():  # PEFT updates an existing card rather than replacing it
                 shutil.copyfile(existing_card, tmp / CARD_NAME)
@@ -506,10 +550,13 @@ def _write_adapters(
                 rewrite_config_file(out / CONFIG_NAME)
 
     try:
+        if request.texts is not None:  # an error while rendering or staging them surfaces here
+            texts = request.texts.result()
+            staged = None if replace_files_only else texts.staged
         if replace_files_only:
             replace_adapter_files(request.destination, fill)
         else:
-            publish(request.destination, fill, **({} if later is None else {"later": later}))
+            publish(request.destination, fill, staged=staged, **({} if later is None else {"later": later}))
     except OSError as exc:
         raise SaveError(
             f"shardsave.save_pretrained: writing the adapter to {request.destination} failed: {type(exc).__name__}: "
@@ -554,6 +601,7 @@ def save_pretrained(
         initial=path_initial_model_for_weight_conversion,
         allow_pickle=allow_pickle,
         is_main_process=is_main_process,
+        stage=not replace_files_only,
     )
     if writer < 0:  # one process that is not the main process: PEFT writes nothing either
         return
@@ -577,6 +625,8 @@ def save_pretrained(
                 _write_adapters(request, tensors, replace_files_only=replace_files_only, later=cleanup.append)
             except Exception as exc:
                 error = exc
+        if error is not None:
+            _abandon(request)
     if ranks.distributed:
         rdv.post("done", status_of(error))
     for task in cleanup:

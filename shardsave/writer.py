@@ -38,6 +38,9 @@ __all__ = [
     "write_weights",
     "write_config",
     "publish",
+    "stage_directory",
+    "write_files",
+    "discard",
     "atomic_file",
     "replace_adapter_files",
     "check_destination",
@@ -371,23 +374,47 @@ def _now(task: Callable[[], None]) -> None:
     task()
 
 
+def stage_directory(save_directory: str | os.PathLike) -> Path:
+    """A new hidden sibling of `save_directory`, owner-tagged, to fill ahead of time (from another thread)
+    and hand to `publish(..., staged=)`; `discard` it if the save is abandoned."""
+    dest = check_destination(save_directory)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # not mkdtemp (mode 0700): the adapter's directory gets the mode PEFT's os.makedirs gives it
+    return _hidden(dest.parent, f".{dest.name}{TMP_MARK}", lambda path: os.mkdir(path, 0o777))
+
+
+def write_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    """`files` (relative path -> bytes) into `directory`, each fsynced (modes from the umask, as `open`)."""
+    for relative, data in files.items():
+        path = directory / relative
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        _fsync(path)
+
+
+def discard(staged: Path) -> None:
+    """Remove a staged directory that will not be published."""
+    shutil.rmtree(staged, ignore_errors=True)
+
+
 def publish(
     save_directory: str | os.PathLike,
     fill: Callable[[Path], None],
     *,
     later: Callable[[Callable[[], None]], None] = _now,
+    staged: Path | None = None,
 ) -> Path:
     """Create or replace the adapter directory `save_directory` with what `fill(tmp)` writes into `tmp`.
 
-    `fill` gets an empty hidden sibling directory. On any error the sibling is removed and the destination
-    is untouched. Removing the previous adapter once the new one is in place is handed to `later` (at once
-    by default): a caller that others wait for can do it after telling them it is done.
+    `fill` gets a hidden sibling directory: a new, empty one, or `staged` (from `stage_directory`, possibly
+    holding files written ahead). On any error the sibling is removed and the destination is untouched.
+    Removing the previous adapter once the new one is in place is handed to `later` (at once by default): a
+    caller that others wait for can do it after telling them it is done.
     """
     dest = check_destination(save_directory)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(dest)
-    # not mkdtemp (mode 0700): the adapter's directory gets the mode PEFT's os.makedirs gives it
-    tmp = _hidden(dest.parent, f".{dest.name}{TMP_MARK}", lambda path: os.mkdir(path, 0o777))
+    tmp = staged if staged is not None else stage_directory(dest)
     try:
         fill(tmp)
         if dest.is_dir():

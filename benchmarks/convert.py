@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shardsave.convert import convert_tensor, read_initial_adapter  # noqa: E402
-from shardsave.save import to_host  # noqa: E402
+from shardsave.host import to_host  # noqa: E402
 
 
 def median_time(fn, repeat: int, sync) -> float:

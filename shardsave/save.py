@@ -11,11 +11,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,38 +22,29 @@ import torch.distributed as dist
 from torch import nn
 
 from .collect import Collector, TensorInfo, TransferError, collector_for
-from .convert import (
-    check_convertible,
-    check_initial,
-    kind_of,
-    read_initial_adapter,
-    rewrite_config_file,
-    segment,
-)
-from .kernels import fill_segments
+from .convert import check_convertible, check_initial, read_initial_adapter, rewrite_config_file
+from .host import to_host
 from .layout import Layout, build_layout, find_peft_model, peel, resolve_save_embedding_layers
 from .log import logger
 from .names import check_adapter_name
 from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .reuse import PlanCache
 from .select import AdapterPlan, select_adapter
+from .texts import Texts, abandon, render_in_background, render_text_files
 from .writer import (
     CARD_NAME,
     CONFIG_NAME,
     adapter_dir,
     check_destination,
     check_path_argument,
-    discard,
     publish,
     remove_stale,
     replace_adapter_files,
-    stage_directory,
-    write_config,
     write_files,
     write_weights,
 )
 
-__all__ = ["save_pretrained", "gather_state_dict", "start_save", "adapter_dir", "render_text_files", "to_host"]
+__all__ = ["save_pretrained", "gather_state_dict", "start_save"]
 
 
 KeepSpec = Callable[[str, TensorInfo], bool] | Iterable[str] | None
@@ -205,7 +194,7 @@ def _prepare_save(
         if gather:  # save_shards moves nothing
             request.transfer = collector.prepare_gather(request.sources, ranks.rank)
             # last: the texts render (holding the GIL) while this rank waits for the others and the tensors
-            request.texts = _render_in_background(peft_model, selected, request.destination, stage=stage)
+            request.texts = render_in_background(peft_model, selected, request.destination, stage=stage)
     return request
 
 
@@ -331,193 +320,10 @@ def _agree(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object], mai
             return result, (ranks.rank if is_main else -1), payload["decided"]
         verdict = rdv.agree("start", payload, own=error, decide=_decide_start)
     except BaseException:
-        _abandon(result)
+        abandon(getattr(result, "texts", None))
         raise
     rdv.forget_previous()
     return result, verdict["writer"], verdict["decided"]
-
-
-def _key_name(key) -> str:
-    """The checkpoint key inside a `(adapter, key)` pair, or the key itself."""
-    return key[-1] if isinstance(key, tuple) else key
-
-
-def to_host(tensors: dict, initial: dict[str, torch.Tensor] | None = None) -> dict:
-    """The tensors on the host, converted (PiSSA/CorDA/OLoRA) first when `initial` is given.
-
-    Tensors already on the CPU that need no conversion are used as they are. Everything else is written,
-    converted where needed, into one packed buffer on its device (one Triton launch per dtype on CUDA, the
-    same segments with torch elsewhere), which reaches the host in a single copy. Keys may be any hashable;
-    the conversion rule reads the last element of a tuple key.
-    """
-    name = _key_name
-    as_is = {
-        k: t for k, t in tensors.items() if t.device.type == "cpu" and (initial is None or kind_of(name(k)) == "keep")
-    }
-    by_device: dict[torch.device, dict] = {}
-    for k, t in tensors.items():
-        if k not in as_is:
-            by_device.setdefault(t.device, {})[k] = t
-    out = dict(as_is)
-    for group in by_device.values():
-        out.update(_pack_to_host(group, initial))
-    return {k: out[k] for k in tensors}
-
-
-def _upload(initial: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The initial tensors that `like` needs, cast to their trained dtype, on its device: one copy per dtype."""
-    by_dtype: dict[torch.dtype, list[str]] = {}
-    for name, t in like.items():
-        by_dtype.setdefault(t.dtype, []).append(name)
-    device = next(iter(like.values())).device
-    result = {}
-    for dtype, names in by_dtype.items():
-        flat = torch.cat([initial[n].reshape(-1).to(dtype) for n in names]).to(device, non_blocking=True)
-        start = 0
-        for n in names:
-            size = initial[n].numel()
-            result[n] = flat[start : start + size].view(initial[n].shape)
-            start += size
-    return result
-
-
-def _pack_to_host(tensors: dict, initial: dict[str, torch.Tensor] | None = None) -> dict:
-    """Write `tensors` (one device), converted if `initial` is given, into one packed byte buffer on that
-    device; copy it to the host once and view it back. A tensor under several names is written once."""
-    first: dict[int, object] = {}
-    for k, t in tensors.items():
-        first.setdefault(id(t), k)
-    name = _key_name
-    converting = {} if initial is None else {name(k): t for k, t in tensors.items() if kind_of(name(k)) != "keep"}
-    on_device = _upload(initial, converting) if converting else {}
-    segments, shapes, total = {}, {}, 0
-    for ident, k in first.items():
-        segments[ident], shapes[ident] = segment(name(k), tensors[k].detach(), on_device.get(name(k)), total)
-        total += -(-segments[ident].nbytes // 16) * 16
-    device = next(iter(tensors.values())).device
-    packed = torch.empty(max(total, 16), dtype=torch.uint8, device=device)
-    fill_segments(packed, list(segments.values()))
-    host = packed.cpu()
-    result = {}
-    for k, t in tensors.items():
-        s = segments[id(t)]
-        result[k] = host[s.offset : s.offset + s.nbytes].view(t.dtype).view(shapes[id(t)])
-    return result
-
-
-def _base_name_or_path(peft_model) -> str | None:
-    return peft_model.base_model.model.__dict__.get("name_or_path", None) or None
-
-
-def _auto_mapping(peft_model, config) -> dict | None:
-    if config.task_type is not None:
-        return None
-    cls = type(peft_model.base_model.model)
-    return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-
-
-def _render_texts(peft_model, adapter_names: Sequence[str], existing_card: Path) -> dict[str, bytes]:
-    """The card (updating `existing_card` as PEFT does) and the configs, as bytes by relative path: rendered
-    apart, on the writer, while the ranks agree and the tensors travel; reused while every input PEFT's
-    card and config writers read is the same (Trainer saves the same adapter config every N steps)."""
-    card = existing_card.read_bytes() if existing_card.is_file() else None
-    key = _texts_key(peft_model, adapter_names, card)
-    if key in _TEXTS:
-        _TEXTS.move_to_end(key)
-        return _TEXTS[key]
-    with tempfile.TemporaryDirectory(prefix="shardsave-texts-") as tmp:
-        root = Path(tmp)
-        if card is not None:
-            (root / CARD_NAME).write_bytes(card)
-        render_text_files(peft_model, adapter_names, root)
-        texts = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-    _TEXTS[key] = texts
-    while len(_TEXTS) > 8:
-        _TEXTS.popitem(last=False)
-    return texts
-
-
-def _texts_key(peft_model, adapter_names: Sequence[str], card: bytes | None) -> tuple:
-    """Everything `create_or_update_model_card` and `write_config` read: the existing card, the adapters'
-    configs, the classes, the base model's tags and name, PEFT's version."""
-    import peft
-
-    base = peft_model.get_base_model()
-    configs = [peft_model.peft_config[n].to_dict() for n in adapter_names]
-    return (
-        card,
-        tuple(adapter_names),
-        json.dumps(configs, sort_keys=True, default=str),
-        f"{type(peft_model).__module__}.{type(peft_model).__qualname__}",
-        f"{type(base).__module__}.{type(base).__qualname__}",
-        tuple(sorted(getattr(base, "model_tags", None) or [])),
-        tuple(peft_model._get_peft_specific_model_tags()),
-        getattr(getattr(base, "config", None), "_name_or_path", None),
-        _base_name_or_path(peft_model),
-        peft.__version__,
-    )
-
-
-_TEXTS: OrderedDict[tuple, dict[str, bytes]] = OrderedDict()
-
-
-_RENDER: ThreadPoolExecutor | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Texts:
-    files: dict[str, bytes]  # card and configs by relative path
-    staged: Path | None  # the hidden directory to publish, already holding them (written and fsynced)
-
-
-def _render_in_background(peft_model, adapter_names: Sequence[str], destination: Path, *, stage: bool) -> Future:
-    """Render the card and configs and, with `stage`, write and fsync them into the hidden directory the
-    adapter will be published from: done in a thread while the ranks agree and the tensors travel."""
-    global _RENDER
-    if _RENDER is None:
-        _RENDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardsave-render")
-
-    def task() -> _Texts:
-        files = _render_texts(peft_model, list(adapter_names), destination / CARD_NAME)
-        if not stage:
-            return _Texts(files, None)
-        staged = stage_directory(destination)
-        try:
-            write_files(staged, files)
-        except BaseException:
-            discard(staged)
-            raise
-        return _Texts(files, staged)
-
-    return _RENDER.submit(task)
-
-
-def _abandon(request) -> None:
-    """Remove what the writer staged for a save that will not publish (its texts' hidden directory)."""
-    texts = getattr(request, "texts", None)
-    if texts is None:
-        return
-    try:
-        staged = texts.result().staged
-    except Exception:
-        return
-    if staged is not None:
-        discard(staged)
-
-
-def render_text_files(peft_model, adapter_names: Sequence[str], root: Path) -> None:
-    """The model card and each adapter's `adapter_config.json`, as PEFT writes them, into `root`."""
-    peft_model.create_or_update_model_card(str(root))
-    for name in adapter_names:
-        out = adapter_dir(root, name)
-        out.mkdir(exist_ok=True)
-        config = peft_model.peft_config[name]
-        write_config(
-            out,
-            config,
-            base_model_name_or_path=_base_name_or_path(peft_model),
-            auto_mapping=_auto_mapping(peft_model, config),
-        )
 
 
 def _write_adapters(
@@ -532,7 +338,7 @@ def _write_adapters(
     host = to_host(by_key, request.initial)
     existing_card = request.destination / CARD_NAME
 
-    texts: _Texts | None = None
+    texts: Texts | None = None
     staged: Path | None = None
 
     def fill(tmp: Path) -> None:
@@ -626,7 +432,7 @@ def save_pretrained(
             except Exception as exc:
                 error = exc
         if error is not None:
-            _abandon(request)
+            abandon(request.texts)
     if ranks.distributed:
         rdv.post("done", status_of(error))
     for task in cleanup:

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import torch
 
+from .host import to_host
 from .log import logger
 from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .replicas import diverging, fingerprints
-from .save import adapter_dir, render_text_files, start_save, to_host
+from .save import start_save
 from .stream import TensorSpec, dtype_name, write_streaming
-from .writer import CARD_NAME, CONFIG_NAME, atomic_file, remove_stale_in
+from .texts import render_text_files
+from .writer import CARD_NAME, CONFIG_NAME, adapter_dir, atomic_file, remove_stale_in
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name", "save_shards", "sha256_of"]
 

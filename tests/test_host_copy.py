@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardsave.save import _pack_to_host, to_host
+from shardsave.host import pack_to_host as _pack_to_host
+from shardsave.host import to_host
 from shardsave.writer import write_weights
 
 

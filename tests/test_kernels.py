@@ -124,7 +124,7 @@ def test_triton_kernel_addresses_in_64_bit(tmp_path, monkeypatch):
 def test_conversion_on_cuda_matches_cpu_reference():
     pytest.importorskip("triton")
     from shardsave.convert import convert_tensor
-    from shardsave.save import to_host
+    from shardsave.host import to_host
 
     trained = {"m.q.lora_A.weight": torch.randn(8, 64), "m.q.lora_B.weight": torch.randn(64, 8),
                "m.head.weight": torch.randn(10, 64)}  # fmt: skip

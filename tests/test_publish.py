@@ -43,7 +43,7 @@ def test_failure_while_writing_leaves_previous_adapter(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("shardsave.save.write_config", boom)
+    monkeypatch.setattr("shardsave.texts.write_config", boom)
     with pytest.raises(shardsave.SaveError, match="No space left on device.*Nothing was published") as info:
         shardsave.save_pretrained(peft_model(LoraConfig(target_modules=QV), seed=5), dest)
     assert isinstance(info.value.__cause__, OSError)

@@ -179,16 +179,20 @@ class Transfer:
             self._staging = _empty(largest, torch.device("cpu"), pinned=True) if largest and on_gpu else None
 
     def run(self, timeout: float | None) -> dict[str, torch.Tensor]:
-        """Every rank calls it; the full tensors (CPU, packed) on the destination, `{}` elsewhere."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Every rank calls it; the full tensors (CPU, packed) on the destination, `{}` elsewhere. Each round
+        is bounded by `timeout` on its own, so a healthy gather of many rounds is never cut short."""
+
+        def deadline() -> float | None:
+            return None if timeout is None else time.monotonic() + timeout
+
         if self.rank != self.plan.dst:
             local = iter(self._local)
             for index, pieces in self._sends:
-                self._send(index, [next(local) for _ in pieces], deadline)
+                self._send(index, [next(local) for _ in pieces], deadline())
             return {}
         self._place(self.plan.own, self._local)
         for index, round_ in enumerate(self.plan.rounds):
-            received = self._receive(index, deadline)
+            received = self._receive(index, deadline())
             bases, base = {}, 0
             for sender in sorted(round_.sizes):
                 bases[sender] = base
@@ -205,8 +209,7 @@ class Transfer:
         copy of everything on a device."""
         if not pieces:
             return
-        on_device = [s for s in srcs if s.device.type != "cpu"]
-        if on_device:
+        if any(s.device.type != "cpu" for s in srcs):
             host = torch.cat(srcs).cpu() if len(srcs) > 1 else srcs[0].cpu()
             srcs, at = [], 0
             for p in pieces:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -30,9 +29,8 @@ from .names import check_adapter_name
 from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .reuse import PlanCache
 from .select import AdapterPlan, select_adapter
-from .texts import Texts, abandon, render_in_background, render_text_files
+from .texts import Texts, abandon, render_in_background
 from .writer import (
-    CARD_NAME,
     CONFIG_NAME,
     adapter_dir,
     check_destination,
@@ -182,7 +180,6 @@ def _prepare_save(
         "plan": planned.digest,
         "initial": None if initial is None else os.fspath(initial),
     }
-    infos = collector.infos()
     request = _SaveRequest(peft_model, collector, choices, bool(safe_serialization), args)
     if is_main:  # the writer alone resolves the path, reads the base model's config and the initial adapter
         request.decided = {
@@ -190,7 +187,7 @@ def _prepare_save(
             "embeddings": _decide_embeddings(layout, peft_model, selected, save_embedding_layers),
         }
         if initial is not None:
-            request.initial = _check_conversion(peft_model, request.plans, infos, initial, allow_pickle)
+            request.initial = _check_conversion(peft_model, request.plans, collector.infos(), initial, allow_pickle)
         if gather:  # save_shards moves nothing
             request.transfer = collector.prepare_gather(request.sources, ranks.rank)
             # last: the texts render (holding the GIL) while this rank waits for the others and the tensors
@@ -336,19 +333,13 @@ def _write_adapters(
     """Convert if asked, bring to the host in one copy, publish. `tensors`: full tensors by source name."""
     by_key = {(p.adapter_name, key): tensors[src] for p in request.plans for key, src in p.entries.items()}
     host = to_host(by_key, request.initial)
-    existing_card = request.destination / CARD_NAME
 
-    texts: Texts | None = None
+    texts: Texts  # set below, inside the error handling; the writer rendered them while planning
     staged: Path | None = None
 
     def fill(tmp: Path) -> None:
-        if texts is not None:
-            if tmp != staged:  # else already written and fsynced there, while the tensors travelled
-                write_files(tmp, texts.files)
-        else:
-            if existing_card.is_file():  # PEFT updates an existing card rather than replacing it
-                shutil.copyfile(existing_card, tmp / CARD_NAME)
-            render_text_files(request.peft_model, [p.adapter_name for p in request.plans], tmp)
+        if tmp != staged:  # else already written and fsynced there, while the tensors travelled
+            write_files(tmp, texts.files)
         for plan in request.plans:
             out = adapter_dir(tmp, plan.adapter_name)
             write_weights(out, {key: host[(plan.adapter_name, key)] for key in plan.entries}, safe=request.safe)
@@ -356,9 +347,8 @@ def _write_adapters(
                 rewrite_config_file(out / CONFIG_NAME)
 
     try:
-        if request.texts is not None:  # an error while rendering or staging them surfaces here
-            texts = request.texts.result()
-            staged = None if replace_files_only else texts.staged
+        texts = request.texts.result()  # an error while rendering or staging them surfaces here
+        staged = None if replace_files_only else texts.staged
         if replace_files_only:
             replace_adapter_files(request.destination, fill)
         else:

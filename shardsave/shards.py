@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -36,7 +35,7 @@ from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_fai
 from .replicas import diverging, fingerprints
 from .save import start_save
 from .stream import TensorSpec, dtype_name, write_streaming
-from .texts import render_text_files
+from .texts import render_texts
 from .writer import CARD_NAME, CONFIG_NAME, adapter_dir, atomic_file, remove_stale_in
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name", "save_shards", "sha256_of"]
@@ -74,12 +73,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _texts(peft_model, adapter_names: list[str]) -> tuple[str, dict[str, str]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        render_text_files(peft_model, adapter_names, root)
-        card = (root / CARD_NAME).read_text()
-        configs = {name: (adapter_dir(root, name) / CONFIG_NAME).read_text() for name in adapter_names}
-    return card, configs
+    files = render_texts(peft_model, adapter_names, None)
+    configs = {name: files[str(adapter_dir(Path(), name) / CONFIG_NAME)].decode() for name in adapter_names}
+    return files[CARD_NAME].decode(), configs
 
 
 def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -31,11 +31,11 @@ def _auto_mapping(peft_model, config) -> dict | None:
     return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
 
-def render_texts(peft_model, adapter_names: Sequence[str], existing_card: Path) -> dict[str, bytes]:
-    """The card (updating `existing_card` as PEFT does) and the configs, as bytes by relative path: rendered
-    apart, on the writer, while the ranks agree and the tensors travel; reused while every input PEFT's
-    card and config writers read is the same (Trainer saves the same adapter config every N steps)."""
-    card = existing_card.read_bytes() if existing_card.is_file() else None
+def render_texts(peft_model, adapter_names: Sequence[str], existing_card: Path | None) -> dict[str, bytes]:
+    """The card (updating `existing_card`, if given and present, as PEFT does) and the configs, as bytes by
+    relative path; reused while every input PEFT's card and config writers read is the same (Trainer saves
+    the same adapter config every N steps)."""
+    card = existing_card.read_bytes() if existing_card is not None and existing_card.is_file() else None
     key = _texts_key(peft_model, adapter_names, card)
     if key in _TEXTS:
         _TEXTS.move_to_end(key)

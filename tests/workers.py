@@ -88,6 +88,18 @@ def lora_model(params: dict, **kwargs):
     return peft_model(LoraConfig(**lora), **params.get("model", {}), **kwargs)
 
 
+def save_reference(lora, state: dict, out: Path, logits=None, model_kwargs: dict | None = None, **save_kwargs):
+    """Rank 0's reference: PEFT's own save of the natively gathered weights (and the sharded logits)."""
+    from tiny import peft_model
+
+    reference = peft_model(lora, **(model_kwargs or {}))
+    _, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected[:5]
+    reference.save_pretrained(str(out / "theirs"), **save_kwargs)
+    if logits is not None:
+        torch.save(logits, out / "logits.pt")
+
+
 @scenario
 def writer_rank1(rank, world, out: Path, params):
     model = lora_model(params)
@@ -400,11 +412,7 @@ def backend_save(rank, world, out: Path, params):
     torch_logits = sharded_logits(wrapped)
     state = full_state(wrapped, backend)
     if rank == 0:
-        reference = peft_model(lora, **params.get("model", {}))
-        missing, unexpected = reference.load_state_dict(state, strict=False)
-        assert not unexpected, unexpected[:5]
-        reference.save_pretrained(str(out / "theirs"), **save_kwargs)
-        torch.save(torch_logits, out / "logits.pt")
+        save_reference(lora, state, out, torch_logits, params.get("model", {}), **save_kwargs)
         torch.save({k: v for k, v in state.items()}, out / "full_state.pt")
     return {"gathered": gathered}
 
@@ -496,11 +504,7 @@ def accelerate_save(rank, world, out: Path, params):
     torch_logits = logits(prepared)
     state = full_state(prepared, backend)
     if rank == 0:
-        reference = peft_model(lora)
-        _, unexpected = reference.load_state_dict(state, strict=False)
-        assert not unexpected, unexpected[:5]
-        reference.save_pretrained(str(out / "theirs"))
-        torch.save(torch_logits, out / "logits.pt")
+        save_reference(lora, state, out, torch_logits)
     return {"type": type(prepared).__name__}
 
 
@@ -558,11 +562,7 @@ def zero3_group_save(rank, world, out: Path, params):
     torch_logits = logits(engine)
     state = full_state(engine, "zero3")
     if rank == 0:
-        reference = peft_model(lora)
-        _, unexpected = reference.load_state_dict(state, strict=False)
-        assert not unexpected, unexpected[:5]
-        reference.save_pretrained(str(out / "theirs"))
-        torch.save(torch_logits, out / "logits.pt")
+        save_reference(lora, state, out, torch_logits)
     weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
     return {"partition_ranks": dist.get_process_group_ranks(weight.ds_process_group)}
 

@@ -39,7 +39,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 #: The folder accelerate (and so Trainer) writes an FSDP model's DCP checkpoint into (one per model).
 FSDP_MODEL_DIR = re.compile(r"pytorch_model_fsdp_(\d+)$")
-_CHECKPOINT_DIR = re.compile(r"checkpoint-\d+$")
+_CHECKPOINT_DIR = re.compile(r"checkpoint-\d+$")  # what Trainer names its checkpoint folders
 #: Parameter-name components that only a PEFT adapter's tensors have.
 _ADAPTER_PART = re.compile(
     r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save|"
@@ -145,29 +145,30 @@ def _not_a_source(folder: Path) -> str:
 # --- the adapter config -----------------------------------------------------------------------------------------
 
 
-def _configs_in(folder: Path, *, subfolders: bool) -> dict[str, Path]:
+def _configs_in(folder: Path, present: set[str]) -> dict[str, Path]:
     """Adapter name -> folder of its adapter_config.json, as PEFT lays adapters out: `default` at the root,
-    others in subfolders named after them (checkpoint folders are not adapters)."""
+    others in subfolders named after them; a subfolder counts only when the checkpoint holds an adapter of its
+    name (a copy of an adapter saved next to the checkpoint is not one of its adapters)."""
     found = {"default": folder} if (folder / CONFIG_NAME).is_file() else {}
-    if subfolders and folder.is_dir():
+    if folder.is_dir():
         for p in sorted(folder.iterdir()):
-            if p.is_dir() and (p / CONFIG_NAME).is_file() and not _CHECKPOINT_DIR.match(p.name):
+            if p.name in present and p.is_dir() and (p / CONFIG_NAME).is_file():
                 found.setdefault(p.name, p)
     return found
 
 
-def _find_configs(source: Source, adapter_config: str | os.PathLike | None) -> dict[str, Path]:
+def _find_configs(source: Source, adapter_config: str | os.PathLike | None, present: set[str]) -> dict[str, Path]:
     if adapter_config is not None:
         given = Path(adapter_config)
         if given.is_file():
             return {"default": given}
-        found = _configs_in(given, subfolders=True)
+        found = _configs_in(given, present)
         if not found:
             raise RescueError(f"--adapter-config {given}: no {CONFIG_NAME} there or in a subfolder.")
         return {name: folder / CONFIG_NAME for name, folder in found.items()}
     searched = list(dict.fromkeys([source.given, source.path, source.path.parent, source.given.parent]))
     for folder in searched:
-        found = _configs_in(folder, subfolders=folder in (source.given, source.path))
+        found = _configs_in(folder, present)
         if found:
             return {name: folder / CONFIG_NAME for name, folder in found.items()}
     raise RescueError(
@@ -458,7 +459,7 @@ def rescue_adapter(
     if destination == found.given or found.given in destination.parents:
         raise RescueError(f"{destination}: inside the checkpoint folder {found.given}; write the adapter elsewhere.")
     checkpoint = _open_checkpoint(found, tag=tag, allow_pickle=allow_pickle)
-    configs = _find_configs(found, adapter_config)
+    configs = _find_configs(found, adapter_config, _adapter_names_in(checkpoint.tensors))
     plan = _plan(checkpoint, configs, None if base is None else os.fspath(base))
     try:
         tensors = checkpoint.read(list(dict.fromkeys(plan.sources[n] for p in plan.plans for n in p.sources)))

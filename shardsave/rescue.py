@@ -30,7 +30,18 @@ from .layout import build_layout
 from .log import logger
 from .select import AdapterPlan, decide_embeddings, plan_choices
 from .texts import render_texts
-from .writer import BIN_NAME, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME, adapter_dir, check_destination, publish
+from .writer import (
+    BIN_NAME,
+    CARD_NAME,
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    adapter_dir,
+    check_destination,
+    publish,
+    replace_adapter_files,
+    write_files,
+    write_weights,
+)
 
 __all__ = ["RescueError", "Source", "DTYPES", "detect_source", "rescue_adapter"]
 
@@ -454,10 +465,17 @@ def rescue_adapter(
     if found.kind == "shards":
         raise RescueError(f"{found.given}: a shardsave shard set; merge it with shardsave.merge_shards.")
     destination = check_destination(output)
+    # into the checkpoint-N/ folder itself: its adapter files alone are replaced (the broken ones being rescued)
+    in_place = destination == found.given and found.path != found.given
     if destination.exists() and not overwrite:
-        raise RescueError(f"{destination}: already exists; pass overwrite=True (--overwrite) to replace it.")
-    if destination == found.given or found.given in destination.parents:
-        raise RescueError(f"{destination}: inside the checkpoint folder {found.given}; write the adapter elsewhere.")
+        raise RescueError(
+            f"{destination}: already exists; pass overwrite=True (--overwrite) to replace "
+            + ("its adapter files (nothing else in it is touched)." if in_place else "it.")
+        )
+    if not in_place and (destination == found.path or destination in found.path.parents):
+        raise RescueError(
+            f"{destination}: would replace the checkpoint {found.path} itself; write the adapter elsewhere."
+        )
     checkpoint = _open_checkpoint(found, tag=tag, allow_pickle=allow_pickle)
     configs = _find_configs(found, adapter_config, _adapter_names_in(checkpoint.tensors))
     plan = _plan(checkpoint, configs, None if base is None else os.fspath(base))
@@ -476,13 +494,14 @@ def rescue_adapter(
     by_adapter = {p.adapter_name: {key: value(src) for key, src in p.entries.items()} for p in plan.plans}
 
     def fill(tmp: Path) -> None:
-        from .writer import write_files, write_weights
-
         write_files(tmp, texts)
         for name, adapter in by_adapter.items():
             write_weights(adapter_dir(tmp, name), adapter, safe=safe_serialization)
 
-    publish(destination, fill)
+    if in_place:
+        replace_adapter_files(destination, fill)
+    else:
+        publish(destination, fill)
     logger.info(
         "rescued %d adapter(s), %d tensors, from %s (%s) into %s in %.2f s", len(plan.plans),
         sum(len(a) for a in by_adapter.values()), found.given, found.describe(), destination,

@@ -30,6 +30,7 @@ from .layout import build_layout
 from .log import logger
 from .select import AdapterPlan, decide_embeddings, plan_choices
 from .texts import render_texts
+from .verify import check_tensors, warn_findings
 from .writer import (
     BIN_NAME,
     CARD_NAME,
@@ -146,7 +147,10 @@ def _not_a_source(folder: Path) -> str:
             f"checkpoint the training wrote (e.g. checkpoint-N/, holding global_stepN/ or pytorch_model_fsdp_0/)."
         )
     if not names:
-        return f"{folder}: empty."
+        return (
+            f"{folder}: empty: no shard set (manifest.json), DeepSpeed checkpoint or DCP folder. A save_shards "
+            f"writing here did not finish (its manifest.json is written last): re-run it."
+        )
     return (
         f"{folder}: neither a shardsave shard set (manifest.json), a DeepSpeed checkpoint (latest, "
         f"global_stepN/*_model_states.pt) nor a DCP folder (.metadata); it holds {names[:8]}."
@@ -502,6 +506,12 @@ def rescue_adapter(
         replace_adapter_files(destination, fill)
     else:
         publish(destination, fill)
+    # what was rescued gets the checks a save gets: a checkpoint of an untrained or broken run shows here
+    configs_written = {p.adapter_name: plan.peft_model.peft_config[p.adapter_name].to_dict() for p in plan.plans}
+    warn_findings(
+        [f for name, adapter in by_adapter.items() for f in check_tensors(name, configs_written[name], adapter)],
+        destination,
+    )
     logger.info(
         "rescued %d adapter(s), %d tensors, from %s (%s) into %s in %.2f s", len(plan.plans),
         sum(len(a) for a in by_adapter.values()), found.given, found.describe(), destination,

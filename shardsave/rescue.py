@@ -209,9 +209,10 @@ def _load_config(path: Path):
                 config = PeftConfig.from_pretrained(tmp)
     except Exception as exc:
         raise RescueError(f"{path}: not an adapter config PEFT can read ({type(exc).__name__}: {exc}).") from None
-    if str(getattr(config, "peft_type", "")) not in ("LORA", "PeftType.LORA"):
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if peft_type != "LORA":
         raise RescueError(
-            f"{path}: an adapter of type {config.peft_type}; the rescue writes LoRA-family adapters (LoRA, DoRA, "
+            f"{path}: an adapter of type {peft_type}; the rescue writes LoRA-family adapters (LoRA, DoRA, "
             f"rsLoRA, PiSSA/CorDA/OLoRA-initialised LoRA)."
         )
     return config
@@ -411,8 +412,8 @@ def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes
         if tuple(have) != shapes[name]:
             raise RescueError(
                 f"{config_files}: does not fit the checkpoint {where}: {mapping[name]} is {list(have)} there, but "
-                f"{list(shapes[name])} for this config (r={_r_of(peft_configs, name)}). Pass the config the training "
-                f"used (--adapter-config)."
+                f"{list(shapes[name])} for this config (r={_r_of(peft_configs, name)}) on this base. Pass the config "
+                f"the training used (--adapter-config) and its base model (--base)."
             )
     planned = {mapping[n] for n in needed}
     ours = set(peft_configs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -682,9 +683,23 @@ def dcp_save(rank, world, out: Path, params):
     dcp.save(get_model_state_dict(wrapped), checkpoint_id=str(out / "dcp"))
     model_sd, optim_sd = get_state_dict(wrapped, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "pytorch_model_fsdp_0"))
-    adapter = {f"module._orig_mod.{k}": v for k, v in model_sd.items() if "lora_" in k}
+    # adapter-only, under every wrapper component a user's own state dict may carry
+    adapter = {
+        "module._orig_mod." + re.sub(r"(layers\.\d+)\.", r"\1._fsdp_wrapped_module._checkpoint_wrapped_module.", k): v
+        for k, v in model_sd.items()
+        if "lora_" in k
+    }
     dcp.save(adapter, checkpoint_id=str(out / "dcp_adapter"))
     shardsave.save_pretrained(wrapped, out / "reference")
+    # FSDP1 SHARDED_STATE_DICT of another model, with its own reference
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+
+    fsdp1, opt1 = wrap(lora_model(params, seed=3), "fsdp1_flat")
+    train(fsdp1, opt1, "fsdp1_flat", rank)
+    with FSDP.state_dict_type(fsdp1, StateDictType.SHARDED_STATE_DICT):
+        dcp.save({"model": fsdp1.state_dict()}, checkpoint_id=str(out / "fsdp1"))
+    shardsave.save_pretrained(fsdp1, out / "reference_fsdp1")
     state = full_state(wrapped, "fsdp2")
     if rank == 0:
         torch.save({k: v for k, v in state.items() if "lora_" in k}, out / "lora.pt")

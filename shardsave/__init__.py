@@ -6,6 +6,7 @@ Public API::
     shardsave.gather_state_dict(model, keep=None)           # full tensors of chosen parameters on one rank
     shardsave.save_shards(model, shards_directory, ...)     # every rank writes what it holds
     shardsave.merge_shards(shards_directory, output, ...)   # files only: python -m shardsave.merge
+    shardsave.rescue_adapter(checkpoint, output, ...)       # from a DeepSpeed / DCP checkpoint (same CLI)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ __all__ = [
     "save_shards",
     "merge_shards",
     "ShardSetError",
+    "rescue_adapter",
+    "RescueError",
     "SaveError",
     "MissingRanksError",
     "RemoteError",
@@ -33,4 +36,8 @@ def __getattr__(name: str):
         from . import merge
 
         return getattr(merge, name)
+    if name in ("rescue_adapter", "RescueError"):
+        from . import rescue
+
+        return getattr(rescue, name)
     raise AttributeError(f"module 'shardsave' has no attribute {name!r}")

@@ -169,3 +169,30 @@ def test_resized_vocabulary_saves_the_embeddings(tmp_path):
 
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         assert f.get_slice("base_model.model.model.embed_tokens.weight").get_shape() == [100, 32]
+
+
+@pytest.mark.multirank
+def test_trainer_zero3_checkpoint_rescued_in_place(tmp_path):
+    """The user's story end to end: Trainer + DeepSpeed ZeRO-3 on 2 gloo ranks writes checkpoint-2/; its adapter
+    file is then broken as in trl#4416 (every tensor saved with shape (0,)). verify says so; the merge rewrites
+    the adapter files in place from the ZeRO-3 checkpoint beside them, byte for byte what
+    shardsave.save_pretrained wrote from the live model, and touches nothing else in the folder."""
+    from multirank import check_ok, run_ranks
+    from safetensors.torch import load_file, save_file
+
+    from shardsave.verify import main as verify_main
+
+    results = run_ranks("trainer_zero3", tmp_path, limit=500)
+    check_ok(results)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    adapter = checkpoint / "adapter_model.safetensors"
+    save_file({k: torch.empty(0) for k in load_file(adapter)}, str(adapter), metadata={"format": "pt"})
+    assert verify_main([str(checkpoint)]) == 1
+    untouched = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in checkpoint.rglob("*") if p.is_file()}
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        untouched.pop(checkpoint / name)
+    code, err = rescue(checkpoint, "-o", checkpoint, "--overwrite", "--base", tmp_path / "base")
+    assert code == 0, err
+    assert verify_main([str(checkpoint)]) == 0
+    assert adapter.read_bytes() == (tmp_path / "reference" / "adapter_model.safetensors").read_bytes()
+    assert untouched == {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in untouched}

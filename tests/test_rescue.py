@@ -196,3 +196,22 @@ def test_trainer_zero3_checkpoint_rescued_in_place(tmp_path):
     assert verify_main([str(checkpoint)]) == 0
     assert adapter.read_bytes() == (tmp_path / "reference" / "adapter_model.safetensors").read_bytes()
     assert untouched == {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in untouched}
+
+
+def test_names_aligned_whatever_holds_the_peft_model():
+    """A pure check of the name alignment: the PeftModel's own names, the inner model's (saved without
+    `base_model.model.`), and a model holding the PeftModel (TRL's value head: `pretrained_model.` before every
+    name, and tensors of its own)."""
+    from shardsave.rescue import align_names
+
+    needed = [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight",
+        "base_model.model.lm_head.modules_to_save.default.weight",
+    ]
+    inner = {n.removeprefix("base_model.model."): 0 for n in needed} | {"model.embed_tokens.weight": 0}
+    outer = {f"pretrained_model.{n}": 0 for n in needed} | {"v_head.summary.weight": 0, "v_head.summary.bias": 0}
+    assert align_names(needed, {n: 0 for n in needed}) == {n: n for n in needed}
+    assert align_names(needed, inner) == {n: n.removeprefix("base_model.model.") for n in needed}
+    assert align_names(needed, outer) == {n: f"pretrained_model.{n}" for n in needed}
+    assert align_names(needed, {"model.embed_tokens.weight": 0}) == {}

@@ -150,6 +150,8 @@ def test_foreign_global_is_refused_not_run(saves, tmp_path):
     torch.save({**states, "extra": Payload(marker)}, path)
     with pytest.raises(UnsafeCheckpointError, match=r"mp_rank_00_model_states.pt: refers to os.makedirs.*allow_pickle"):
         read_checkpoint(copy)
+    code, err = rescue(copy, "-o", tmp_path / "out", "--base", copy / "base")  # the merge CLI: exit 2, not run
+    assert code == 2 and "refers to os.makedirs" in err and not (tmp_path / "out").exists()
     assert not marker.exists()
 
 

@@ -3,6 +3,7 @@
 Public API::
 
     shardsave.save_pretrained(model, save_directory, ...)   # every rank calls; the main process writes
+    shardsave.load_pretrained(model, path, ...)             # every rank calls; each reads what it holds
     shardsave.gather_state_dict(model, keep=None)           # full tensors of chosen parameters on one rank
     shardsave.save_shards(model, shards_directory, ...)     # every rank writes what it holds
     shardsave.merge_shards(shards_directory, output, ...)   # files only: python -m shardsave.merge
@@ -11,12 +12,15 @@ Public API::
 
 from __future__ import annotations
 
+from .load import LoadResult, load_pretrained
 from .ranks import MissingRanksError, RemoteError, SaveError
 from .save import gather_state_dict, save_pretrained
 from .shards import save_shards
 
 __all__ = [
     "save_pretrained",
+    "load_pretrained",
+    "LoadResult",
     "gather_state_dict",
     "save_shards",
     "merge_shards",

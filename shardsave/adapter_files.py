@@ -76,12 +76,12 @@ class AdapterFiles:
 
 
 def _adapter_folder(path: Path, adapter_name: str) -> Path | None:
-    """The folder holding the adapter's config: `path` itself, or `path/<adapter_name>` (PEFT's layout for a
-    non-default adapter saved beside others)."""
-    if (path / CONFIG_NAME).is_file():
-        return path
+    """The folder holding the adapter's config: `path/<adapter_name>` (PEFT's layout for a non-default adapter
+    saved beside others) when there is one, else `path` itself (a folder of that adapter alone)."""
     if adapter_name != "default" and (path / adapter_name / CONFIG_NAME).is_file():
         return path / adapter_name
+    if (path / CONFIG_NAME).is_file():
+        return path
     return None
 
 

@@ -121,6 +121,7 @@ def _prepare(model: nn.Module, path, adapter_name: str, strict: bool, allow_pick
             f"loads into an existing adapter: add it first (peft_model.add_adapter(name, config)) or pass adapter_name."
         )
     root = peel(model)
+    _reshard(root)
     collector = collector_for(root, ranks)
     files = open_adapter(path, adapter_name, allow_pickle=allow_pickle)
     problems = compare_configs(files.config, peft_model.peft_config[adapter_name].to_dict())
@@ -166,6 +167,18 @@ def _prepare(model: nn.Module, path, adapter_name: str, strict: bool, allow_pick
     args = {"path": str(files.path), "adapter_name": adapter_name, "strict": strict, "plan": digest}
     live = [n for n in infos if n not in set(loaded.values())]
     return _Prepared(args, writes, LoadResult(live, unexpected))
+
+
+def _reshard(root: nn.Module) -> None:
+    """FSDP2 leaves the root's parameters gathered after a forward (`reshard_after_forward` is off for the root):
+    the module then holds full copies that the next backward replaces with the shards. Written there, a load
+    would be undone at the first step, so every FSDP2 module is put back to its shards first (local, no
+    collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _writes_of(collector, name: str, param, files, key: str) -> list[_Write]:

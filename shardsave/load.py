@@ -163,8 +163,10 @@ def _prepare(model: nn.Module, path, adapter_name: str, strict: bool, allow_pick
         if name not in seen:  # tied names: written once
             seen.add(name)
             writes += _writes_of(collector, name, params.get(name), files, key)
-    digest = hashlib.sha256(json.dumps([[k, s] for k, s in loaded.items()]).encode()).hexdigest()[:16]
-    args = {"path": str(files.path), "adapter_name": adapter_name, "strict": strict, "plan": digest}
+    # what was planned and what the files hold (not the path: a node may keep its copy elsewhere)
+    specs = [[k, list(v.shape), str(v.dtype)] for k, v in files.specs.items()]
+    plan = json.dumps([[[k, s] for k, s in loaded.items()], specs, files.config], sort_keys=True, default=str)
+    args = {"adapter_name": adapter_name, "strict": strict, "plan": hashlib.sha256(plan.encode()).hexdigest()[:16]}
     live = [n for n in infos if n not in set(loaded.values())]
     return _Prepared(args, writes, LoadResult(live, unexpected))
 
@@ -249,7 +251,7 @@ def _same_args(statuses: dict[int, dict]) -> None:
     for rank, status in sorted(statuses.items()):
         for field, value in status["args"].items():
             if value != reference[field]:
-                what = "another model or adapter layout" if field == "plan" else f"{field}={value!r}"
+                what = "another model, adapter layout or saved adapter" if field == "plan" else f"{field}={value!r}"
                 raise ValueError(
                     f"Ranks disagree on the load: rank {rank} has {what}, rank 0 has "
                     f"{'another' if field == 'plan' else repr(reference[field])}. Every rank must call "
@@ -295,7 +297,7 @@ def load_pretrained(
     rdv.agree("loaded", {}, own=error)
     nbytes = sum(w.value.numel() * w.value.element_size() for w in prepared.writes)
     logger.info(
-        "loaded adapter %r from %s: %d tensors, %.2f MiB on this rank, in %.2f s", adapter_name, prepared.args["path"],
+        "loaded adapter %r from %s: %d tensors, %.2f MiB on this rank, in %.2f s", adapter_name, os.fspath(path),
         len(prepared.writes), nbytes / 2**20, time.perf_counter() - started,
     )  # fmt: skip
     return prepared.result

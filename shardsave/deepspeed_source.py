@@ -50,6 +50,7 @@ __all__ = [
     "read_checkpoint",
     "deepspeed_tensors",
     "read_tensors",
+    "read_frozen",
 ]
 
 #: The file in the save folder naming the most recent tag (written by `engine.save_checkpoint`).
@@ -92,6 +93,7 @@ class DeepSpeedCheckpoint:
     world_size: int
     tensors: dict[str, DeepSpeedTensor]  # canonical name -> the optimizer's parameters, in `param_shapes` order
     module_keys: dict[str, str]  # canonical name -> key in `module` (what the model-state file saved, frozen too)
+    frozen: dict[str, DeepSpeedTensor]  # canonical name -> a parameter the optimizer does not hold (group -1)
     ds_version: str | None
     optim_files: tuple[Path, ...]  # per rank
     partitions: tuple[tuple[torch.Tensor, ...], ...]  # per rank, its flat fp32 groups, mapped (on disk until read)
@@ -306,9 +308,26 @@ def read_checkpoint(
     else:
         tensors = _layout_zero3(states_file, param_shapes, partitions, names, module, config, world)
     module_keys = {names[k]: k for k in module}
+    frozen = _frozen(states, module, config, set(tensors))
     return DeepSpeedCheckpoint(
-        path, stage, world, tensors, module_keys, states.get("ds_version"), tuple(files), tuple(partitions)
+        path, stage, world, tensors, module_keys, frozen, states.get("ds_version"), tuple(files), tuple(partitions)
     )
+
+
+def _frozen(states: dict, module: dict, config: Any, held: set[str]) -> dict[str, DeepSpeedTensor]:
+    """The parameters saved without master weights: `frozen_param_shapes` (ZeRO-2/3, unless excluded), else the
+    non-empty entries of `module` (ZeRO-1) that the optimizer does not hold."""
+    shapes = states.get("frozen_param_shapes")
+    if isinstance(shapes, dict):
+        found = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
+    else:
+        found = {k: tuple(v.shape) for k, v in module.items() if isinstance(v, torch.Tensor) and v.numel()}
+    names = _canonical(list(found))
+    return {
+        names[k]: DeepSpeedTensor(k, shape, _trained_dtype(k, module, config), -1, 0)
+        for k, shape in found.items()
+        if names[k] not in held
+    }
 
 
 def _add(tensors: dict, names: dict, states_file: Path, tensor: DeepSpeedTensor) -> None:
@@ -433,6 +452,47 @@ def _read_one(checkpoint: DeepSpeedCheckpoint, tensor: DeepSpeedTensor) -> torch
     return out.view(tensor.shape)
 
 
+def _model_states(checkpoint: DeepSpeedCheckpoint, rank: int, allow_pickle: bool) -> dict[str, Any]:
+    name = "mp_rank_00_model_states.pt" if checkpoint.stage <= 2 else f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+    return _load(checkpoint.folder / name, allow_pickle)
+
+
+def read_frozen(
+    checkpoint: DeepSpeedCheckpoint, names: Iterable[str], *, allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
+    """Frozen parameters (`checkpoint.frozen`; no fp32 master weights: in the dtype they trained in), as full CPU
+    tensors: from `frozen_param_fragments` (ZeRO-3: each rank's model states hold `ceil(numel / world)` elements
+    of each) or `module` (ZeRO-1/2). The files are memory-mapped: only these parameters' pages are read."""
+    wanted = list(dict.fromkeys(names))
+    missing = [n for n in wanted if n not in checkpoint.frozen]
+    if missing:
+        raise DeepSpeedCheckpointError(
+            f"{checkpoint.folder}: no frozen parameter named {missing[:5]} was saved (saved with "
+            f"exclude_frozen_parameters=True, or not a parameter of this model)."
+        )
+    if not wanted:
+        return {}
+    out = {n: torch.empty(checkpoint.frozen[n].numel, dtype=checkpoint.frozen[n].dtype) for n in wanted}
+    ranks = range(checkpoint.world_size) if checkpoint.stage == 3 else range(1)
+    for rank in ranks:
+        states = _model_states(checkpoint, rank, allow_pickle)
+        fragments = states.get("frozen_param_fragments")
+        source = fragments if isinstance(fragments, dict) else states.get("module") or {}
+        for name in wanted:
+            entry = checkpoint.frozen[name]
+            value = source.get(entry.key)
+            piece = math.ceil(entry.numel / checkpoint.world_size) if checkpoint.stage == 3 else entry.numel
+            lo = rank * piece if checkpoint.stage == 3 else 0
+            take = max(0, min(piece, entry.numel - lo))
+            if not isinstance(value, torch.Tensor) or value.numel() < take:
+                raise DeepSpeedCheckpointError(
+                    f"{checkpoint.folder}: rank {rank}'s model states hold no data for the frozen parameter "
+                    f"{entry.key!r} ({'none' if value is None else tuple(value.shape)}); the files are damaged."
+                )
+            out[name][lo : lo + take].copy_(value.reshape(-1)[:take])
+    return {n: out[n].view(checkpoint.frozen[n].shape) for n in wanted}
+
+
 def read_tensors(
     folder: str | os.PathLike | DeepSpeedCheckpoint,
     names: Iterable[str],
@@ -453,10 +513,9 @@ def read_tensors(
     wanted = list(dict.fromkeys(names))
     missing = [n for n in wanted if n not in checkpoint.tensors]
     if missing:
-        frozen = [n for n in missing if n in checkpoint.module_keys]
+        frozen = [n for n in missing if n in checkpoint.module_keys or n in checkpoint.frozen]
         why = (
-            f"; {frozen[:5]} are frozen parameters, which have no fp32 master weights (read them from the "
-            f"model states' 'module')"
+            f"; {frozen[:5]} are frozen parameters, which have no fp32 master weights (read them with read_frozen)"
             if frozen
             else ""
         )

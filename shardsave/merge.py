@@ -2,6 +2,8 @@
 
     python -m shardsave.merge SHARDS_DIR [-o OUTPUT_DIR] [--bin] [--overwrite]
 
+The same command rescues the adapter from a DeepSpeed or DCP checkpoint (see `shardsave.rescue`).
+
 Reads only the files: no process group, no GPU. The whole set is checked before anything is written
 (manifest, sizes, checksums, headers, one run, one world size, one configuration, every element of every
 tensor covered exactly once); the output is then published atomically. Safetensors output is streamed one
@@ -353,43 +355,87 @@ def _check_conversion(shard_set: ShardSet, initial_path, allow_pickle: bool) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shardsave.merge",
-        description="Merge the per-rank shards written by shardsave.save_shards into the adapter directory that "
-        "PeftModel.save_pretrained would write (adapter_model.safetensors, adapter_config.json, README.md).",
-        epilog="Exit status: 0 merged; 2 the shard set or the output is not acceptable (nothing written); "
+        description="Write the adapter directory PeftModel.save_pretrained would write (adapter_model.safetensors, "
+        "adapter_config.json, README.md) from the per-rank shards of shardsave.save_shards, or rescue it from a "
+        "DeepSpeed ZeRO or torch.distributed.checkpoint (DCP / FSDP) checkpoint, or a Trainer checkpoint-N/ "
+        "holding one, reading only the adapter's bytes.",
+        epilog="Exit status: 0 written; 2 the source or the output is not acceptable (nothing written); "
         "1 writing failed (disk full, unwritable; nothing published) or an unexpected error.",
     )
-    parser.add_argument("shards", help="directory written by shardsave.save_shards (holds manifest.json)")
     parser.add_argument(
-        "-o", "--output", help="adapter directory to write (default: next to the shards, SHARDS-merged)"
+        "shards",
+        metavar="SRC",
+        help="a shard set (holds manifest.json), a DeepSpeed save folder (holds latest) or tag folder, a DCP "
+        "folder (holds .metadata), or a Trainer / accelerate checkpoint-N/ folder holding one of them",
     )
+    parser.add_argument("-o", "--output", help="adapter directory to write (default: next to SRC, SRC-merged)")
+    parser.add_argument(
+        "--adapter-config",
+        help="checkpoints: adapter_config.json, or a folder of adapters as PEFT saves them (default: found in SRC "
+        "or its parent)",
+    )
+    parser.add_argument(
+        "--base",
+        help="checkpoints: the base model's folder (its config.json) or a Hub id in the local cache (default: "
+        "the adapter config's base_model_name_or_path); its structure is built without weights",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="checkpoints: dtype of the written tensors (auto: what the model trained in)",
+    )
+    parser.add_argument("--tag", help="DeepSpeed: the tag to read (default: the one `latest` names)")
     parser.add_argument("--initial-adapter", help="initial PiSSA/CorDA/OLoRA adapter, to convert to plain LoRA")
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="read an initial adapter saved as adapter_model.bin (with torch.load(weights_only=True))",
+        help="read an initial adapter saved as adapter_model.bin (with torch.load(weights_only=True)); DeepSpeed: "
+        "load checkpoint files that refer to types outside the allowlist (only for files you trust)",
     )
     parser.add_argument("--bin", action="store_true", help="write adapter_model.bin instead of .safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     args = parser.parse_args(argv)
     try:
-        out = merge_shards(
-            args.shards,
-            args.output,
-            safe_serialization=not args.bin,
-            path_initial_model_for_weight_conversion=args.initial_adapter,
-            allow_pickle=args.allow_pickle,
-            overwrite=args.overwrite,
-            progress=False if args.no_progress else None,
-        )
-    except (ValueError, NotImplementedError) as exc:  # ShardSetError, or a bad output path
+        from .rescue import detect_source, rescue_adapter
+
+        source = detect_source(args.shards, tag=args.tag)
+        if source.kind == "shards":
+            for option in ("adapter_config", "base", "tag"):
+                if getattr(args, option) is not None:
+                    raise ShardSetError(f"--{option.replace('_', '-')} applies to framework checkpoints, not shards.")
+            out = merge_shards(
+                args.shards,
+                args.output,
+                safe_serialization=not args.bin,
+                path_initial_model_for_weight_conversion=args.initial_adapter,
+                allow_pickle=args.allow_pickle,
+                overwrite=args.overwrite,
+                progress=False if args.no_progress else None,
+            )
+        else:
+            if args.initial_adapter is not None:
+                raise ShardSetError("--initial-adapter converts shard sets; rescue the adapter first, then convert.")
+            out = rescue_adapter(
+                source.given,
+                args.output if args.output is not None else default_output(source.given),
+                adapter_config=args.adapter_config,
+                base=args.base,
+                dtype=args.dtype,
+                tag=args.tag,
+                safe_serialization=not args.bin,
+                allow_pickle=args.allow_pickle,
+                overwrite=args.overwrite,
+            )
+    except (ValueError, NotImplementedError) as exc:  # ShardSetError, RescueError, or a bad output path
         print(f"shardsave.merge: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unwritable output, disk full: publish left the output as it was
         print(f"shardsave.merge: error: writing the adapter failed ({type(exc).__name__}: {exc}); nothing was "
               f"published and the output directory is unchanged.", file=sys.stderr)  # fmt: skip
         return 1
-    print(f"shardsave.merge: wrote the adapter to {out}")
+    print(f"shardsave.merge: read {source.describe()} from {source.given}; wrote the adapter to {out}")
     return 0
 
 

@@ -23,12 +23,12 @@ from torch import nn
 from .collect import Collector, TensorInfo, TransferError, collector_for
 from .convert import check_convertible, check_initial, read_initial_adapter, rewrite_config_file
 from .host import to_host
-from .layout import Layout, build_layout, find_peft_model, peel, resolve_save_embedding_layers
+from .layout import Layout, build_layout, find_peft_model, peel
 from .log import logger
 from .names import check_adapter_name
 from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .reuse import PlanCache
-from .select import AdapterPlan, select_adapter
+from .select import AdapterPlan, decide_embeddings, plan_choices
 from .texts import Texts, abandon, render_in_background
 from .writer import (
     CONFIG_NAME,
@@ -108,45 +108,6 @@ def _check_selected(peft_model, selected_adapters: Sequence[str] | None) -> list
     return selected
 
 
-def _plan_choices(layout: Layout, peft_model, infos: dict[str, TensorInfo], selected: list[str], value) -> dict:
-    """Each adapter's plan for each embeddings decision `value` allows ("auto": both, decided by the writer).
-    No file is read here."""
-    names = list(infos)
-    choices: dict[str, dict[bool, AdapterPlan]] = {}
-    for name in selected:
-        config = peft_model.peft_config[name]
-        _, targeted = resolve_save_embedding_layers(
-            value if value != "auto" else True,
-            config=config,
-            peft_model=peft_model,
-            candidates=layout.embedding_candidates,
-        )
-        options = (True, False) if value == "auto" else (bool(value),)
-        choices[name] = {
-            option: select_adapter(
-                layout,
-                names,
-                name,
-                bias=getattr(config, "bias", "none"),
-                use_dora=bool(getattr(config, "use_dora", False)),
-                save_embeddings=option,
-                embedding_targeted=targeted,
-            )
-            for option in options
-        }
-    return choices
-
-
-def _decide_embeddings(layout: Layout, peft_model, selected: list[str], value) -> dict[str, bool]:
-    """The writer's `save_embedding_layers` decision per adapter (reads the base model's config for "auto")."""
-    return {
-        name: resolve_save_embedding_layers(
-            value, config=peft_model.peft_config[name], peft_model=peft_model, candidates=layout.embedding_candidates
-        )[0]
-        for name in selected
-    }
-
-
 def _prepare_save(
     model,
     save_directory,
@@ -184,7 +145,7 @@ def _prepare_save(
     if is_main:  # the writer alone resolves the path, reads the base model's config and the initial adapter
         request.decided = {
             "destination": str(check_destination(save_directory)),
-            "embeddings": _decide_embeddings(layout, peft_model, selected, save_embedding_layers),
+            "embeddings": decide_embeddings(layout, peft_model, selected, save_embedding_layers),
         }
         if initial is not None:
             request.initial = _check_conversion(peft_model, request.plans, collector.infos(), initial, allow_pickle)
@@ -217,7 +178,7 @@ def _plan(root, peft_model, ranks: Ranks, selected: list[str], save_embedding_la
     collector = collector_for(root, ranks)
     infos = collector.infos()
     layout = build_layout(peft_model)
-    choices = _plan_choices(layout, peft_model, infos, selected, save_embedding_layers)
+    choices = plan_choices(layout, peft_model, list(infos), selected, save_embedding_layers)
     sources = list(dict.fromkeys(s for options in choices.values() for plan in options.values() for s in plan.sources))
     structure = [[n, list(i.shape), str(i.dtype), i.requires_grad] for n, i in infos.items()]
     # which rank holds which range of each tensor: every rank must derive the same, or the gather would mix

@@ -1,5 +1,5 @@
 """Which state-dict entries make up one adapter, and under which checkpoint keys: PEFT's format as a pure
-function of a `Layout` and the list of state-dict names.
+function of a `Layout` and the list of state-dict names (and, for `save_embedding_layers`, the configs).
 
 No tensors pass through here, so every rank computes the same plan before anything is gathered, and the
 rules can be tested without a model.
@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .layout import Layout
+from .layout import Layout, resolve_save_embedding_layers
 from .names import is_under, strip_adapter_name
 
-__all__ = ["AdapterPlan", "select_adapter"]
+__all__ = ["AdapterPlan", "select_adapter", "plan_choices", "decide_embeddings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +96,41 @@ def select_adapter(
                 picked.update({n: n for n in mine if n.startswith(f"{module}.")})
 
     return AdapterPlan(adapter_name, {strip_adapter_name(k, adapter_name): v for k, v in picked.items()})
+
+
+def plan_choices(layout: Layout, peft_model, names: Sequence[str], selected: list[str], value) -> dict:
+    """Each adapter's plan for each embeddings decision `value` allows ("auto": both, decided by the writer).
+    No file is read here."""
+    choices: dict[str, dict[bool, AdapterPlan]] = {}
+    for name in selected:
+        config = peft_model.peft_config[name]
+        _, targeted = resolve_save_embedding_layers(
+            value if value != "auto" else True,
+            config=config,
+            peft_model=peft_model,
+            candidates=layout.embedding_candidates,
+        )
+        options = (True, False) if value == "auto" else (bool(value),)
+        choices[name] = {
+            option: select_adapter(
+                layout,
+                names,
+                name,
+                bias=getattr(config, "bias", "none"),
+                use_dora=bool(getattr(config, "use_dora", False)),
+                save_embeddings=option,
+                embedding_targeted=targeted,
+            )
+            for option in options
+        }
+    return choices
+
+
+def decide_embeddings(layout: Layout, peft_model, selected: list[str], value) -> dict[str, bool]:
+    """The writer's `save_embedding_layers` decision per adapter (reads the base model's config for "auto")."""
+    return {
+        name: resolve_save_embedding_layers(
+            value, config=peft_model.peft_config[name], peft_model=peft_model, candidates=layout.embedding_candidates
+        )[0]
+        for name in selected
+    }

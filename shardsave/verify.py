@@ -381,57 +381,30 @@ def _pair_findings(name: str, module: str, have: dict[str, tuple[int, ...]], dor
 
 
 def _base_config(base: str):
-    from transformers import AutoConfig
+    from .skeleton import SkeletonError, base_config
 
-    folder = Path(base)
-    if not (folder / "config.json").is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(base, "config.json")
-        except Exception:  # not a repo id huggingface_hub accepts
-            cached = None
-        if not isinstance(cached, str):
-            raise VerifyError(
-                f"--base {base}: neither a folder with config.json nor a model in the local Hugging Face cache. "
-                f"Nothing is downloaded: pass the base model's folder, or download its config.json first."
-            )
-        folder = Path(cached).parent
     try:
-        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:
-        raise VerifyError(f"--base {base}: its config.json cannot be read by transformers ({exc}).") from None
+        return base_config(base)
+    except SkeletonError as exc:
+        raise VerifyError(str(exc)) from None
 
 
 def _expected_state(base_config, directory: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """What PEFT itself saves for this config on the base's structure: key -> shape, and every key of the model
     (a saved frozen layer, such as a resized embedding, is one of those)."""
-    import transformers
-    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+    from peft import PeftConfig, get_peft_model_state_dict
+
+    from .skeleton import SkeletonError, peft_skeleton
 
     try:
         config = PeftConfig.from_pretrained(str(directory))
     except Exception as exc:
         raise VerifyError(f"{directory / CONFIG_NAME}: PEFT cannot read it ({exc}).") from None
-    if hasattr(config, "init_lora_weights"):
-        config.init_lora_weights = True  # the structure only: PiSSA/LoftQ initialisations need real weights
-    auto = {
-        "SEQ_CLS": "AutoModelForSequenceClassification",
-        "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-        "TOKEN_CLS": "AutoModelForTokenClassification",
-        "QUESTION_ANS": "AutoModelForQuestionAnswering",
-        "FEATURE_EXTRACTION": "AutoModel",
-    }.get(str(config.task_type), "AutoModelForCausalLM")
     try:
-        with torch.device("meta"):
-            model = getattr(transformers, auto).from_config(base_config)
-            peft_model = get_peft_model(model, config)
+        peft_model = peft_skeleton(base_config, {"default": config}, where=str(directory / CONFIG_NAME))
         expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    except Exception as exc:
-        raise VerifyError(
-            f"{directory / CONFIG_NAME}: PEFT cannot apply this config to the base model "
-            f"({type(exc).__name__}: {exc}); it was not trained on this base."
-        ) from None
+    except SkeletonError as exc:
+        raise VerifyError(str(exc)) from None
     return {k: tuple(v.shape) for k, v in expected.items()}, set(peft_model.state_dict())
 
 

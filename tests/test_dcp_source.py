@@ -257,3 +257,34 @@ def test_fsdp2_dcp_save_read_back(tmp_path):
     prefixed = dcp_tensors(tmp_path / "pytorch_model_fsdp_0")
     assert any(k.startswith("optim.") for k in read_dcp_metadata(tmp_path / "pytorch_model_fsdp_0").state_dict_metadata)
     assert all(k.startswith("model.") for k in prefixed)
+
+
+def test_rescue_from_every_dcp_layout(tmp_path):
+    """2 gloo ranks, FSDP2: the adapter rescued from the plain DCP folder, from accelerate's pytorch_model_fsdp_0/
+    (keys under `model.`, with the optimizer), from an adapter-only save under wrapper prefixes, and from the
+    Trainer-style checkpoint folder holding them (whose broken adapter_model.safetensors is not used) is what
+    shardsave.save_pretrained wrote from the live model; the output passes verify, the broken file does not."""
+    from test_deepspeed_source import rescue, same_files
+
+    from shardsave.verify import verify_adapter
+
+    check_ok(run_ranks("dcp_save", tmp_path, lora={"target_modules": ["q_proj", "v_proj"], "r": 5}))
+    base = tmp_path / "base"
+    for source in ("dcp", "pytorch_model_fsdp_0", "dcp_adapter", "."):
+        out = tmp_path.parent / f"{tmp_path.name}-out-{source.strip('.') or 'checkpoint'}"
+        code, err = rescue(tmp_path / source, "-o", out, "--base", base)
+        assert code == 0, (source, err)
+        same_files(tmp_path / "reference", out)
+        assert verify_adapter(out).sound
+    # the recipe for a broken checkpoint-N/: its adapter files replaced in place, the checkpoint untouched
+    assert not verify_adapter(tmp_path).sound
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.distcp")}
+    assert rescue(tmp_path, "-o", tmp_path, "--base", base)[0] == 2  # not without --overwrite
+    code, err = rescue(tmp_path, "-o", tmp_path, "--base", base, "--overwrite")
+    assert code == 0, err
+    assert verify_adapter(tmp_path).sound
+    reference = tmp_path / "reference" / "adapter_model.safetensors"
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == reference.read_bytes()
+    assert before == {p: p.read_bytes() for p in tmp_path.rglob("*.distcp")}
+    code, err = rescue(tmp_path / "dcp", "-o", tmp_path / "dcp", "--base", base, "--overwrite")
+    assert code == 2 and "would replace the checkpoint" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -25,6 +27,7 @@ from shardsave.deepspeed_source import (
 )
 
 LORA = {"target_modules": ["q_proj", "v_proj"], "r": 5}
+EMBED = {"target_modules": ["q_proj", "embed_tokens"], "r": 4, "modules_to_save": ["lm_head"]}
 #: 3 layers: the flat ZeRO-1/2 vector (3 x 560 elements) splits between the 2 ranks inside a lora_B, not at a
 #: layer boundary. "big": a base of ~50 MB in the model states (vocabulary 200k) around an adapter of 4.4 KB.
 RUNS = [
@@ -33,6 +36,10 @@ RUNS = [
     {"name": "zero2_bf16_excluded", "stage": 2, "bf16": True, "exclude_frozen": True, "model": {"layers": 3}},
     {"name": "zero3_bf16", "stage": 3, "bf16": True, "model": {"layers": 3}},
     {"name": "big", "stage": 2, "model": {"vocab": 200_000}},
+    {"name": "zero1", "stage": 1, "model": {"layers": 3}},
+    # a targeted embedding (its frozen base weight is saved with the adapter) and a modules_to_save copy
+    {"name": "zero3_embed", "stage": 3, "lora": EMBED},
+    {"name": "zero2_embed_excluded", "stage": 2, "exclude_frozen": True, "lora": EMBED},
 ]
 KINDS = {run["name"]: run for run in RUNS}
 
@@ -118,7 +125,7 @@ def test_missing_rank_file_is_named(saves, tmp_path):
 
 
 def test_unknown_and_frozen_names(saves):
-    with pytest.raises(DeepSpeedCheckpointError, match="frozen parameters.*module"):
+    with pytest.raises(DeepSpeedCheckpointError, match="frozen parameters.*read_frozen"):
         read_tensors(saves / "zero2", ["base_model.model.model.embed_tokens.weight"])
     with pytest.raises(DeepSpeedCheckpointError, match="no parameter named.*'nope'"):
         read_tensors(saves / "zero2", ["nope"])
@@ -271,3 +278,97 @@ def test_memory_stays_near_the_adapter_size(saves):
     assert plain > base / 2  # the measurement sees a materialised base
     got = read_tensors(folder, list(live))
     assert all(torch.equal(got[n], live[n]) for n in live)
+
+
+# --- the rescue: python -m shardsave.merge on these checkpoints ----------------------------------------------------
+
+
+def rescue(*args) -> tuple[int, str]:
+    from shardsave.merge import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in args] + ["--no-progress"])
+    return code, err.getvalue()
+
+
+def same_files(a: Path, b: Path) -> None:
+    """Byte for byte; adapter_config.json too, except the order of the set-valued fields (target_modules), which
+    PEFT writes in the order of Python's per-process string hashing (two saves of one model by two processes
+    differ there)."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        if f.name == "adapter_config.json":
+            x, y = json.loads((a / f).read_text()), json.loads((b / f).read_text())
+            for key in ("target_modules", "modules_to_save"):
+                if isinstance(x.get(key), list) and isinstance(y.get(key), list):
+                    assert sorted(x.pop(key)) == sorted(y.pop(key)), (f, key)
+            assert x == y, f
+            continue
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+@pytest.mark.parametrize(
+    "kind", ["zero1", "zero2", "zero3_excluded", "zero2_bf16_excluded", "zero3_bf16", "zero3_embed"]
+)
+def test_rescue_writes_what_save_pretrained_wrote(saves, kind, tmp_path):
+    """The adapter rescued from the checkpoint is, byte for byte, shardsave.save_pretrained's of the live model at
+    the same step (bf16: the cast of the master weights, which the live bf16 parameters are)."""
+    folder = saves / kind
+    code, err = rescue(folder, "-o", tmp_path / "out", "--base", folder / "base")
+    assert code == 0, err
+    same_files(folder / "reference", tmp_path / "out")
+    if kind == "zero3_embed":  # the frozen embedding came from the ZeRO-3 fragments, the copy from the partitions
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        assert "base_model.model.model.embed_tokens.base_layer.weight" in keys
+        assert "base_model.model.lm_head.weight" in keys
+
+
+def test_rescue_from_tag_folder_with_config_in_parent_and_dtype(saves, tmp_path):
+    folder = saves / "zero3_bf16"
+    code, err = rescue(folder / "global_step2", "-o", tmp_path / "out", "--base", folder / "base", "--dtype", "float32")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in got.values())
+    reference = load_file(folder / "reference" / "adapter_model.safetensors")
+    assert set(got) == set(reference)
+    assert all(torch.equal(got[k].to(torch.bfloat16), reference[k]) for k in got)
+    assert any(not torch.equal(got[k], reference[k].float()) for k in got)  # the fp32 masters, not an upcast
+
+
+def test_rescue_refuses_bad_inputs(saves, tmp_path):
+    """Exit 2, the file and the problem named, nothing written."""
+    out = tmp_path / "out"
+    base = saves / "zero2" / "base"
+    copy = tmp_path / "ckpt"
+    shutil.copytree(saves / "zero2", copy)
+    (copy / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    cases = [
+        ((copy, "--base", base), "zero_pp_rank_1_mp_rank_00_optim_states.pt"),  # a rank's file missing
+        ((saves / "zero2", "--tag", "global_step7", "--base", base), "global_step7"),  # no such tag
+        ((saves / "zero2_embed_excluded", "--base", saves / "zero2_embed_excluded" / "base"), "exclude_frozen"),
+        ((tmp_path / "nothing", "--base", base), "does not exist"),
+    ]
+    config = json.loads((saves / "zero2" / "adapter_config.json").read_text())
+    for name, change, words in [
+        ("other_r", {"r": 6}, "r=6"),
+        ("fewer_targets", {"target_modules": ["q_proj"]}, "does not describe"),
+        ("more_targets", {"target_modules": ["q_proj", "k_proj", "v_proj"]}, "does not have"),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        cases.append(((saves / "zero2", "--adapter-config", tmp_path / name, "--base", base), words))
+    no_config = tmp_path / "no_config"
+    shutil.copytree(saves / "zero2" / "global_step2", no_config / "global_step2")
+    (no_config / "latest").write_text("global_step2")
+    cases.append(((no_config, "--base", base), "no adapter_config.json found"))
+    for args, words in cases:
+        code, err = rescue(*args, "-o", out)
+        assert code == 2 and words in err, (args, err)
+        assert not out.exists()

@@ -666,11 +666,14 @@ def unshared_shards(rank, world, out: Path, params):
 
 @scenario
 def dcp_save(rank, world, out: Path, params):
-    """FSDP2 training step, then the model saved with DCP as plain FQNs (`dcp/`) and as accelerate writes it,
-    with the optimizer (`pytorch_model_fsdp_0/`, keys under `model.` and `optim.`); rank 0 keeps the full
-    adapter tensors gathered natively for the comparison."""
+    """FSDP2 training step, then the model saved with DCP as plain FQNs (`dcp/`), as accelerate writes it, with
+    the optimizer (`pytorch_model_fsdp_0/`, keys under `model.` and `optim.`), and adapter-only under wrapper
+    prefixes (`dcp_adapter/`); `out` is laid out as Trainer's checkpoint-N (adapter config, a broken
+    adapter_model.safetensors); shardsave.save_pretrained of the live model in `reference/`, the base model's
+    config in `base/`; rank 0 keeps the full adapter tensors gathered natively for the comparison."""
     import torch.distributed.checkpoint as dcp
     from backends import full_state, train, wrap
+    from tiny import llama_config
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     model = lora_model(params)
@@ -679,22 +682,31 @@ def dcp_save(rank, world, out: Path, params):
     dcp.save(get_model_state_dict(wrapped), checkpoint_id=str(out / "dcp"))
     model_sd, optim_sd = get_state_dict(wrapped, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "pytorch_model_fsdp_0"))
+    adapter = {f"module._orig_mod.{k}": v for k, v in model_sd.items() if "lora_" in k}
+    dcp.save(adapter, checkpoint_id=str(out / "dcp_adapter"))
+    shardsave.save_pretrained(wrapped, out / "reference")
     state = full_state(wrapped, "fsdp2")
     if rank == 0:
         torch.save({k: v for k, v in state.items() if "lora_" in k}, out / "lora.pt")
+        model.peft_config["default"].save_pretrained(str(out))
+        (out / "adapter_model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}      ")  # the broken one
+        llama_config(**params.get("model", {})).save_pretrained(str(out / "base"))
     return {}
 
 
 @scenario
 def deepspeed_save(rank, world, out: Path, params):
-    """For each of `params["runs"]` ({name, stage, bf16, exclude_frozen, model}): DeepSpeed ZeRO training steps,
-    then `engine.save_checkpoint(out / name)`; rank 0 keeps the trainable parameters gathered natively
-    (`out / name / "lora.pt"`) for the comparison. Several engines in one run save the start-up time."""
+    """For each of `params["runs"]` ({name, stage, bf16, exclude_frozen, model, lora}): DeepSpeed ZeRO training
+    steps, then `engine.save_checkpoint(out / name)` and shardsave.save_pretrained (`out / name / "reference"`);
+    rank 0 keeps the trainable parameters gathered natively (`out / name / "lora.pt"`) for the comparison, and
+    writes the adapter config into `out / name` and the base model's config into `out / name / "base"`. Several
+    engines in one run save the start-up time."""
     import deepspeed
     from backends import full_state, train
+    from tiny import llama_config
 
     for run in params["runs"]:
-        model = lora_model({**params, "model": run.get("model", {})})
+        model = lora_model({**params, "model": run.get("model", {}), "lora": run.get("lora", params["lora"])})
         config = {
             "train_micro_batch_size_per_gpu": 2,
             "zero_allow_untested_optimizer": True,
@@ -706,9 +718,12 @@ def deepspeed_save(rank, world, out: Path, params):
         train(engine, None, "zero", rank)
         folder = out / run["name"]
         engine.save_checkpoint(str(folder), exclude_frozen_parameters=bool(run.get("exclude_frozen")))
+        shardsave.save_pretrained(engine, folder / "reference")
         state = full_state(engine, "zero")
         if rank == 0:
             torch.save({k: v for k, v in state.items() if "lora_" in k}, folder / "lora.pt")
+            model.peft_config["default"].save_pretrained(str(folder))  # as Trainer writes it beside the checkpoint
+            llama_config(**run.get("model", {})).save_pretrained(str(folder / "base"))
         engine.destroy()
     return {}
 

@@ -1,0 +1,510 @@
+"""Rescue the PEFT adapter from a checkpoint a training framework wrote (DeepSpeed ZeRO, torch DCP), reading only
+the adapter's bytes, and write it as `shardsave.save_pretrained` would have written it from the live model.
+
+    python -m shardsave.merge SRC -o OUT [--adapter-config PATH] [--base BASE] [--dtype ...] [--tag TAG]
+
+The adapter file a job shipped can be empty or sliced (a ZeRO-3 / FSDP save that did not gather) while the
+framework's own checkpoint beside it holds every weight. The checkpoint's parameter names are the PeftModel's,
+so which tensors make the adapter and under which keys follows from the adapter config applied to the base
+model's structure, built on the meta device (`shardsave.skeleton`): the same plan `save_pretrained` makes
+(`shardsave.select`). Only those tensors are read (`shardsave.dcp_source`, `shardsave.deepspeed_source`); the
+base model's weights are never loaded. Everything is checked before anything is written; the output is
+published atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .layout import build_layout
+from .log import logger
+from .select import AdapterPlan, decide_embeddings, plan_choices
+from .texts import render_texts
+from .writer import (
+    BIN_NAME,
+    CARD_NAME,
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    adapter_dir,
+    check_destination,
+    publish,
+    replace_adapter_files,
+    write_files,
+    write_weights,
+)
+
+__all__ = ["RescueError", "Source", "DTYPES", "detect_source", "rescue_adapter"]
+
+#: `--dtype` choices: "auto" writes each tensor in the dtype the model trained it in.
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: The folder accelerate (and so Trainer) writes an FSDP model's DCP checkpoint into (one per model).
+FSDP_MODEL_DIR = re.compile(r"pytorch_model_fsdp_(\d+)$")
+_CHECKPOINT_DIR = re.compile(r"checkpoint-\d+$")  # what Trainer names its checkpoint folders
+#: Parameter-name components that only a PEFT adapter's tensors have.
+_ADAPTER_PART = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save|"
+    r"trainable_tokens_delta)(\.|$)"
+)
+
+
+class RescueError(ValueError):
+    """The source, the adapter config or the base cannot give the adapter; the message names what and why.
+    Nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What `python -m shardsave.merge` was pointed at, and where its data is."""
+
+    kind: str  # "shards" | "deepspeed" | "dcp"
+    given: Path  # the path as passed
+    path: Path  # the folder holding the data: the shard set, the DeepSpeed tag folder, the DCP folder
+
+    def describe(self) -> str:
+        what = {
+            "shards": "a shardsave shard set",
+            "deepspeed": "a DeepSpeed ZeRO checkpoint",
+            "dcp": "a torch.distributed.checkpoint (DCP) folder",
+        }[self.kind]
+        return what if self.path == self.given else f"{what} ({self.path.relative_to(self.given)})"
+
+
+# --- what the source is -----------------------------------------------------------------------------------------
+
+
+def _is_deepspeed(folder: Path) -> bool:
+    return (folder / "latest").is_file() or any(folder.glob("*_model_states.pt"))
+
+
+def detect_source(path: str | os.PathLike, *, tag: str | None = None) -> Source:
+    """Recognise `path` from its files: a shard set (`manifest.json`), a DCP folder (`.metadata`), a DeepSpeed
+    save (`latest`, or a tag folder of `*_model_states.pt`), or a Trainer / accelerate `checkpoint-N/` holding
+    one of those (never its `adapter_model.*`, which may be the broken file being rescued)."""
+    from .deepspeed_source import checkpoint_dir
+    from .shards import MANIFEST_NAME, SHARD_PATTERN
+
+    given = Path(os.path.abspath(os.fspath(path)))
+    if not given.exists():
+        raise RescueError(f"{given}: does not exist.")
+    if not given.is_dir():
+        raise RescueError(f"{given}: a file; pass the folder that holds the checkpoint.")
+    deepspeed = [given] if _is_deepspeed(given) else []
+    deepspeed += [p for p in sorted(given.iterdir()) if p.is_dir() and any(p.glob("*_model_states.pt"))]
+    if (given / MANIFEST_NAME).is_file() or any(SHARD_PATTERN.match(p.name) for p in given.iterdir()):
+        kind, data = "shards", given  # an incomplete set too: the merge says what is missing
+    elif (given / ".metadata").is_file():
+        kind, data = "dcp", given
+    elif deepspeed:
+        kind, data = "deepspeed", _deepspeed_dir(given, tag, checkpoint_dir)
+    else:
+        dcp = sorted(p for p in given.iterdir() if p.is_dir() and (p / ".metadata").is_file())
+        fsdp = sorted((p for p in dcp if FSDP_MODEL_DIR.match(p.name)), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+        if fsdp or len(dcp) == 1:
+            kind, data = "dcp", (fsdp or dcp)[0]
+        elif dcp:
+            raise RescueError(
+                f"{given}: holds several DCP checkpoints ({[p.name for p in dcp]}); pass the one of the model."
+            )
+        else:
+            raise RescueError(_not_a_source(given))
+    if tag is not None and kind != "deepspeed":
+        raise RescueError(f"{given}: --tag {tag!r} picks a DeepSpeed checkpoint tag, but this is {kind} data.")
+    return Source(kind, given, data)
+
+
+def _deepspeed_dir(given: Path, tag: str | None, checkpoint_dir: Callable) -> Path:
+    try:
+        return checkpoint_dir(given, tag)
+    except ValueError as exc:
+        raise RescueError(str(exc)) from None
+
+
+def _not_a_source(folder: Path) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    checkpoints = [n for n in names if _CHECKPOINT_DIR.match(n)]
+    if checkpoints:
+        newest = max(checkpoints, key=lambda n: int(n.rsplit("-", 1)[1]))
+        return (
+            f"{folder}: a training output folder holding {len(checkpoints)} checkpoint folder(s); pass one of them, "
+            f"e.g. {folder / newest} (the newest)."
+        )
+    if CONFIG_NAME in names or SAFETENSORS_NAME in names or BIN_NAME in names:
+        return (
+            f"{folder}: a PEFT adapter folder, with no framework checkpoint (DeepSpeed, DCP) or shard set to "
+            f"rescue it from. Check it with `python -m shardsave.verify {folder}`; to rebuild it, pass the "
+            f"checkpoint the training wrote (e.g. checkpoint-N/, holding global_stepN/ or pytorch_model_fsdp_0/)."
+        )
+    if not names:
+        return f"{folder}: empty."
+    return (
+        f"{folder}: neither a shardsave shard set (manifest.json), a DeepSpeed checkpoint (latest, "
+        f"global_stepN/*_model_states.pt) nor a DCP folder (.metadata); it holds {names[:8]}."
+    )
+
+
+# --- the adapter config -----------------------------------------------------------------------------------------
+
+
+def _configs_in(folder: Path, present: set[str]) -> dict[str, Path]:
+    """Adapter name -> folder of its adapter_config.json, as PEFT lays adapters out: `default` at the root,
+    others in subfolders named after them; a subfolder counts only when the checkpoint holds an adapter of its
+    name (a copy of an adapter saved next to the checkpoint is not one of its adapters)."""
+    found = {"default": folder} if (folder / CONFIG_NAME).is_file() else {}
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.name in present and p.is_dir() and (p / CONFIG_NAME).is_file():
+                found.setdefault(p.name, p)
+    return found
+
+
+def _find_configs(source: Source, adapter_config: str | os.PathLike | None, present: set[str]) -> dict[str, Path]:
+    if adapter_config is not None:
+        given = Path(adapter_config)
+        if given.is_file():
+            return {"default": given}
+        found = _configs_in(given, present)
+        if not found:
+            raise RescueError(f"--adapter-config {given}: no {CONFIG_NAME} there or in a subfolder.")
+        return {name: folder / CONFIG_NAME for name, folder in found.items()}
+    searched = list(dict.fromkeys([source.given, source.path, source.path.parent, source.given.parent]))
+    for folder in searched:
+        found = _configs_in(folder, present)
+        if found:
+            return {name: folder / CONFIG_NAME for name, folder in found.items()}
+    raise RescueError(
+        f"{source.given}: no {CONFIG_NAME} found in {[str(p) for p in searched]}; the checkpoint holds the weights "
+        f"but not the adapter's configuration. Pass --adapter-config with the config the training used "
+        f"(Trainer writes it into each checkpoint-N/ folder; peft_model.peft_config['default'].save_pretrained(dir) "
+        f"writes it)."
+    )
+
+
+def _load_config(path: Path):
+    from peft import PeftConfig
+
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"holds {type(raw).__name__}, not a JSON object")
+        if path.name == CONFIG_NAME:
+            config = PeftConfig.from_pretrained(str(path.parent))
+        else:  # a config file under another name: PEFT reads folders only
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copyfile(path, Path(tmp) / CONFIG_NAME)
+                config = PeftConfig.from_pretrained(tmp)
+    except Exception as exc:
+        raise RescueError(f"{path}: not an adapter config PEFT can read ({type(exc).__name__}: {exc}).") from None
+    if str(getattr(config, "peft_type", "")) not in ("LORA", "PeftType.LORA"):
+        raise RescueError(
+            f"{path}: an adapter of type {config.peft_type}; the rescue writes LoRA-family adapters (LoRA, DoRA, "
+            f"rsLoRA, PiSSA/CorDA/OLoRA-initialised LoRA)."
+        )
+    return config
+
+
+# --- the checkpoint's tensors -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Checkpoint:
+    """A framework checkpoint as the rescue needs it: canonical name -> (shape, trained dtype), and a reader."""
+
+    source: Source
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    read: Callable[[list[str]], dict[str, torch.Tensor]]
+    excluded: str = ""  # why frozen parameters may be absent (to explain a missing one)
+
+
+def _open_checkpoint(source: Source, *, tag: str | None, allow_pickle: bool) -> _Checkpoint:
+    if source.kind == "dcp":
+        from .dcp_source import canonical_keys, dcp_tensors, read_tensors
+
+        try:
+            entries = dcp_tensors(source.path)
+            names = canonical_keys(entries)
+        except ValueError as exc:
+            raise RescueError(str(exc)) from None
+        tensors = {names[k]: (e.shape, e.dtype) for k, e in entries.items()}
+        return _Checkpoint(
+            source,
+            tensors,
+            lambda wanted: read_tensors(source.path, wanted),
+            "the checkpoint was saved from an adapter-only state dict",
+        )
+    from .deepspeed_source import read_checkpoint, read_frozen, read_tensors
+
+    try:
+        checkpoint = read_checkpoint(source.path, allow_pickle=allow_pickle)
+    except ValueError as exc:
+        raise RescueError(str(exc)) from None
+
+    def read(wanted: list[str]) -> dict[str, torch.Tensor]:
+        held = [n for n in wanted if n in checkpoint.tensors]
+        out = read_tensors(checkpoint, held)
+        out.update(
+            read_frozen(checkpoint, [n for n in wanted if n not in checkpoint.tensors], allow_pickle=allow_pickle)
+        )
+        return out
+
+    tensors = {n: (t.shape, t.dtype) for n, t in {**checkpoint.frozen, **checkpoint.tensors}.items()}
+    return _Checkpoint(
+        source, tensors, read, "the checkpoint was saved with exclude_frozen_parameters=True" if not checkpoint.frozen
+        else ""
+    )  # fmt: skip
+
+
+def _align(needed: list[str], available: Mapping[str, object]) -> dict[str, str]:
+    """Model name -> checkpoint name. The names agree when the checkpoint was saved from the PeftModel (DeepSpeed
+    engine, `get_model_state_dict`, accelerate); one saved from the model inside it lacks a leading
+    `base_model.model.` (or more): the shortest such prefix under which the most names are found is taken."""
+    best: dict[str, str] = {}
+    prefixes = [""] + sorted({".".join(n.split(".")[:k]) + "." for n in needed for k in (1, 2, 3) if n.count(".") > k})
+    for prefix in sorted(prefixes, key=len):
+        found = {n: n[len(prefix) :] for n in needed if n.startswith(prefix) and n[len(prefix) :] in available}
+        if len(found) > len(best):
+            best = found
+        if len(best) == len(needed):
+            break
+    return best
+
+
+def _adapter_names_in(names) -> set[str]:
+    """The adapter names the checkpoint's PEFT tensors are stored under (`...lora_A.<name>.weight`)."""
+    out = set()
+    for n in names:
+        m = _ADAPTER_PART.search(n)
+        if m is not None:
+            rest = n[m.end() :]
+            out.add(rest.split(".")[0] if rest else n.rsplit(".", 1)[-1])
+    return out
+
+
+# --- the plan ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Plan:
+    peft_model: object
+    plans: list[AdapterPlan]
+    sources: dict[str, str]  # model name -> checkpoint name, for every tensor to write
+    card: Path | None
+
+
+def _skeleton(base_cfg, configs: dict, name_or_path: str | None, where: str):
+    from .skeleton import SkeletonError, peft_skeleton
+
+    try:
+        return peft_skeleton(base_cfg, configs, name_or_path=name_or_path, where=where)
+    except SkeletonError as exc:
+        raise RescueError(str(exc)) from None
+
+
+def _resized(peft_model, checkpoint: _Checkpoint, mapping: Mapping[str, str]) -> int | None:
+    """The vocabulary size the checkpoint's input embedding has, when it differs from the base config's (the
+    model was resized during fine-tuning); None when equal or not in the checkpoint."""
+    from .collect.walk import state_entries
+
+    embedding = peft_model.get_input_embeddings()
+    weight = getattr(getattr(embedding, "base_layer", embedding), "weight", None)
+    for name, tensor, _ in state_entries(peft_model):
+        if tensor is weight:
+            found = checkpoint.tensors.get(mapping.get(name, name))
+            if found is not None and found[0] and found[0][0] != weight.shape[0]:
+                return int(found[0][0])
+            return None
+    return None
+
+
+def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None) -> _Plan:
+    from .collect.walk import state_entries
+    from .skeleton import SkeletonError, base_config
+
+    peft_configs = {name: _load_config(path) for name, path in configs.items()}
+    first = next(iter(peft_configs.values()))
+    name_or_path = getattr(first, "base_model_name_or_path", None)
+    if base is None and not name_or_path:
+        raise RescueError(
+            f"{next(iter(configs.values()))}: names no base model (base_model_name_or_path is empty); pass --base "
+            f"with the base model's folder (or Hub id, if its config.json is in the local cache)."
+        )
+    try:
+        base_cfg = (
+            base_config(base) if base is not None
+            else base_config(name_or_path, what=f"{next(iter(configs.values()))}: base_model_name_or_path")
+        )  # fmt: skip
+    except SkeletonError as exc:
+        raise RescueError(f"{exc} (or pass --base)" if base is None else str(exc)) from None
+    where = ", ".join(str(p) for p in configs.values())
+    peft_model = _skeleton(base_cfg, peft_configs, name_or_path, where)
+    names = [n for n, _, _ in state_entries(peft_model)]
+    vocab = _resized(peft_model, checkpoint, _align(names, checkpoint.tensors))
+    if vocab is not None:  # PEFT saves a resized embedding: build the model as it trained
+        base_cfg.vocab_size = vocab
+        peft_model = _skeleton(base_cfg, peft_configs, name_or_path, where)
+        names = [n for n, _, _ in state_entries(peft_model)]
+    shapes = {n: tuple(t.shape) for n, t, _ in state_entries(peft_model)}
+
+    layout = build_layout(peft_model)
+    selected = list(peft_configs)
+    choices = plan_choices(layout, peft_model, names, selected, "auto")
+    decided = decide_embeddings(layout, peft_model, selected, "auto")
+    plans = [choices[name][decided[name]] for name in selected]
+    needed = list(dict.fromkeys(src for plan in plans for src in plan.sources))
+    mapping = _align(needed, checkpoint.tensors)
+    _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes)
+    folder = next(iter(configs.values())).parent
+    card = folder / CARD_NAME if "default" in configs and (folder / CARD_NAME).is_file() else None
+    return _Plan(peft_model, plans, mapping, card)
+
+
+def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes) -> None:
+    """The config describes exactly the adapter the checkpoint holds: every tensor there, of the right shape, and
+    no adapter tensor of the checkpoint left out."""
+    where = checkpoint.source.path
+    present = _adapter_names_in(checkpoint.tensors)
+    if not present:
+        raise RescueError(
+            f"{where}: holds no adapter tensor (no lora_A / lora_B / modules_to_save among its "
+            f"{len(checkpoint.tensors)} tensors, e.g. {sorted(checkpoint.tensors)[:3]}): a full fine-tune, or a "
+            f"checkpoint of another model. There is no adapter to rescue from it."
+        )
+    config_files = ", ".join(str(p) for p in configs.values())
+    unknown = sorted(present - set(peft_configs))
+    if not (present & set(peft_configs)):
+        raise RescueError(
+            f"{where}: holds adapter(s) {sorted(present)}, but the config(s) found ({config_files}) are for "
+            f"{sorted(peft_configs)}. Pass --adapter-config with a folder laid out as PEFT saves those adapters."
+        )
+    missing = [n for n in needed if n not in mapping]
+    if missing:
+        adapter_missing = [n for n in missing if _ADAPTER_PART.search(n)]
+        if adapter_missing:
+            raise RescueError(
+                f"{config_files}: does not fit the checkpoint {where}: the config needs {len(adapter_missing)} "
+                f"adapter tensor(s) the checkpoint does not have, e.g. {adapter_missing[:3]}; its adapter tensors "
+                f"are e.g. {[n for n in checkpoint.tensors if _ADAPTER_PART.search(n)][:3]}. Other target_modules or "
+                f"another base model? Pass the config the training used (--adapter-config)."
+            )
+        why = f" ({checkpoint.excluded})" if checkpoint.excluded else ""
+        raise RescueError(
+            f"{where}: lacks {missing[:3]}, which the adapter saves (a resized or targeted embedding, or another "
+            f"frozen layer PEFT writes with the adapter){why}. Re-save the checkpoint with its frozen parameters, "
+            f"or rescue it from a checkpoint that has them."
+        )
+    for name in needed:
+        have, _ = checkpoint.tensors[mapping[name]]
+        if tuple(have) != shapes[name]:
+            raise RescueError(
+                f"{config_files}: does not fit the checkpoint {where}: {mapping[name]} is {list(have)} there, but "
+                f"{list(shapes[name])} for this config (r={_r_of(peft_configs, name)}). Pass the config the training "
+                f"used (--adapter-config)."
+            )
+    planned = {mapping[n] for n in needed}
+    ours = set(peft_configs)
+    extra = sorted(
+        n for n in checkpoint.tensors if _ADAPTER_PART.search(n) and n not in planned and _adapter_names_in([n]) & ours
+    )
+    if extra:
+        raise RescueError(
+            f"{config_files}: does not fit the checkpoint {where}: the checkpoint holds adapter tensors the config "
+            f"does not describe, e.g. {extra[:3]} (other target_modules or layers_to_transform?). Pass the config "
+            f"the training used (--adapter-config)."
+        )
+    if unknown:
+        logger.warning(
+            "%s also holds adapter(s) %s, for which no config was found; they are not written (pass "
+            "--adapter-config with a folder holding their configs in subfolders named after them).", where, unknown
+        )  # fmt: skip
+
+
+def _r_of(peft_configs: dict, name: str) -> object:
+    for adapter, config in peft_configs.items():
+        if f".{adapter}." in name or name.endswith(f".{adapter}"):
+            return getattr(config, "r", "?")
+    return getattr(next(iter(peft_configs.values())), "r", "?")
+
+
+# --- entry point ------------------------------------------------------------------------------------------------
+
+
+def rescue_adapter(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    adapter_config: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    tag: str | None = None,
+    safe_serialization: bool = True,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write to `output` the adapter directory `shardsave.save_pretrained` would have written from the model the
+    checkpoint `source` (DeepSpeed or DCP; see `detect_source`) was saved from; return its path.
+
+    `adapter_config`: a folder laid out as PEFT saves adapters, or one adapter_config.json (default: found in
+    `source` or its parent). `base`: the base model's folder or cached Hub id (default: the config's
+    `base_model_name_or_path`). `dtype`: "auto" (what the model trained in: the master weights' cast) or a
+    dtype name. Raises `RescueError` (nothing written) for anything that does not fit.
+    """
+    started = time.perf_counter()
+    if dtype not in DTYPES:
+        raise RescueError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}.")
+    found = detect_source(source, tag=tag)
+    if found.kind == "shards":
+        raise RescueError(f"{found.given}: a shardsave shard set; merge it with shardsave.merge_shards.")
+    destination = check_destination(output)
+    # into the checkpoint-N/ folder itself: its adapter files alone are replaced (the broken ones being rescued)
+    in_place = destination == found.given and found.path != found.given
+    if destination.exists() and not overwrite:
+        raise RescueError(
+            f"{destination}: already exists; pass overwrite=True (--overwrite) to replace "
+            + ("its adapter files (nothing else in it is touched)." if in_place else "it.")
+        )
+    if not in_place and (destination == found.path or destination in found.path.parents):
+        raise RescueError(
+            f"{destination}: would replace the checkpoint {found.path} itself; write the adapter elsewhere."
+        )
+    checkpoint = _open_checkpoint(found, tag=tag, allow_pickle=allow_pickle)
+    configs = _find_configs(found, adapter_config, _adapter_names_in(checkpoint.tensors))
+    plan = _plan(checkpoint, configs, None if base is None else os.fspath(base))
+    try:
+        tensors = checkpoint.read(list(dict.fromkeys(plan.sources[n] for p in plan.plans for n in p.sources)))
+    except ValueError as exc:
+        raise RescueError(str(exc)) from None
+    cast = DTYPES[dtype]
+    texts = render_texts(plan.peft_model, [p.adapter_name for p in plan.plans], plan.card)
+
+    def value(name: str) -> torch.Tensor:
+        tensor = tensors[plan.sources[name]]
+        target = cast or checkpoint.tensors[plan.sources[name]][1]
+        return tensor.to(target) if tensor.is_floating_point() else tensor
+
+    by_adapter = {p.adapter_name: {key: value(src) for key, src in p.entries.items()} for p in plan.plans}
+
+    def fill(tmp: Path) -> None:
+        write_files(tmp, texts)
+        for name, adapter in by_adapter.items():
+            write_weights(adapter_dir(tmp, name), adapter, safe=safe_serialization)
+
+    if in_place:
+        replace_adapter_files(destination, fill)
+    else:
+        publish(destination, fill)
+    logger.info(
+        "rescued %d adapter(s), %d tensors, from %s (%s) into %s in %.2f s", len(plan.plans),
+        sum(len(a) for a in by_adapter.values()), found.given, found.describe(), destination,
+        time.perf_counter() - started,
+    )  # fmt: skip
+    return destination

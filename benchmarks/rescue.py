@@ -1,8 +1,8 @@
 """Benchmark: rescuing the adapter out of a full training checkpoint, against what users do today.
 
-    python benchmarks/rescue.py                      # two bases (217M and 55M), ~5 min here on first run
+    python benchmarks/rescue.py                      # two bases (220M, 56M): ~8 min here, 1 of it writing checkpoints
     python benchmarks/rescue.py --workdir /tmp/rb    # keeps the checkpoints: reruns skip their creation
-    python benchmarks/rescue.py --small              # tiny bases, a smoke run in well under a minute
+    python benchmarks/rescue.py --small --repeat 1   # tiny bases: a smoke run (~1 min), not the goals' sizes
     python benchmarks/rescue.py --cold               # evict the checkpoints from the page cache before each run
 
 For each base (Llama-shaped, built from a config: nothing is downloaded; LoRA on q_proj, v_proj with the rank
@@ -14,7 +14,10 @@ one SGD step, `engine.save_checkpoint`), each with the live adapter beside it (`
 PEFT's key names) to check every output against.
 
 Then it runs, each in a fresh interpreter so that memory is the process's own:
-- shardsave:      shardsave.rescue.rescue_adapter(checkpoint, out) on each checkpoint;
+- shardsave:      shardsave.rescue.rescue_adapter(checkpoint, out) on each checkpoint (the first call in the
+                  process: what the CLI runs);
+- shardsave CLI:  `python -m shardsave.merge checkpoint -o out`, run with runpy after `import torch`, so that its
+                  own imports (peft and transformers, which the rescue needs) count in its time and memory;
 - dcp_to_torch:   torch.distributed.checkpoint.format_utils.dcp_to_torch_save(dcp, file), torch.load, keep the
                   `lora_` keys, safetensors save_file;
 - accelerate:     accelerate.utils.merge_fsdp_weights(dcp, dir) (what `accelerate merge-weights` runs; it takes a
@@ -23,15 +26,17 @@ Then it runs, each in a fresh interpreter so that memory is the process's own:
 - zero_to_fp32:   deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(dir), filter, save_file;
 - zero_to_fp32 lazy: the same with lazy_mode=True (DeepSpeed's most frugal path: only the `lora_` keys are made
                   into tensors).
-Time: the call's wall time after the imports, median of --repeat processes. Memory: the process's peak
+Imports: each method's modules, timed and measured from the bare interpreter (torch included). Time: the call's
+wall time after the imports and a gc.collect(), median of --repeat processes. Memory: the process's peak
 resident size during the call above its resident size just before it (the kernel's VmHWM, reset through
-/proc/self/clear_refs after the imports; file pages mapped by the call count), with glibc's mmap threshold
-fixed as in gathered_save.py so that freed buffers leave the resident size. The page cache is warm unless
---cold. `python -m shardsave.merge` (the CLI, with the interpreter start and imports) is timed once per base.
+/proc/self/clear_refs; file pages mapped by the call count; the highest of the processes), with glibc's mmap
+threshold fixed as in gathered_save.py so that freed buffers leave the resident size. The page cache is warm
+unless --cold.
 
-Goals (issue 13): the rescue's peak extra memory <= 2x the adapter + 64 MiB at every base size; its DCP time
-flat in the base size (here: the larger base within 1.25x of the smaller one); >= 10x faster than each
-baseline on the larger base.
+Goals (issue 13), each printed PASS / FAIL: the rescue's peak extra memory <= 2x the adapter + 64 MiB at every
+base size (the call after its imports, and the CLI process above `import torch`); its DCP time flat in the base
+size (here: the larger base within 1.25x of the smaller one); >= 10x faster than each baseline on the larger
+base (the calls, imports apart).
 """
 
 from __future__ import annotations

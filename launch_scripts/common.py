@@ -32,6 +32,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: %(default)s)")
     p.add_argument("--lora", type=Path, default=ROOT / "configs" / "lora_qv.json", help="LoRA preset (JSON)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="first load the adapter a previous run saved in OUT/adapter (any backend, any world size) with "
+        "shardsave.load_pretrained, and check the model reproduces that run's logits",
+    )
     return p
 
 
@@ -134,13 +140,29 @@ def check_with_peft(expected: torch.Tensor, *directories: Path) -> bool:
     return ok and same
 
 
-def run(model, out: Path, rank: int, dev: torch.device, steps: int, *, is_main_process=None, **train_hooks) -> None:
-    """What every launch script does once the model is wrapped: train, save both ways, check with PEFT, exit
-    non-zero on rank 0 if the check fails."""
-    train(model, rank, steps, dev, **train_hooks)
+def resume(model, out: Path, rank: int, dev: torch.device) -> bool:
+    """Load the adapter of a previous run (`OUT/adapter`) into the wrapped model; True when it then gives the
+    logits that run saved."""
+    shardsave.load_pretrained(model, out / "adapter")
+    got, saved = probe_logits(model, dev), torch.load(out / "logits.pt")
+    match = torch.allclose(got, saved, atol=1e-4, rtol=1e-4)
+    if rank == 0:
+        print(f"resumed from {out / 'adapter'}: logits match the saved run's: {match}")
+    return match
+
+
+def run(
+    model, out: Path, rank: int, dev: torch.device, steps: int, *, is_main_process=None, resume_from=False, **hooks
+) -> None:
+    """What every launch script does once the model is wrapped: (resume,) train, save both ways, check with
+    PEFT, exit non-zero on rank 0 if a check fails."""
+    resumed = resume(model, out, rank, dev) if resume_from else True
+    train(model, rank, steps, dev, **hooks)
     expected = probe_logits(model, dev)
     adapter, merged = save_both_ways(model, out, rank, is_main_process=is_main_process)
-    finish(rank != 0 or check_with_peft(expected, adapter, merged), rank)
+    if rank == 0:
+        torch.save(expected, out / "logits.pt")  # for a later --resume
+    finish(rank != 0 or (resumed and check_with_peft(expected, adapter, merged)), rank)
 
 
 def finish(ok: bool, rank: int) -> None:

@@ -41,7 +41,7 @@ def main() -> None:
         opt.zero_grad()
 
     run(model, args.out, rank, accelerator.device, args.steps, is_main_process=main_process_of(accelerator),
-        backward=accelerator.backward, step=step)  # fmt: skip
+        backward=accelerator.backward, step=step, resume_from=args.resume)  # fmt: skip
 
 
 if __name__ == "__main__":

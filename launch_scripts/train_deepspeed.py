@@ -30,7 +30,7 @@ def main() -> None:
     model = lora_model(args.lora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=json.loads(args.deepspeed_config.read_text()))
-    run(engine, args.out, rank, dev, args.steps, backward=engine.backward, step=engine.step)
+    run(engine, args.out, rank, dev, args.steps, backward=engine.backward, step=engine.step, resume_from=args.resume)
 
 
 if __name__ == "__main__":

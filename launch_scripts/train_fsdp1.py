@@ -22,7 +22,7 @@ def main() -> None:
     model = lora_model(args.lora).to(dev)
     wrapped = FSDP(model, device_id=dev, use_orig_params=args.use_orig_params,
                    auto_wrap_policy=fsdp_auto_wrap_policy(model))  # fmt: skip
-    run(wrapped, args.out, rank, dev, args.steps)
+    run(wrapped, args.out, rank, dev, args.steps, resume_from=args.resume)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def main() -> None:
     for layer in model.base_model.model.model.layers:  # one FSDP unit per decoder layer, plus the root
         fully_shard(layer)
     fully_shard(model)
-    run(model, args.out, rank, dev, args.steps)
+    run(model, args.out, rank, dev, args.steps, resume_from=args.resume)
 
 
 if __name__ == "__main__":

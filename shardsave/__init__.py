@@ -3,23 +3,30 @@
 Public API::
 
     shardsave.save_pretrained(model, save_directory, ...)   # every rank calls; the main process writes
+    shardsave.load_pretrained(model, path, ...)             # every rank calls; each reads what it holds
     shardsave.gather_state_dict(model, keep=None)           # full tensors of chosen parameters on one rank
     shardsave.save_shards(model, shards_directory, ...)     # every rank writes what it holds
     shardsave.merge_shards(shards_directory, output, ...)   # files only: python -m shardsave.merge
+    shardsave.rescue_adapter(checkpoint, output, ...)       # from a DeepSpeed / DCP checkpoint (same CLI)
 """
 
 from __future__ import annotations
 
+from .load import LoadResult, load_pretrained
 from .ranks import MissingRanksError, RemoteError, SaveError
 from .save import gather_state_dict, save_pretrained
 from .shards import save_shards
 
 __all__ = [
     "save_pretrained",
+    "load_pretrained",
+    "LoadResult",
     "gather_state_dict",
     "save_shards",
     "merge_shards",
     "ShardSetError",
+    "rescue_adapter",
+    "RescueError",
     "SaveError",
     "MissingRanksError",
     "RemoteError",
@@ -33,4 +40,8 @@ def __getattr__(name: str):
         from . import merge
 
         return getattr(merge, name)
+    if name in ("rescue_adapter", "RescueError"):
+        from . import rescue
+
+        return getattr(rescue, name)
     raise AttributeError(f"module 'shardsave' has no attribute {name!r}")

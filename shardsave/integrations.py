@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .log import logger
-from .ranks import Ranks, Rendezvous, raise_on_failure, resolve_timeout, status_of
+from .ranks import Ranks, RemoteError, Rendezvous, raise_on_failure, resolve_timeout, status_of
 from .save import save_pretrained
 from .shards import save_shards
 
@@ -46,7 +46,7 @@ def save_with_accelerator(accelerator, model, save_directory, **kwargs) -> None:
 
 
 class ShardSaveCallback(TrainerCallback):
-    """Writes a correct adapter into every `checkpoint-N/` that Trainer saves.
+    """Writes a correct adapter into every `checkpoint-N/` that Trainer saves, and restores it on resume.
 
     Under FSDP or ZeRO-3, Trainer's own save of a PEFT model writes an empty or full-model adapter, or gathers
     the whole model to write it. This callback runs on every rank after Trainer's save (`on_save`) and replaces
@@ -64,11 +64,33 @@ class ShardSaveCallback(TrainerCallback):
     or once training ends.
     """
 
-    def __init__(self, *, shards: bool = False, timeout: float | None = None, **save_kwargs):
+    def __init__(self, *, shards: bool = False, resume: bool = True, timeout: float | None = None, **save_kwargs):
         self.shards = shards
+        self.resume = resume
         self.timeout = timeout
         self.save_kwargs = save_kwargs
         self._warned: set[str] = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """On `trainer.train(resume_from_checkpoint=...)`, load the adapter this callback saved into the
+        checkpoint being resumed (`shardsave.load_pretrained`, every rank reading what it holds), after Trainer's
+        own load: under FSDP and ZeRO-3 that one fails or restores rank 0's slices only. Trainer has restored
+        `state.global_step` from the checkpoint by then, which names its folder. `resume=False` leaves it to
+        Trainer."""
+        if not self.resume or not state.global_step or model is None:
+            return control
+        from .load import load_pretrained
+
+        try:
+            checkpoint = agreed_checkpoint_dir(args, state, timeout=self.timeout)
+        except (FileNotFoundError, RemoteError) as exc:  # the same on every rank: rank 0 decided
+            logger.warning("ShardSaveCallback: not restoring the adapter on resume: %s", exc)
+            return control
+        source = checkpoint / "adapter_shards" if self.shards else checkpoint
+        options = {k: v for k, v in self.save_kwargs.items() if k == "allow_pickle"}
+        load_pretrained(model, source, timeout=self.timeout, **options)
+        logger.info("ShardSaveCallback: restored the adapter from %s", source)
+        return control
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self._warn_once(args)

@@ -5,7 +5,8 @@ tensor, each held by one global rank (replicas resolved by the backend to one ho
 rank computes the same `TransferPlan` for moving the selected tensors to one destination rank: which slices
 move, in which round, at which byte offset of the sender's packed buffer and of the destination's packed
 output. No rank asks another; the plan is what the gather, the per-rank shards and the scale benchmark all
-read, so the cost figures in `stats` are the ones the executor really incurs.
+read, so the cost figures in `stats` are the ones the executor really incurs. Loading reads the same slices
+the other way: `read_items` intersects what a rank holds with the runs a tensor was saved in.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ __all__ = [
     "chunk_ranges",
     "round_budget",
     "plan_transfer",
+    "ReadItem",
+    "read_items",
     "MAX_ROUND_BYTES",
 ]
 
@@ -175,3 +178,30 @@ def plan_transfer(
             start += fit
     close()
     return TransferPlan(dst, offsets, total, tuple(own), tuple(rounds))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadItem:
+    """Elements `[start, stop)` of a tensor found in run `run` of where it was saved, at element `offset` into
+    that run: the load-side counterpart of a `Piece` (DCP calls it a read item)."""
+
+    run: int
+    offset: int
+    start: int
+    stop: int
+
+
+def read_items(saved: Sequence[tuple[int, int]], start: int, stop: int) -> list[ReadItem]:
+    """Where the elements `[start, stop)` a rank holds lie in the saved runs `(start, stop)` of the same flattened
+    tensor (any N -> M resharding is this intersection). Raises `ValueError` when the runs leave a gap."""
+    items, position = [], start
+    for index, (lo, hi) in sorted(enumerate(saved), key=lambda item: item[1]):
+        a, b = max(lo, position), min(hi, stop)
+        if a < b:
+            if a != position:
+                break
+            items.append(ReadItem(index, a - lo, a, b))
+            position = b
+    if position < stop:
+        raise ValueError(f"elements [{position}, {stop}) are in none of the saved runs {list(saved)[:8]}")
+    return items

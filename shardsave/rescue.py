@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from .layout import build_layout
 from .log import logger
 from .select import AdapterPlan, decide_embeddings, plan_choices
 from .texts import render_texts
+from .verify import check_tensors, warn_findings
 from .writer import (
     BIN_NAME,
     CARD_NAME,
@@ -43,7 +45,7 @@ from .writer import (
     write_weights,
 )
 
-__all__ = ["RescueError", "Source", "DTYPES", "detect_source", "rescue_adapter"]
+__all__ = ["RescueError", "Source", "DTYPES", "detect_source", "align_names", "rescue_adapter"]
 
 #: `--dtype` choices: "auto" writes each tensor in the dtype the model trained it in.
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,7 +148,10 @@ def _not_a_source(folder: Path) -> str:
             f"checkpoint the training wrote (e.g. checkpoint-N/, holding global_stepN/ or pytorch_model_fsdp_0/)."
         )
     if not names:
-        return f"{folder}: empty."
+        return (
+            f"{folder}: empty: no shard set (manifest.json), DeepSpeed checkpoint or DCP folder. A save_shards "
+            f"writing here did not finish (its manifest.json is written last): re-run it."
+        )
     return (
         f"{folder}: neither a shardsave shard set (manifest.json), a DeepSpeed checkpoint (latest, "
         f"global_stepN/*_model_states.pt) nor a DCP folder (.metadata); it holds {names[:8]}."
@@ -205,9 +210,10 @@ def _load_config(path: Path):
                 config = PeftConfig.from_pretrained(tmp)
     except Exception as exc:
         raise RescueError(f"{path}: not an adapter config PEFT can read ({type(exc).__name__}: {exc}).") from None
-    if str(getattr(config, "peft_type", "")) not in ("LORA", "PeftType.LORA"):
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if peft_type != "LORA":
         raise RescueError(
-            f"{path}: an adapter of type {config.peft_type}; the rescue writes LoRA-family adapters (LoRA, DoRA, "
+            f"{path}: an adapter of type {peft_type}; the rescue writes LoRA-family adapters (LoRA, DoRA, "
             f"rsLoRA, PiSSA/CorDA/OLoRA-initialised LoRA)."
         )
     return config
@@ -264,19 +270,29 @@ def _open_checkpoint(source: Source, *, tag: str | None, allow_pickle: bool) -> 
     )  # fmt: skip
 
 
-def _align(needed: list[str], available: Mapping[str, object]) -> dict[str, str]:
+def align_names(needed: list[str], available: Mapping[str, object]) -> dict[str, str]:
     """Model name -> checkpoint name. The names agree when the checkpoint was saved from the PeftModel (DeepSpeed
-    engine, `get_model_state_dict`, accelerate); one saved from the model inside it lacks a leading
-    `base_model.model.` (or more): the shortest such prefix under which the most names are found is taken."""
-    best: dict[str, str] = {}
-    prefixes = [""] + sorted({".".join(n.split(".")[:k]) + "." for n in needed for k in (1, 2, 3) if n.count(".") > k})
-    for prefix in sorted(prefixes, key=len):
-        found = {n: n[len(prefix) :] for n in needed if n.startswith(prefix) and n[len(prefix) :] in available}
-        if len(found) > len(best):
-            best = found
-        if len(best) == len(needed):
-            break
-    return best
+    engine, `get_model_state_dict`, accelerate). Saved from the model inside it, they lack a leading
+    `base_model.model.`; saved from a model holding it (TRL's value-head model: `pretrained_model.`), they have
+    one more. The one prefix change (drop, add) under which the most names are found is taken, ties to the
+    shortest: a pure function of the names."""
+    by_tail: dict[str, list[str]] = {}
+    for a in available:
+        by_tail.setdefault(".".join(a.split(".")[-2:]), []).append(a)
+    votes: Counter[tuple[str, str]] = Counter()
+    for n in needed:
+        for a in by_tail.get(".".join(n.split(".")[-2:]), ()):
+            if a == n:
+                votes["", ""] += 1
+            elif a.endswith("." + n):
+                votes["", a[: -len(n)]] += 1
+            elif n.endswith("." + a):
+                votes[n[: -len(a)], ""] += 1
+    if not votes:
+        return {}
+    drop, add = max(votes, key=lambda r: (votes[r], -len(r[0]) - len(r[1])))
+    mapped = {n: add + n[len(drop) :] for n in needed if n.startswith(drop)}
+    return {n: a for n, a in mapped.items() if a in available}
 
 
 def _adapter_names_in(names) -> set[str]:
@@ -348,7 +364,7 @@ def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None) -
     where = ", ".join(str(p) for p in configs.values())
     peft_model = _skeleton(base_cfg, peft_configs, name_or_path, where)
     names = [n for n, _, _ in state_entries(peft_model)]
-    vocab = _resized(peft_model, checkpoint, _align(names, checkpoint.tensors))
+    vocab = _resized(peft_model, checkpoint, align_names(names, checkpoint.tensors))
     if vocab is not None:  # PEFT saves a resized embedding: build the model as it trained
         base_cfg.vocab_size = vocab
         peft_model = _skeleton(base_cfg, peft_configs, name_or_path, where)
@@ -361,7 +377,7 @@ def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None) -
     decided = decide_embeddings(layout, peft_model, selected, "auto")
     plans = [choices[name][decided[name]] for name in selected]
     needed = list(dict.fromkeys(src for plan in plans for src in plan.sources))
-    mapping = _align(needed, checkpoint.tensors)
+    mapping = align_names(needed, checkpoint.tensors)
     _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes)
     folder = next(iter(configs.values())).parent
     card = folder / CARD_NAME if "default" in configs and (folder / CARD_NAME).is_file() else None
@@ -407,8 +423,8 @@ def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes
         if tuple(have) != shapes[name]:
             raise RescueError(
                 f"{config_files}: does not fit the checkpoint {where}: {mapping[name]} is {list(have)} there, but "
-                f"{list(shapes[name])} for this config (r={_r_of(peft_configs, name)}). Pass the config the training "
-                f"used (--adapter-config)."
+                f"{list(shapes[name])} for this config (r={_r_of(peft_configs, name)}) on this base. Pass the config "
+                f"the training used (--adapter-config) and its base model (--base)."
             )
     planned = {mapping[n] for n in needed}
     ours = set(peft_configs)
@@ -502,6 +518,12 @@ def rescue_adapter(
         replace_adapter_files(destination, fill)
     else:
         publish(destination, fill)
+    # what was rescued gets the checks a save gets: a checkpoint of an untrained or broken run shows here
+    configs_written = {p.adapter_name: plan.peft_model.peft_config[p.adapter_name].to_dict() for p in plan.plans}
+    warn_findings(
+        [f for name, adapter in by_adapter.items() for f in check_tensors(name, configs_written[name], adapter)],
+        destination,
+    )
     logger.info(
         "rescued %d adapter(s), %d tensors, from %s (%s) into %s in %.2f s", len(plan.plans),
         sum(len(a) for a in by_adapter.values()), found.given, found.describe(), destination,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .collect import Collector, TensorInfo, TransferError, collector_for
-from .convert import check_convertible, check_initial, read_initial_adapter, rewrite_config_file
+from .convert import check_convertible, check_initial, convert_config_dict, read_initial_adapter, rewrite_config_file
 from .host import to_host
 from .layout import Layout, build_layout, find_peft_model, peel
 from .log import logger
@@ -30,6 +30,7 @@ from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_fai
 from .reuse import PlanCache
 from .select import AdapterPlan, decide_embeddings, plan_choices
 from .texts import Texts, abandon, render_in_background
+from .verify import check_tensors, warn_findings
 from .writer import (
     CONFIG_NAME,
     adapter_dir,
@@ -320,6 +321,26 @@ def _write_adapters(
             f"{exc}. Nothing was published: {request.destination} holds what it held before (the previous adapter, "
             f"or nothing). Choose a writable save_directory with free space."
         ) from exc
+    _warn_on_written(request, host)
+
+
+def _warn_on_written(request: _SaveRequest, host: dict) -> None:
+    """Run `shardsave.verify`'s checks on the tensors just published and log what they find as one warning.
+    After publishing: the adapter is on disk before they run and is never refused by them (an untrained adapter
+    may be intended), a failed write reports only its error, and the warning names a folder that exists."""
+    findings = []
+    try:
+        for plan in request.plans:
+            config = request.peft_model.peft_config[plan.adapter_name].to_dict()
+            if request.initial is not None:  # what was written: the converted config and tensors
+                config = convert_config_dict(config)
+            pairs = ((key, host[(plan.adapter_name, key)]) for key in plan.entries)
+            findings += check_tensors(plan.adapter_name, config, pairs)
+    except Exception as exc:  # the checks only advise: the adapter is published already
+        logger.warning("checking the adapter written to %s failed (%s: %s); it was written all the same.",
+                       request.destination, type(exc).__name__, exc, extra={"writer": True})  # fmt: skip
+        return
+    warn_findings(findings, request.destination)
 
 
 def save_pretrained(

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import _TYPES
 
-__all__ = ["TensorSpec", "FileRange", "dtype_name", "dtype_from_name", "write_streaming"]
+__all__ = ["TensorSpec", "FileRange", "dtype_name", "dtype_from_name", "write_streaming", "read_header"]
 
 _NAME_OF = {dtype: name for name, dtype in _TYPES.items()}
 
@@ -188,3 +189,22 @@ def _write(f, data, digest) -> None:
     view = memoryview(data).cast("B")
     while view.nbytes:
         view = view[f.write(view) :]
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, int, int]]]:
+    """The file's metadata, and each tensor's `(dtype, absolute offset, nbytes)` (safetensors validates the
+    header's offsets when it opens the file)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except Exception as exc:
+        raise ValueError(f"{path}: unreadable safetensors header ({exc}); the file is corrupt.") from None
+    header.pop("__metadata__", None)
+    start = 8 + size
+    return meta, {
+        name: (t["dtype"], start + t["data_offsets"][0], t["data_offsets"][1] - t["data_offsets"][0])
+        for name, t in header.items()
+    }

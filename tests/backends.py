@@ -53,12 +53,13 @@ def wrap(model, backend: str, *, checkpointing: bool = False, compile: bool = Fa
     elif backend.startswith("zero"):
         import deepspeed
 
-        stage = int(backend[-1])
-        config = {
-            "train_micro_batch_size_per_gpu": 2,
-            "zero_allow_untested_optimizer": True,
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-        }
+        stage = int(backend[4])  # "zero3", or "zero3_persist": DeepSpeed's default persistence threshold
+        zero = (
+            {"stage": stage}
+            if backend.endswith("_persist")
+            else {"stage": stage, "stage3_param_persistence_threshold": 0}
+        )
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True, "zero_optimization": zero}
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         wrapped = engine

@@ -4,6 +4,7 @@ and the cases where PEFT is wrong handled on purpose."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -50,10 +51,16 @@ def test_matches_peft_conversion_and_original_base_logits(init, lora, tmp_path):
     torch.testing.assert_close(logits(on_original_base(tmp_path / "ours")), trained_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_keeps_modules_to_save_and_converts_embedding_lora(tmp_path):
+def test_keeps_modules_to_save_and_converts_embedding_lora(tmp_path, caplog):
     """PEFT drops modules_to_save (unloadable) and leaves embedding LoRA unconverted; we do neither."""
     model = prepare(tmp_path, dict(target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"]))
-    shardsave.save_pretrained(model, tmp_path / "ours", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    with caplog.at_level(logging.WARNING, logger="shardsave"):
+        shardsave.save_pretrained(
+            model, tmp_path / "ours", path_initial_model_for_weight_conversion=str(tmp_path / "init")
+        )
+    assert not [
+        r for r in caplog.records if r.name == "shardsave"
+    ]  # the checks on what is written know that the rank doubled
     saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert "base_model.model.lm_head.weight" in saved
     assert saved["base_model.model.model.embed_tokens.lora_embedding_A"].shape[0] == 2 * 8
@@ -97,15 +104,17 @@ def test_initial_adapter_of_another_shape(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_merge_converts_like_save_pretrained(tmp_path):
+def test_merge_converts_like_save_pretrained(tmp_path, caplog):
     model = prepare(tmp_path, dict(target_modules=QV, modules_to_save=["lm_head"]))
     shardsave.save_pretrained(
         model, tmp_path / "direct", path_initial_model_for_weight_conversion=str(tmp_path / "init")
     )
     shardsave.save_shards(model, tmp_path / "shards")
-    shardsave.merge_shards(
-        tmp_path / "shards", tmp_path / "merged", path_initial_model_for_weight_conversion=tmp_path / "init"
-    )
+    with caplog.at_level(logging.WARNING, logger="shardsave"):
+        shardsave.merge_shards(
+            tmp_path / "shards", tmp_path / "merged", path_initial_model_for_weight_conversion=tmp_path / "init"
+        )
+    assert not [r for r in caplog.records if r.name == "shardsave"]  # the checks read the converted config and tensors
     assert snapshot(tmp_path / "merged") == snapshot(tmp_path / "direct")
 
 

@@ -261,7 +261,8 @@ def test_fsdp2_dcp_save_read_back(tmp_path):
 
 def test_rescue_from_every_dcp_layout(tmp_path):
     """2 gloo ranks, FSDP2: the adapter rescued from the plain DCP folder, from accelerate's pytorch_model_fsdp_0/
-    (keys under `model.`, with the optimizer), from an adapter-only save under wrapper prefixes, and from the
+    (keys under `model.`, with the optimizer), from an adapter-only save under wrapper prefixes (`module.`,
+    `_orig_mod.`, `_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.`), from FSDP1's SHARDED_STATE_DICT, and from the
     Trainer-style checkpoint folder holding them (whose broken adapter_model.safetensors is not used) is what
     shardsave.save_pretrained wrote from the live model; the output passes verify, the broken file does not."""
     from test_deepspeed_source import rescue, same_files
@@ -276,6 +277,9 @@ def test_rescue_from_every_dcp_layout(tmp_path):
         assert code == 0, (source, err)
         same_files(tmp_path / "reference", out)
         assert verify_adapter(out).sound
+    code, err = rescue(tmp_path / "fsdp1", "-o", tmp_path.parent / f"{tmp_path.name}-fsdp1", "--base", base)
+    assert code == 0, err
+    same_files(tmp_path / "reference_fsdp1", tmp_path.parent / f"{tmp_path.name}-fsdp1")
     # the recipe for a broken checkpoint-N/: its adapter files replaced in place, the checkpoint untouched
     assert not verify_adapter(tmp_path).sound
     before = {p: p.read_bytes() for p in tmp_path.rglob("*.distcp")}

@@ -150,6 +150,8 @@ def test_foreign_global_is_refused_not_run(saves, tmp_path):
     torch.save({**states, "extra": Payload(marker)}, path)
     with pytest.raises(UnsafeCheckpointError, match=r"mp_rank_00_model_states.pt: refers to os.makedirs.*allow_pickle"):
         read_checkpoint(copy)
+    code, err = rescue(copy, "-o", tmp_path / "out", "--base", copy / "base")  # the merge CLI: exit 2, not run
+    assert code == 2 and "refers to os.makedirs" in err and not (tmp_path / "out").exists()
     assert not marker.exists()
 
 
@@ -162,7 +164,9 @@ def test_allow_pickle_reads_the_same(saves):
 # --- layout on synthetic checkpoints: a pure check of the arithmetic for any world size -------------------------
 
 
-def synthetic(folder: Path, stage: int, world: int, shapes: list[dict[str, tuple[int, ...]]]) -> dict:
+def synthetic(
+    folder: Path, stage: int, world: int, shapes: list[dict[str, tuple[int, ...]]], precision: str = "bf16"
+) -> dict:
     """A tag folder laid out as ZeRO-`stage` lays out the fp32 partitions of random tensors (plain types only)."""
     gen = torch.Generator().manual_seed(stage * 10 + world)
     values = {k: torch.randn(s, generator=gen) for g in shapes for k, s in g.items()}
@@ -191,7 +195,7 @@ def synthetic(folder: Path, stage: int, world: int, shapes: list[dict[str, tuple
                 ranks[r].append(torch.cat(pieces))
         key, states_name = "fp32_flat_groups", "zero_pp_rank_0_mp_rank_00_model_states.pt"
     torch.save(
-        {"module": {}, "param_shapes": param_shapes, "ds_config": {"bf16": {"enabled": True}}}, tag / states_name
+        {"module": {}, "param_shapes": param_shapes, "ds_config": {precision: {"enabled": True}}}, tag / states_name
     )
     for r in range(world):
         optim = {"zero_stage": stage, "partition_count": [world] * len(shapes), key: ranks[r]}
@@ -210,6 +214,14 @@ def test_layout_any_world_size(tmp_path, stage, world):
     got = read_tensors(tmp_path, list(values))
     for name, value in values.items():
         assert torch.equal(got[name], value), name
+
+
+def test_fp16_training_is_written_in_fp16(tmp_path):
+    """fp16 DeepSpeed does not run on CPU ("Type fp16 is not supported on your device"): the dtype rule is checked
+    on a synthetic checkpoint whose config enables fp16 (the master weights stay fp32)."""
+    values = synthetic(tmp_path, 2, 3, [{"a": (7, 3)}], precision="fp16")
+    assert deepspeed_tensors(tmp_path)["a"].dtype == torch.float16
+    assert torch.equal(read_tensors(tmp_path, ["a"])["a"], values["a"])
 
 
 def test_partitions_that_do_not_fit_the_shapes(tmp_path):

@@ -101,3 +101,26 @@ def test_missing_checkpoint_is_refused_on_every_rank_at_once(tmp_path):
     assert all("checkpoint for step 3 was not found" in r.error for r in results)
     assert all(float((tmp_path / f"elapsed-{r.rank}").read_text()) < 10 for r in results)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_callback_restores_its_adapter_on_resume(tmp_path, shards):
+    """Trainer restores `state.global_step` from the checkpoint before `on_train_begin`: the callback loads what it
+    saved there (the adapter files, or the shard set); a fresh run (step 0) loads nothing."""
+    from tiny import randomize_trainable
+
+    trained = peft_model(LoraConfig(target_modules=QV, modules_to_save=["lm_head"]))
+    trainer_checkpoint(tmp_path / "run" / "checkpoint-3")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[])
+    callback = ShardSaveCallback(shards=shards)
+    callback.on_save(args, TrainerState(global_step=3), TrainerControl(), model=trained)
+    model = peft_model(LoraConfig(target_modules=QV, modules_to_save=["lm_head"]))
+    randomize_trainable(model, seed=9)
+    before = logits(model)
+    callback.on_train_begin(args, TrainerState(global_step=0), TrainerControl(), model=model)
+    assert torch.equal(logits(model), before)
+    callback.on_train_begin(args, TrainerState(global_step=3), TrainerControl(), model=model)
+    assert torch.equal(logits(model), logits(trained))
+    ShardSaveCallback(resume=False).on_train_begin(args, TrainerState(global_step=3), TrainerControl(), model=model)
+    # resumed from a checkpoint the callback cannot find: a warning, Trainer's own load stands
+    callback.on_train_begin(args, TrainerState(global_step=7), TrainerControl(), model=model)

@@ -30,9 +30,11 @@ def torchrun(script: str, *args: str) -> list[str]:
             str(free_port()), f"launch_scripts/{script}", *args]  # fmt: skip
 
 
-def test_torchrun_fsdp2(tmp_path):
+def test_torchrun_fsdp2_then_resumed_under_fsdp1(tmp_path):
     output = run(torchrun("train_fsdp2.py"), tmp_path)
     assert "shardsave: saved 1 adapter(s)" in output and "[rank 1] shardsave" not in output  # rank-0 logging
+    output = run(torchrun("train_fsdp1.py", "--resume"), tmp_path)  # FSDP2's adapter loaded into FSDP1
+    assert "logits match the saved run's: True" in output, output[-3000:]
 
 
 @pytest.mark.parametrize("extra", [[], ["--use-orig-params", "--lora", "configs/lora_all_linear.json"]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from tiny import base_model, llama_config, train_a_little
+from tiny import assert_same_files, base_model, llama_config, peft_model, train_a_little
 
 import shardsave
-from shardsave.verify import KINDS, VerifyError, main, verify_adapter
+from shardsave.verify import KINDS, VerifyError, check_tensors, main, verify_adapter, warn_findings
 from shardsave.writer import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]
@@ -130,14 +131,15 @@ def test_one_zeroed_lora_b_is_named(saved, tmp_path):
     assert _kinds(verify_adapter(adapter)) == {("zero_lora_b", key)}
 
 
+def _keep_first_quarter(tensors: dict) -> None:
+    """What FSDP2's rank 0 holds of every lora_B (dim-0 chunks of 4 ranks), the rest zero."""
+    for k in _lora_b(tensors):
+        tensors[k][math.ceil(tensors[k].shape[0] / 4) :] = 0
+
+
 def test_one_rank_slice_of_rows_names_the_world_size(saved, tmp_path):
     adapter = _copy(saved, tmp_path)
-
-    def keep_first_quarter(tensors):  # what FSDP2's rank 0 holds of every lora_B (dim-0 chunks of 4 ranks)
-        for k in _lora_b(tensors):
-            tensors[k][math.ceil(tensors[k].shape[0] / 4) :] = 0
-
-    _rewrite(adapter, keep_first_quarter)
+    _rewrite(adapter, _keep_first_quarter)
     report = verify_adapter(adapter)
     assert [(f.kind, f.key) for f in report.findings] == [("sliced", None)]
     assert "part 0 of 4" in report.findings[0].message and "likely 4 ranks" in report.findings[0].message
@@ -219,6 +221,111 @@ def test_base_that_cannot_be_found(saved, tmp_path):
     with pytest.raises(VerifyError, match="--base nobody/no-such-model: neither a folder"):
         verify_adapter(saved, base="nobody/no-such-model")
     assert main([str(saved), "--base", str(tmp_path)]) == 2
+
+
+# --- the same checks on tensors in memory, and on every save and merge --------------------------------------
+
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+V_B = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+#: an edit of the trained adapter's tensors, a change of its config, and what check_tensors must find
+IN_MEMORY = {
+    "empty": (lambda t: t.update({Q_A: torch.empty(0)}), {}, {("empty", Q_A)}),
+    "non_finite": (lambda t: t[Q_A].view(-1).__setitem__(3, float("inf")), {}, {("non_finite", Q_A)}),
+    "no_prefix": (lambda t: t.update({Q_A.removeprefix("base_model.model."): t.pop(Q_A)}), {},
+                  {("no_prefix", Q_A.removeprefix("base_model.model."))}),
+    "shape": (lambda t: None, {"r": 8}, None),  # every tensor: checked below
+    "incomplete": (lambda t: t.pop(V_B), {}, {("incomplete", V_B)}),
+    "no_effect": (lambda t: [t[k].zero_() for k in _lora_b(t)], {}, {("no_effect", None)}),
+    "zero_lora_b": (lambda t: t[V_B].zero_(), {}, {("zero_lora_b", V_B)}),
+    "sliced": (_keep_first_quarter, {}, {("sliced", None)}),
+    "no_tensors": (lambda t: t.clear(), {}, {("no_tensors", None)}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(IN_MEMORY))
+def test_check_tensors_in_memory_finds_each_kind(model, kind):
+    edit, change, expected = IN_MEMORY[kind]
+    tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    edit(tensors)
+    config = {**model.peft_config["default"].to_dict(), **change}  # peft_type a PeftType, target_modules a set
+    # a mapping, and pairs consumed one at a time, find the same
+    findings = check_tensors("default", config, tensors)
+    assert findings == check_tensors("default", config, ((k, v) for k, v in tensors.items()))
+    assert {f.kind for f in findings} <= set(KINDS)
+    if expected is None:
+        assert {(f.kind, f.key) for f in findings} == {("shape", k) for k in tensors}
+    else:
+        assert {(f.kind, f.key) for f in findings} == expected
+
+
+def test_check_tensors_of_the_trained_adapter_finds_nothing(model):
+    assert check_tensors("default", model.peft_config["default"].to_dict(), get_peft_model_state_dict(model)) == []
+
+
+def test_check_tensors_sums_that_overflow_and_negative_zero():
+    """The quick paths (a finite sum proves finite values; a lora_B non-zero or zero everywhere) stay exact."""
+    big = torch.full((4, 8), 3e38)  # finite, but its sum overflows to inf
+    key = "base_model.model.m.lora_"
+    config = {"peft_type": "LORA", "r": 4}
+    assert check_tensors("a", config, {key + "A.weight": big, key + "B.weight": big.T.contiguous()}) == []
+    minus_zero = torch.full((8, 4), -0.0)
+    (finding,) = check_tensors("a", config, {key + "A.weight": big, key + "B.weight": minus_zero})
+    assert finding.kind == "no_effect"
+    big[1, 2] = float("nan")
+    assert [(f.kind, f.key) for f in check_tensors("a", config, {key + "A.weight": big})] == [
+        ("non_finite", key + "A.weight"),
+        ("incomplete", key + "B.weight"),
+    ]
+
+
+def _warnings(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "shardsave" and r.levelno >= logging.WARNING]
+
+
+def test_warning_lists_the_findings_and_the_command(caplog, tmp_path):
+    findings = check_tensors("default", {"peft_type": "LORA", "r": 4}, {f"x{i}.lora_A.weight": torch.ones(4, 2)
+                                                                        for i in range(25)})  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="shardsave"):
+        warn_findings(findings, tmp_path / "my adapter")
+        warn_findings([], tmp_path)
+    (record,) = _warnings(caplog)
+    text = record.getMessage()
+    assert text.startswith(f"50 problem(s) in the adapter written to {tmp_path / 'my adapter'}")
+    assert f"python -m shardsave.verify '{tmp_path / 'my adapter'}'" in text
+    assert "  [no_prefix] x0.lora_A.weight: does not start" in text and "... and 30 more" in text
+    assert len(text.splitlines()) == 1 + 20 + 1
+
+
+def test_save_of_an_untrained_adapter_warns_and_still_writes_peft_bytes(caplog, tmp_path):
+    fresh = get_peft_model(base_model(), LoraConfig(r=4, target_modules=TARGETS))  # PEFT initialises lora_B to 0
+    with caplog.at_level(logging.WARNING, logger="shardsave"):
+        shardsave.save_pretrained(fresh, tmp_path / "ours")
+    (record,) = _warnings(caplog)
+    assert "[no_effect] adapter 'default': all 8 lora_B tensors are zero" in record.getMessage()
+    assert str(tmp_path / "ours") in record.getMessage()
+    fresh.save_pretrained(str(tmp_path / "theirs"))
+    assert_same_files(tmp_path / "ours", tmp_path / "theirs", fresh)
+
+
+def test_save_of_a_sound_adapter_does_not_warn(model, caplog, tmp_path):
+    with caplog.at_level(logging.WARNING, logger="shardsave"):
+        shardsave.save_pretrained(model, tmp_path / "out")
+    assert not _warnings(caplog)
+
+
+def test_merge_of_a_sliced_and_an_untrained_adapter_warns_and_publishes(caplog, tmp_path):
+    model = peft_model(LoraConfig(r=4, target_modules=TARGETS))  # random, non-zero lora_B
+    with torch.no_grad():
+        _keep_first_quarter(dict(model.named_parameters()))
+    model.add_adapter("untrained", LoraConfig(r=2, target_modules=["k_proj"]))  # its lora_B are zero
+    shardsave.save_shards(model, tmp_path / "shards")
+    with caplog.at_level(logging.WARNING, logger="shardsave"):
+        out = shardsave.merge_shards(tmp_path / "shards", tmp_path / "merged")
+    (record,) = _warnings(caplog)
+    assert "[sliced] adapter 'default'" in record.getMessage()
+    assert "[no_effect] adapter 'untrained'" in record.getMessage()
+    assert (out / SAFETENSORS_NAME).is_file() and (out / "untrained" / SAFETENSORS_NAME).is_file()
 
 
 # --- unreadable: exit 2 ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -532,6 +533,102 @@ def trainer_callback(rank, world, out: Path, params):
 
 
 @scenario
+def trainer_zero3(rank, world, out: Path, params):
+    """transformers.Trainer with DeepSpeed ZeRO-3 (through accelerate, gloo) trains a LoRA model and writes its
+    checkpoint-N/ folders the way users get them; then shardsave.save_pretrained of the live model at the last
+    step (`reference/`) and the base model's config (`base/`)."""
+    import accelerate
+    from datasets_free import token_dataset
+    from peft import LoraConfig
+    from tiny import llama_config, peft_model
+    from transformers import Trainer, TrainingArguments
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    accelerate.PartialState(backend="gloo")
+    model = peft_model(LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    model.train()
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    args = TrainingArguments(
+        output_dir=str(out / "run"), max_steps=2, save_steps=2, per_device_train_batch_size=2, report_to=[],
+        learning_rate=1e-2, deepspeed=config, accelerator_config={"use_configured_state": True},
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(rank))
+    trainer.train()
+    shardsave.save_pretrained(trainer.model_wrapped, out / "reference")
+    if rank == 0:
+        llama_config().save_pretrained(str(out / "base"))
+    return {"checkpoints": sorted(p.name for p in (out / "run").glob("checkpoint-*"))}
+
+
+def _destroy(wrapped) -> None:
+    if hasattr(wrapped, "destroy"):  # a DeepSpeed engine
+        wrapped.destroy()
+
+
+@scenario
+def load_matrix(rank, world, out: Path, params):
+    """Resume, across backends and world sizes. Phase "save": for each of `params["backends"]`, train under it and
+    save with save_pretrained (`<backend>/adapter`) and save_shards (`<backend>/shards`); rank 0 keeps the
+    trained model's logits, PEFT's own save of it (`<backend>/theirs`) and, once, an adapter of another config
+    (`other_r`). Phase "load": for each `[source, backend, via]`, a fresh model with other adapter weights,
+    wrapped under `backend`, loads `<source>/<via>`; its logits before, after, after one lr=0 optimizer step,
+    and after a refused load of `other_r` (with the error of each rank) go to `load-<i>-<rank>.pt`."""
+    from backends import full_state, sharded_logits, train, wrap
+    from peft import LoraConfig
+    from tiny import peft_model, randomize_trainable
+
+    lora = LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}))
+    if params["phase"] == "save":
+        for backend in params["backends"]:
+            folder = out / backend
+            wrapped, opt = wrap(peft_model(lora), backend)
+            train(wrapped, opt, backend, rank)
+            shardsave.save_pretrained(wrapped, folder / "adapter")
+            shardsave.save_shards(wrapped, folder / "shards")
+            trained = sharded_logits(wrapped)
+            state = full_state(wrapped, backend)
+            if rank == 0:
+                torch.save(trained, folder / "logits.pt")
+                save_reference(lora, state, folder)
+            _destroy(wrapped)
+        if rank == 0:
+            other = peft_model(LoraConfig(target_modules=["q_proj", "v_proj"], r=2, modules_to_save=["lm_head"]))
+            other.save_pretrained(str(out / "other_r"))
+        return {}
+    for i, (source, backend, via) in enumerate(params["pairs"]):
+        model = peft_model(lora)
+        randomize_trainable(model, seed=9)  # other adapter weights than any saved one
+        wrapped, opt = wrap(model, backend)
+        record: dict = {"before": sharded_logits(wrapped)}
+        result = shardsave.load_pretrained(wrapped, out / source / via)
+        record["after"] = sharded_logits(wrapped)
+        record["missing"], record["unexpected"] = len(result.missing_keys), list(result.unexpected_keys)
+        if opt is not None:
+            for group in opt.param_groups:
+                group["lr"] = 0.0
+        else:  # a DeepSpeed engine: its optimizer's groups
+            for group in wrapped.optimizer.param_groups:
+                group["lr"] = 0.0
+        train(wrapped, opt, backend, rank, steps=1)
+        record["stepped"] = sharded_logits(wrapped)
+        try:
+            shardsave.load_pretrained(wrapped, out / "other_r")
+            record["refused"] = None
+        except Exception as exc:
+            record["refused"] = f"{type(exc).__name__}: {exc}"
+        record["after_refused"] = sharded_logits(wrapped)
+        torch.save(record, out / f"load-{i}-{rank}.pt")
+        _destroy(wrapped)
+    return {}
+
+
+@scenario
 def zero3_group_save(rank, world, out: Path, params):
     """ZeRO-3 with every parameter partitioned over a data-parallel group of `group` ranks (strided, as an inner
     dimension leaves them), the other ranks holding copies: train (replicas see the same batches, so the copies
@@ -682,9 +779,23 @@ def dcp_save(rank, world, out: Path, params):
     dcp.save(get_model_state_dict(wrapped), checkpoint_id=str(out / "dcp"))
     model_sd, optim_sd = get_state_dict(wrapped, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "pytorch_model_fsdp_0"))
-    adapter = {f"module._orig_mod.{k}": v for k, v in model_sd.items() if "lora_" in k}
+    # adapter-only, under every wrapper component a user's own state dict may carry
+    adapter = {
+        "module._orig_mod." + re.sub(r"(layers\.\d+)\.", r"\1._fsdp_wrapped_module._checkpoint_wrapped_module.", k): v
+        for k, v in model_sd.items()
+        if "lora_" in k
+    }
     dcp.save(adapter, checkpoint_id=str(out / "dcp_adapter"))
     shardsave.save_pretrained(wrapped, out / "reference")
+    # FSDP1 SHARDED_STATE_DICT of another model, with its own reference
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+
+    fsdp1, opt1 = wrap(lora_model(params, seed=3), "fsdp1_flat")
+    train(fsdp1, opt1, "fsdp1_flat", rank)
+    with FSDP.state_dict_type(fsdp1, StateDictType.SHARDED_STATE_DICT):
+        dcp.save({"model": fsdp1.state_dict()}, checkpoint_id=str(out / "fsdp1"))
+    shardsave.save_pretrained(fsdp1, out / "reference_fsdp1")
     state = full_state(wrapped, "fsdp2")
     if rank == 0:
         torch.save({k: v for k, v in state.items() if "lora_" in k}, out / "lora.pt")

@@ -33,7 +33,7 @@ class Collector(Protocol):
     others, and moves nothing but those tensors; a collective that does not finish within `timeout` seconds
     raises instead of waiting for the process group's own (often 30-minute) timeout. `slices(name)` says
     which rank holds which element range of a tensor (`None`: every rank holds it whole, read with `whole`),
-    `local` reads this rank's range.
+    `own` the range this rank holds (a replica's too), `local` is a view of this rank's range (a load writes it).
     """
 
     backend: str
@@ -50,6 +50,8 @@ class Collector(Protocol):
     def primary(self, name: str) -> str: ...
 
     def slices(self, name: str) -> list | None: ...
+
+    def own(self, name: str): ...
 
     def local(self, name: str, piece) -> torch.Tensor: ...
 

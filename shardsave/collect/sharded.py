@@ -69,6 +69,11 @@ class ShardedCollector:
             self._held[name] = self._slices(name)
         return self._held[name]
 
+    def own(self, name: str) -> Slice | None:
+        """The element range of a sharded `name` this rank holds, whether it sends it or holds a replica (a load
+        writes every copy); None when it holds none of it."""
+        return next((s for s in self.slices(name) or () if s.rank == self.rank and s.stop > s.start), None)
+
     # -- what a backend provides -------------------------------------------------------------------
     def _slices(self, name: str) -> list[Slice] | None:
         """`slices`, computed from the backend's metadata."""

@@ -153,6 +153,16 @@ class Zero3Collector(ShardedCollector):
             )
         return partition_slices(numel, partition, groups, zlib.crc32(name.encode()))
 
+    def own(self, name: str) -> Slice | None:
+        """Member `k` of every partition group holds range `k` (`slices` names one sender per range)."""
+        if self.slices(name) is None:
+            return None
+        tensor = self._tensors[name]
+        k, numel = self._group_ranks(tensor).index(self.rank), int(tensor.ds_numel)
+        partition = -(-numel // len(self._group_ranks(tensor)))
+        start, stop = min(k * partition, numel), min((k + 1) * partition, numel)
+        return Slice(self.rank, start, stop) if stop > start else None
+
     def local(self, name: str, piece: Slice) -> torch.Tensor:
         tensor = self._tensors[name]
         partition = tensor.ds_tensor

@@ -1,0 +1,301 @@
+"""Load a saved adapter into a model wherever its ranks hold it: `shardsave.load_pretrained`.
+
+Every rank already knows, from metadata alone, which element range of each tensor it holds (the collectors'
+`own`, the same plan the save gathers with), and the files say where each saved element lies (safetensors
+offsets, or a shard set's runs: `shardsave.adapter_files`). So each rank reads exactly its own elements, with
+no tensor collective, whatever world size and backend saved the adapter: resharding N -> M is an intersection
+of ranges (`shardsave.plan.read_items`). Everything is checked and read on every rank before any parameter
+is written, and the ranks agree through the store as a save does: on any error every rank raises and the model
+is as it was. DeepSpeed's fp32 master weights are written too, so that the next `engine.step()` continues from
+the loaded weights rather than bringing the old ones back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .adapter_files import open_adapter
+from .collect import collector_for
+from .collect.walk import state_entries
+from .layout import build_layout, find_peft_model, peel
+from .log import logger
+from .ranks import Ranks, Rendezvous, resolve_timeout
+from .select import plan_choices
+
+__all__ = ["LoadResult", "AdapterMismatchError", "CONFIG_FIELDS", "compare_configs", "load_pretrained"]
+
+#: Adapter-config fields that decide which tensors an adapter has or what they do: loading weights saved under
+#: another value of any of them would run silently wrong.
+CONFIG_FIELDS = (
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "target_modules",
+    "exclude_modules",
+    "target_parameters",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "trainable_token_indices",
+    "bias",
+    "lora_bias",
+    "fan_in_fan_out",
+    "layer_replication",
+)
+
+
+class LoadResult(NamedTuple):
+    """What PEFT's `set_peft_model_state_dict` reports: the model's state-dict entries that were not loaded, and
+    the saved keys that fit no entry."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class AdapterMismatchError(ValueError):
+    """The saved adapter does not fit the model's adapter (config, keys, shapes or dtypes)."""
+
+
+def _normal(value: object) -> object:
+    """A config value as compared: enums by value, collections of names as sorted lists, empties as None."""
+    value = getattr(value, "value", value)
+    if isinstance(value, set | frozenset | list | tuple):
+        items = [_normal(v) for v in value]
+        value = sorted(items, key=repr) if all(isinstance(v, str) for v in items) else items
+    elif isinstance(value, dict):
+        value = {str(k): _normal(v) for k, v in sorted(value.items())}
+    return None if value in ([], {}, "") else value
+
+
+def compare_configs(saved: Mapping, live: Mapping) -> list[str]:
+    """Each field of `CONFIG_FIELDS` on which the saved adapter config and the model's differ, as
+    `field: saved X, model Y` (a pure function; `live` may come from `PeftConfig.to_dict()`)."""
+    out = []
+    for name in CONFIG_FIELDS:
+        a, b = _normal(saved.get(name)), _normal(live.get(name))
+        if a != b:
+            out.append(f"{name}: saved {a!r}, model {b!r}")
+    return out
+
+
+@dataclass(slots=True)
+class _Write:
+    name: str  # canonical state-dict name (the primary of tied names)
+    target: torch.Tensor  # 1-D view of this rank's elements [start, stop) of the live tensor
+    value: torch.Tensor  # what goes there, already in the target's dtype
+    param: nn.Parameter | None
+    start: int
+    master: torch.Tensor | None = None  # the fp32 values of DeepSpeed's master partition, when it has one
+
+
+@dataclass(slots=True)
+class _Prepared:
+    args: dict
+    writes: list[_Write]
+    result: LoadResult
+
+
+def _preview(keys: list[str], most: int = 5) -> str:
+    return f"{keys[:most]}{f' and {len(keys) - most} more' if len(keys) > most else ''}"
+
+
+def _prepare(model: nn.Module, path, adapter_name: str, strict: bool, allow_pickle: bool, ranks: Ranks) -> _Prepared:
+    peft_model = find_peft_model(model)
+    if adapter_name not in peft_model.peft_config:
+        raise AdapterMismatchError(
+            f"The model has no adapter {adapter_name!r} (it has {list(peft_model.peft_config)}); load_pretrained "
+            f"loads into an existing adapter: add it first (peft_model.add_adapter(name, config)) or pass adapter_name."
+        )
+    root = peel(model)
+    _reshard(root)
+    collector = collector_for(root, ranks)
+    files = open_adapter(path, adapter_name, allow_pickle=allow_pickle)
+    problems = compare_configs(files.config, peft_model.peft_config[adapter_name].to_dict())
+    if problems:
+        raise AdapterMismatchError(
+            f"{files.path}: its adapter config does not match the model's adapter {adapter_name!r}: "
+            + "; ".join(problems)
+            + ". Build the model's adapter with the config the adapter was saved with."
+        )
+    infos = collector.infos()
+    choices = plan_choices(build_layout(peft_model), peft_model, list(infos), [adapter_name], "auto")[adapter_name]
+    known, required = choices[True].entries, choices[False].entries  # with / without the embedding layers
+    unexpected = [k for k in files.specs if k not in known]
+    missing = [k for k in required if k not in files.specs]
+    if strict and (unexpected or missing):
+        raise AdapterMismatchError(
+            f"{files.path}: does not hold the tensors of the model's adapter {adapter_name!r}: "
+            + (f"missing {_preview(missing)}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {_preview(unexpected)}" if unexpected else "")
+            + ". Pass strict=False to load what fits."
+        )
+    loaded = {k: known[k] for k in files.specs if k in known}
+    for key, source in loaded.items():
+        spec, info = files.specs[key], infos[source]
+        if spec.shape != info.shape:
+            raise AdapterMismatchError(
+                f"{files.path}: {key} is {list(spec.shape)}, but the model's {source} is {list(info.shape)}."
+            )
+        if spec.dtype.is_floating_point != info.dtype.is_floating_point:
+            raise AdapterMismatchError(
+                f"{files.path}: {key} is saved as {spec.dtype}; the model's {source} is {info.dtype}, and one is "
+                f"not a floating-point type: converting would change its values."
+            )
+    params = {name: t for name, t, is_param in state_entries(root) if is_param}
+    writes, seen = [], set()
+    for key, source in loaded.items():
+        name = collector.primary(source)
+        if name not in seen:  # tied names: written once
+            seen.add(name)
+            writes += _writes_of(collector, name, params.get(name), files, key)
+    digest = hashlib.sha256(json.dumps([[k, s] for k, s in loaded.items()]).encode()).hexdigest()[:16]
+    args = {"path": str(files.path), "adapter_name": adapter_name, "strict": strict, "plan": digest}
+    live = [n for n in infos if n not in set(loaded.values())]
+    return _Prepared(args, writes, LoadResult(live, unexpected))
+
+
+def _reshard(root: nn.Module) -> None:
+    """FSDP2 leaves the root's parameters gathered after a forward (`reshard_after_forward` is off for the root):
+    the module then holds full copies that the next backward replaces with the shards. Written there, a load
+    would be undone at the first step, so every FSDP2 module is put back to its shards first (local, no
+    collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _writes_of(collector, name: str, param, files, key: str) -> list[_Write]:
+    """This rank's writes of one tensor: its own range, or the whole tensor where every rank holds it whole; with
+    the fp32 master copy DeepSpeed keeps of it."""
+    if param is not None and hasattr(param, "ds_id") and hasattr(param, "ds_tensor"):
+        return _zero3_writes(collector, name, param, files, key)
+    own = collector.own(name)
+    if collector.slices(name) is None:
+        target, start, stop = collector.whole(name).detach().view(-1), 0, None
+    elif own is not None:
+        target, start, stop = collector.local(name, own).detach(), own.start, own.stop
+    else:
+        return []  # this rank holds none of it
+    raw = files.read(key, start, start + target.numel() if stop is None else stop)
+    write = _Write(name, target, raw.to(target.dtype), param, start)
+    if param is not None and getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
+        write.master = raw.float()
+    return [write]
+
+
+def _zero3_writes(collector, name: str, param, files, key: str) -> list[_Write]:
+    """ZeRO-3: the rank's partition `ds_tensor` (member k of its partition group holds `[k*P, (k+1)*P)`,
+    zero-padded at the end) with the optimizer's fp32 copy of it; and the full tensor too where the parameter
+    is kept gathered (persistent, below `stage3_param_persistence_threshold`)."""
+    import torch.distributed as dist
+
+    group = getattr(param, "ds_process_group", None)
+    ranks = list(dist.get_process_group_ranks(group)) if group is not None and dist.is_initialized() else [0]
+    numel = int(param.ds_numel)
+    partition = -(-numel // len(ranks))
+    k = ranks.index(dist.get_rank() if dist.is_initialized() else 0)
+    start, stop = min(k * partition, numel), min((k + 1) * partition, numel)
+    local = param.ds_tensor.detach().view(-1)
+    master = torch.zeros(local.numel(), dtype=torch.float32)
+    raw = files.read(key, start, stop)
+    master[: stop - start] = raw.float()
+    writes = [_Write(name, local[: stop - start], raw.to(local.dtype), param, start, master)]
+    if collector.slices(name) is None and param.data.numel() == numel:  # persistent: gathered on every rank
+        whole = param.data.detach().view(-1)
+        writes.append(_Write(name, whole, files.read(key, 0, numel).to(whole.dtype), None, 0))
+    return writes
+
+
+def _check_masters(writes: list[_Write]) -> None:
+    """The DeepSpeed calls that write the fp32 masters exist (checked before any parameter is written)."""
+    if any(w.master is not None for w in writes) and "deepspeed" not in sys.modules:
+        raise RuntimeError("DeepSpeed parameters without deepspeed imported: cannot update their fp32 master weights.")
+
+
+def _apply(writes: list[_Write]) -> None:
+    with torch.no_grad():
+        for w in writes:
+            w.target.copy_(w.value.view(-1))
+        masters = [w for w in writes if w.master is not None]
+        if masters:
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+            for w in masters:
+                if hasattr(w.param, "ds_id"):
+                    safe_set_local_fp32_param(w.param, w.master)
+                else:
+                    safe_set_full_fp32_param(w.param, w.master.view(w.param.shape))
+
+
+def _same_args(statuses: dict[int, dict]) -> None:
+    reference = statuses[0]["args"]
+    for rank, status in sorted(statuses.items()):
+        for field, value in status["args"].items():
+            if value != reference[field]:
+                what = "another model or adapter layout" if field == "plan" else f"{field}={value!r}"
+                raise ValueError(
+                    f"Ranks disagree on the load: rank {rank} has {what}, rank 0 has "
+                    f"{'another' if field == 'plan' else repr(reference[field])}. Every rank must call "
+                    f"load_pretrained with the same arguments on the same model."
+                )
+
+
+def load_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    strict: bool = True,
+    timeout: float | None = None,
+    allow_pickle: bool = False,
+) -> LoadResult:
+    """Load the adapter saved at `path` into the model's existing adapter `adapter_name`, in place, wherever each
+    rank holds its parameters (one process, DDP, ZeRO-1/2/3, FSDP1, FSDP2). Call it on every rank.
+
+    `path`: a PEFT adapter folder (PEFT's or shardsave's; `.bin` only with `allow_pickle`, then weights-only),
+    the folder holding `adapter_name/`, or a shardsave shard set, saved under any world size and backend. Each
+    rank reads only the elements it holds. Everything is checked before anything is written; on any problem
+    every rank raises and the model is unchanged. `strict=False` loads what fits. Returns the model's entries
+    not loaded and the saved keys that fit none, as PEFT's `set_peft_model_state_dict` does.
+    """
+    started = time.perf_counter()
+    ranks = Ranks.current()
+    rdv = Rendezvous(ranks, op="load_pretrained", timeout=resolve_timeout(timeout))
+    prepared, error = None, None
+    try:
+        prepared = _prepare(model, path, adapter_name, strict, allow_pickle, ranks)
+        _check_masters(prepared.writes)
+    except Exception as exc:  # every rank learns of it below, then raises
+        error = exc
+    payload = {"args": prepared.args if prepared is not None else {}}
+    rdv.agree("load", payload, own=error, decide=_same_args if ranks.distributed else None)
+    rdv.forget_previous()
+    error = None
+    try:
+        _apply(prepared.writes)
+    except Exception as exc:  # not expected (copies into existing storage): still agreed on, never hidden
+        error = exc
+    rdv.agree("loaded", {}, own=error)
+    nbytes = sum(w.value.numel() * w.value.element_size() for w in prepared.writes)
+    logger.info(
+        "loaded adapter %r from %s: %d tensors, %.2f MiB on this rank, in %.2f s", adapter_name, prepared.args["path"],
+        len(prepared.writes), nbytes / 2**20, time.perf_counter() - started,
+    )  # fmt: skip
+    return prepared.result

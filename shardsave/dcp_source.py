@@ -382,15 +382,22 @@ def _check_files(folder: Path, selected: Iterable[DCPTensor]) -> None:
                 )
 
 
-def read_tensors(folder: str | os.PathLike, keys: Iterable[str], *, canonical: bool = True) -> dict[str, torch.Tensor]:
+def read_tensors(
+    folder: str | os.PathLike,
+    keys: Iterable[str],
+    *,
+    canonical: bool = True,
+    tensors: dict[str, DCPTensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """The full CPU tensors of `keys`, reading only their chunks' byte ranges.
 
     With `canonical=True` (default) `keys` are canonical parameter names (see `canonical_keys`) and so are the
-    returned keys; with `canonical=False` they are the checkpoint's keys as saved. Every file and every chunk's
-    coverage is checked before anything is read. Memory: the selected tensors plus one chunk at a time.
+    returned keys; with `canonical=False` they are the checkpoint's keys as saved. `tensors`: what `dcp_tensors`
+    returned for this folder, if the caller has it (`.metadata` is then not read again). Every file and every
+    chunk's coverage is checked before anything is read. Memory: the selected tensors plus one chunk at a time.
     """
     folder = Path(folder)
-    tensors = dcp_tensors(folder)
+    tensors = dcp_tensors(folder) if tensors is None else tensors
     if canonical:
         by_name = {name: key for key, name in canonical_keys(tensors).items()}
     else:

@@ -13,6 +13,7 @@ tensor at a time, so memory stays around the largest tensor (`--bin` needs the w
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -337,6 +338,17 @@ def _check_conversion(shard_set: ShardSet, initial_path, allow_pickle: bool) -> 
     return initial
 
 
+def _import_for_rescue() -> None:
+    """The rescue builds the model's structure with peft and transformers: imported here, then their objects
+    moved out of the garbage collector's sight (`gc.freeze`, undone once the rescue is done), so that no full
+    collection over them lands in the rescue (measured: ~250 ms of a ~400 ms rescue)."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shardsave.merge",
@@ -402,17 +414,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if args.initial_adapter is not None:
                 raise ShardSetError("--initial-adapter converts shard sets; rescue the adapter first, then convert.")
-            out = rescue_adapter(
-                source.given,
-                args.output if args.output is not None else default_output(source.given),
-                adapter_config=args.adapter_config,
-                base=args.base,
-                dtype=args.dtype,
-                tag=args.tag,
-                safe_serialization=not args.bin,
-                allow_pickle=args.allow_pickle,
-                overwrite=args.overwrite,
-            )
+            _import_for_rescue()
+            try:
+                out = rescue_adapter(
+                    source.given,
+                    args.output if args.output is not None else default_output(source.given),
+                    adapter_config=args.adapter_config,
+                    base=args.base,
+                    dtype=args.dtype,
+                    tag=args.tag,
+                    safe_serialization=not args.bin,
+                    allow_pickle=args.allow_pickle,
+                    overwrite=args.overwrite,
+                )
+            finally:
+                gc.unfreeze()  # the interpreter's exit frees them as usual
     except (ValueError, NotImplementedError) as exc:  # ShardSetError, RescueError, or a bad output path
         print(f"shardsave.merge: error: {exc}", file=sys.stderr)
         return 2

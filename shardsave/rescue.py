@@ -245,7 +245,7 @@ def _open_checkpoint(source: Source, *, tag: str | None, allow_pickle: bool) -> 
         return _Checkpoint(
             source,
             tensors,
-            lambda wanted: read_tensors(source.path, wanted),
+            lambda wanted: read_tensors(source.path, wanted, tensors=entries),
             "the checkpoint was saved from an adapter-only state dict",
         )
     from .deepspeed_source import read_checkpoint, read_frozen, read_tensors

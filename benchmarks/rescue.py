@@ -60,6 +60,11 @@ BASES = {
         ("large", dict(hidden=1024, layers=12, vocab=32000, rank=16)),
         ("small", dict(hidden=512, layers=12, vocab=16000, rank=32)),
     ],
+    # ~0.94B: where zero_to_fp32 (which reads the whole model states) takes seconds
+    "1b": [
+        ("large", dict(hidden=2048, layers=16, vocab=32000, rank=8)),
+        ("small", dict(hidden=512, layers=12, vocab=16000, rank=32)),
+    ],
     "smoke": [
         ("large", dict(hidden=256, layers=2, vocab=4000, rank=8)),
         ("small", dict(hidden=128, layers=2, vocab=1000, rank=16)),
@@ -422,6 +427,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="keep the checkpoints here (default: a temporary folder)")
     parser.add_argument("--small", action="store_true", help="tiny bases: a smoke run, not the goals' sizes")
+    parser.add_argument("--bases", choices=sorted(BASES), default=None, help="the pair of bases (default: default)")
     parser.add_argument("--repeat", type=int, default=3, help="fresh processes per method (median time)")
     parser.add_argument("--cold", action="store_true", help="evict each checkpoint from the page cache first")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -430,7 +436,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shardsave-rescue-") as tmp:
         workdir = args.workdir or Path(tmp)
         results = [run_base(name, shape, workdir, args.repeat, args.cold)
-                   for name, shape in BASES["smoke" if args.small else "default"]]  # fmt: skip
+                   for name, shape in BASES[args.bases or ("smoke" if args.small else "default")]]  # fmt: skip
         report(results, args.repeat, args.cold)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))

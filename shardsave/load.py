@@ -188,18 +188,18 @@ def _writes_of(collector, name: str, param, files, key: str) -> list[_Write]:
     the fp32 master copy DeepSpeed keeps of it."""
     if param is not None and hasattr(param, "ds_id") and hasattr(param, "ds_tensor"):
         return _zero3_writes(collector, name, param, files, key)
-    own = collector.own(name)
     if collector.slices(name) is None:
-        target, start, stop = collector.whole(name).detach().view(-1), 0, None
-    elif own is not None:
-        target, start, stop = collector.local(name, own).detach(), own.start, own.stop
-    else:
-        return []  # this rank holds none of it
-    raw = files.read(key, start, start + target.numel() if stop is None else stop)
-    write = _Write(name, target, raw.to(target.dtype), param, start)
-    if param is not None and getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
-        write.master = raw.float()
-    return [write]
+        whole = collector.whole(name).detach().view(-1)
+        raw = files.read(key, 0, whole.numel())
+        write = _Write(name, whole, raw.to(whole.dtype), param, 0)
+        if param is not None and getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
+            write.master = raw.float()
+        return [write]
+    writes = []
+    for run in collector.own(name):  # every run this rank holds (none: nothing to write here)
+        target = collector.local(name, run).detach()
+        writes.append(_Write(name, target, files.read(key, run.start, run.stop).to(target.dtype), param, run.start))
+    return writes
 
 
 def _zero3_writes(collector, name: str, param, files, key: str) -> list[_Write]:

@@ -12,13 +12,15 @@ values and is refused by the caller. Nothing here needs a process group.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .plan import Slice
 
-__all__ = ["Spec", "DimSplit", "box_of", "box_runs", "Layout2", "layout_of"]
+__all__ = ["Spec", "DimSplit", "box_of", "box_runs", "Holding", "holding_of"]
 
 Interval = tuple[int, int]
 
@@ -118,50 +120,48 @@ def box_runs(shape: Sequence[int], box: list[list[Interval]]) -> list[tuple[int,
 
 
 @dataclass(frozen=True, slots=True)
-class Layout2:
-    """Who holds what of one tensor: each rank's runs (with their offset in its local tensor) and one sender
-    per run (the plan's `Slice`s, in order)."""
+class Holding:
+    """Who holds what of one tensor: each rank's runs with their element offset in its local tensor, and the
+    replica groups (ranks holding the same elements, in rank order)."""
 
-    held: dict[int, list[tuple[Slice, int]]]  # rank -> (run, element offset in its local tensor)
-    senders: list[Slice]
+    held: dict[int, tuple[tuple[Slice, int], ...]]
+    replicas: tuple[tuple[int, ...], ...]
+
+    def senders(self, shift: int = 0) -> list[Slice]:
+        """One sender per run: of each replica group the member at `shift` modulo its size (a per-tensor
+        `shift` spreads the tensors over the replicas), in element order."""
+        out = [s for group in self.replicas for s, _ in self.held[group[shift % len(group)]]]
+        return sorted(out, key=lambda s: s.start)
 
 
-def layout_of(shape: Sequence[int], mesh: Sequence, specs: Sequence[Spec], shift: int = 0) -> Layout2:
-    """The layout of a tensor of global `shape` under `specs` (one per mesh dimension) on `mesh` (nested lists
-    of global ranks). Ranks with the same box are replicas: of each, the holder at `shift` modulo their number
-    sends, so that different tensors spread over the replicas."""
-    import itertools
-
+@functools.lru_cache(maxsize=4096)
+def holding_of(shape: tuple[int, ...], mesh: tuple, specs: tuple[Spec, ...]) -> Holding:
+    """The holding of a tensor of global `shape` under `specs` (one per mesh dimension) on `mesh` (nested tuples
+    of global ranks). Checks that the ranks together hold every element (memoized: a model repeats a few
+    layouts many times)."""
     dims = _mesh_shape(mesh)
     if len(specs) != len(dims):
         raise ValueError(f"{len(specs)} placements for a mesh of {len(dims)} dimensions.")
     boxes: dict[tuple, list[int]] = {}
-    held: dict[int, list[tuple[Slice, int]]] = {}
+    held: dict[int, tuple[tuple[Slice, int], ...]] = {}
     for coord in itertools.product(*(range(n) for n in dims)):
         rank = _at(mesh, coord)
-        splits = [DimSplit(s, n, i) for s, n, i in zip(specs, dims, coord, strict=True)]
-        box = box_of(shape, splits)
-        runs = box_runs(shape, box)
-        key = tuple(tuple(iv) for iv in box)
-        boxes.setdefault(key, []).append(rank)
+        box = box_of(shape, [DimSplit(s, n, i) for s, n, i in zip(specs, dims, coord, strict=True)])
         offset, mine = 0, []
-        for start, stop in runs:
+        for start, stop in box_runs(shape, box):
             mine.append((Slice(rank, start, stop), offset))
             offset += stop - start
-        held[rank] = mine
-    senders = []
-    for holders in boxes.values():
-        sender = sorted(holders)[shift % len(holders)]
-        senders += [s for s, _ in held[sender]]
-    senders.sort(key=lambda s: s.start)
+        held[rank] = tuple(mine)
+        boxes.setdefault(tuple(tuple(iv) for iv in box), []).append(rank)
+    holding = Holding(held, tuple(tuple(sorted(g)) for g in boxes.values()))
     position = 0
-    for s in senders:
+    for s in holding.senders():
         if s.start != position:
             raise ValueError(f"placements {list(specs)} leave elements {position}..{s.start} of {list(shape)} unheld.")
         position = s.stop
     if position != math.prod(shape):
         raise ValueError(f"placements {list(specs)} hold {position} of {math.prod(shape)} elements of {list(shape)}.")
-    return Layout2(held, senders)
+    return holding
 
 
 def _mesh_shape(mesh) -> list[int]:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["fingerprints", "diverging"]
+__all__ = ["fingerprints", "diverging", "held_prints"]
 
 _CHUNK = 1 << 22  # elements per step: bounds the temporaries of the weighted sum
 
@@ -58,3 +58,16 @@ def diverging(by_rank: Mapping[int, Mapping[str, str]]) -> list[str]:
         for name, value in prints.items():
             names.setdefault(name, set()).add(value)
     return sorted(name for name, values in names.items() if len(values) > 1)
+
+
+def held_prints(collector, names, rank: int) -> dict[str, str]:
+    """Fingerprints of the runs this rank holds of sharded tensors that other ranks hold too (HSDP's replicate
+    dimension, a parameter on a data-parallel sub-mesh, ZeRO-3 partition groups smaller than the world), as
+    `name@start`: only one copy of each run is gathered or written, so copies that drifted apart must be found
+    before, not mixed silently. Ranks reporting the same key hold the same run."""
+    runs = {}
+    for name in dict.fromkeys(collector.primary(n) for n in names):
+        if collector.slices(name) is not None and collector.replicated(name):
+            for run in collector.own(name):
+                runs[f"{name}@{run.start}"] = collector.local(name, run)
+    return fingerprints(runs) if runs else {}

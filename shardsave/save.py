@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from .layout import Layout, build_layout, find_peft_model, peel
 from .log import logger
 from .names import check_adapter_name
 from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
+from .replicas import diverging, held_prints
 from .reuse import PlanCache
 from .select import AdapterPlan, decide_embeddings, plan_choices
 from .texts import Texts, abandon, render_in_background
@@ -62,6 +63,7 @@ class _SaveRequest:
     safe: bool
     args: dict
     decided: dict | None = None  # set on the main process while planning, on every rank by the agreement
+    replicas: dict[str, str] = field(default_factory=dict)  # fingerprints of the replicated runs this rank holds
     initial: dict[str, torch.Tensor] | None = None  # PiSSA/CorDA/OLoRA initial adapter, by checkpoint key (writer)
     transfer: object | None = None  # the writer's prepared gather
     texts: Future | None = None  # the writer's card and configs, rendering in a thread
@@ -134,6 +136,7 @@ def _prepare_save(
     planned = _PLANS.get(root, key, lambda: _plan(root, peft_model, ranks, selected, save_embedding_layers))
     collector, layout, choices = planned.collector, planned.layout, planned.choices
     _check_readable(collector, planned.sources, ranks.rank)
+    replicas = held_prints(collector, planned.sources, ranks.rank)
     args = {
         "save_directory": path,
         "safe_serialization": bool(safe_serialization),
@@ -142,7 +145,7 @@ def _prepare_save(
         "plan": planned.digest,
         "initial": None if initial is None else os.fspath(initial),
     }
-    request = _SaveRequest(peft_model, collector, choices, bool(safe_serialization), args)
+    request = _SaveRequest(peft_model, collector, choices, bool(safe_serialization), args, replicas=replicas)
     if is_main:  # the writer alone resolves the path, reads the base model's config and the initial adapter
         request.decided = {
             "destination": str(check_destination(save_directory)),
@@ -235,12 +238,12 @@ def start_save(rdv: Rendezvous, model, directory, *, is_main_process, **options)
 def _agree_on_args(statuses: dict[int, dict]) -> None:
     reference = statuses[0]["args"]
     for rank, status in sorted(statuses.items()):
-        for field, value in status["args"].items():
-            if value != reference[field]:
-                what = "model or adapter layout" if field == "plan" else f"{field}={value!r}"
+        for key, value in status["args"].items():
+            if value != reference[key]:
+                what = "model or adapter layout" if key == "plan" else f"{key}={value!r}"
                 raise ValueError(
                     f"Ranks disagree on the save: rank {rank} has {what} but rank 0 has "
-                    f"{'another' if field == 'plan' else repr(reference[field])}. Every rank must call the save "
+                    f"{'another' if key == 'plan' else repr(reference[key])}. Every rank must call the save "
                     f"with the same arguments on the same model."
                 )
 
@@ -255,10 +258,26 @@ def _pick_writer(statuses: dict[int, dict]) -> int:
     return writers[0]
 
 
+def _agree_on_replicas(statuses: dict[int, dict]) -> None:
+    by_rank = {rank: status.get("replicas") or {} for rank, status in statuses.items()}
+    differ = diverging(by_rank)
+    if differ:
+        name, _, start = differ[0].rpartition("@")
+        holders = sorted(rank for rank, prints in by_rank.items() if differ[0] in prints)
+        raise ValueError(
+            f"{len(differ)} run(s) of sharded tensors differ between the ranks that hold copies of them, e.g. "
+            f"{name} from element {start} on ranks {holders}: the copies drifted apart during training (e.g. a "
+            f"LoRA tensor replicated across tensor-parallel ranks whose gradients are not all-reduced there), so "
+            f"any one of them would be a silent choice. Keep replicas in sync (shard such tensors over that "
+            f"dimension too), then save."
+        )
+
+
 def _decide_start(statuses: dict[int, dict]) -> dict:
     """Rank 0's verdict on the plans of all ranks: the same arguments and layout, exactly one writer, whose
     decisions everyone follows."""
     _agree_on_args(statuses)
+    _agree_on_replicas(statuses)
     writer = _pick_writer(statuses)
     return {"writer": writer, "decided": statuses[writer].get("decided")}
 
@@ -272,7 +291,8 @@ def _agree(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object], mai
         result = prepare(is_main)
     except Exception as exc:  # shared with the other ranks below, then re-raised
         error = exc
-    payload = {"main": is_main, "args": getattr(result, "args", {}), "decided": getattr(result, "decided", None)}
+    payload = {"main": is_main, "args": getattr(result, "args", {}), "decided": getattr(result, "decided", None),
+               "replicas": getattr(result, "replicas", {})}  # fmt: skip
     try:
         if not ranks.distributed:
             rdv.agree("start", payload, own=error)
@@ -485,6 +505,7 @@ def gather_state_dict(
         names: list[str]
         args: dict
         transfer: object | None
+        replicas: dict[str, str]
 
     def prepare(is_main: bool) -> _Gather:
         collector = collector_for(peel(model), ranks)
@@ -492,7 +513,7 @@ def gather_state_dict(
         _check_readable(collector, names, ranks.rank)
         digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
         transfer = collector.prepare_gather(names, ranks.rank) if is_main else None
-        return _Gather(collector, names, {"names": digest}, transfer)
+        return _Gather(collector, names, {"names": digest}, transfer, held_prints(collector, names, ranks.rank))
 
     request, writer, _ = _agree(rdv, ranks, prepare, is_main_process)
     if writer < 0:

@@ -10,7 +10,7 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from shardsave.placements import Spec, layout_of
+from shardsave.placements import Spec, holding_of
 
 CASES = [
     ((10, 6), [Shard(0)], 4),
@@ -24,6 +24,10 @@ CASES = [
     ((3,), [Shard(0)], 5),  # more ranks than elements
     ((2, 3), [Replicate(), Replicate()], (2, 2)),
 ]
+
+
+def nested(ranks):
+    return tuple(nested(r) for r in ranks) if isinstance(ranks, list) else ranks
 
 
 def spec(p) -> Spec:
@@ -48,7 +52,7 @@ def dtensor_indices(shape, placements, dims, coord) -> list[int]:
 def test_runs_are_what_dtensor_holds(shape, placements, dims):
     dims = (dims,) if isinstance(dims, int) else dims
     ranks = torch.arange(math.prod(dims)).view(dims).tolist()
-    layout = layout_of(shape, ranks, [spec(p) for p in placements], shift=1)
+    layout = holding_of(shape, nested(ranks), tuple(spec(p) for p in placements))
     for coord in itertools.product(*(range(n) for n in dims)):
         rank = int(torch.tensor(ranks)[coord].item()) if len(dims) > 1 else ranks[coord[0]]
         expanded, offset = [], 0
@@ -58,14 +62,15 @@ def test_runs_are_what_dtensor_holds(shape, placements, dims):
             offset += piece.stop - piece.start
         assert expanded == dtensor_indices(shape, placements, dims, coord), (coord, layout.held[rank])
     # every element sent once, by a rank that holds it
-    covered = sorted(i for s in layout.senders for i in range(s.start, s.stop))
+    senders = layout.senders(shift=1)
+    covered = sorted(i for s in senders for i in range(s.start, s.stop))
     assert covered == list(range(math.prod(shape)))
-    for s in layout.senders:
+    for s in senders:
         assert any(h.start <= s.start and s.stop <= h.stop for h, _ in layout.held[s.rank])
 
 
 def test_replicas_spread_over_tensors():
-    ranks = [[0, 1], [2, 3]]  # (replicate, shard)
-    specs = [Spec("replicate"), Spec("shard", 0)]
-    senders = {shift: {s.rank for s in layout_of((8, 2), ranks, specs, shift).senders} for shift in range(2)}
+    ranks = ((0, 1), (2, 3))  # (replicate, shard)
+    specs = (Spec("replicate"), Spec("shard", 0))
+    senders = {shift: {s.rank for s in holding_of((8, 2), ranks, specs).senders(shift)} for shift in range(2)}
     assert senders == {0: {0, 1}, 1: {2, 3}}

@@ -628,6 +628,111 @@ def load_matrix(rank, world, out: Path, params):
     return {}
 
 
+def nd_wrap(model, layout: str):
+    """Wrap `model` on a 2 x 2 mesh of 4 ranks: "hsdp" (FSDP2, Replicate x Shard), "tp" (tensor-parallel LoRA
+    modules, then FSDP2 over the data-parallel sub-mesh), "fsdp1_hybrid" (FSDP1 HYBRID_SHARD), "hpz" (ZeRO-3 with
+    ZeRO++'s hierarchical partitioning, secondary partitions of 2). Returns (model to call, optimizer or None)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    layers = model.base_model.model.model.layers
+    if layout == "hsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        wrapped = model
+    elif layout in ("tp", "tp_replicated_a"):
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        for layer in layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+                if layout == "tp":  # lora_A column-, lora_B row-parallel: no LoRA tensor replicated over "tp"
+                    plan = {
+                        "base_layer": ColwiseParallel(output_layouts=Replicate()),
+                        "lora_A.default": ColwiseParallel(),
+                        "lora_B.default": RowwiseParallel(),
+                    }
+                else:  # lora_A left whole on every tensor-parallel rank: its copies drift apart
+                    plan = {n: ColwiseParallel(output_layouts=Replicate()) for n in ("base_layer", "lora_B.default")}
+                parallelize_module(proj, mesh["tp"], plan)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        wrapped = model
+    elif layout == "fsdp1_hybrid":
+        from peft.utils.other import fsdp_auto_wrap_policy
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
+
+        wrapped = FSDP(
+            model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=fsdp_auto_wrap_policy(model),
+            sharding_strategy=ShardingStrategy.HYBRID_SHARD, device_mesh=init_device_mesh("cpu", (2, 2)),
+        )  # fmt: skip
+    elif layout == "hpz":
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "zero_hpz_partition_size": 2},
+        }
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        return engine, None
+    else:
+        raise ValueError(layout)
+    return wrapped, torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.1)
+
+
+@scenario
+def nd_save(rank, world, out: Path, params):
+    """A 2-D layout (`nd_wrap`) on 4 ranks: train, save with save_pretrained and save_shards; rank 0 writes PEFT's
+    save of the weights gathered natively and the sharded model's logits."""
+    from backends import train
+    from peft import LoraConfig
+    from tiny import logits, peft_model
+
+    layout = params["layout"]
+    lora = LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"]}))
+    model = peft_model(lora)
+    wrapped, opt = nd_wrap(model, layout)
+    train(wrapped, opt, "zero3" if layout == "hpz" else layout, rank)
+    if params.get("describe"):
+        from torch.distributed.tensor import DTensor
+
+        described = {
+            n: [str(p.placements), str(p.device_mesh)] for n, p in model.named_parameters() if isinstance(p, DTensor)
+        }
+        (out / f"placements-{rank}.json").write_text(json.dumps(described, indent=1))
+    shardsave.save_pretrained(wrapped, out / "ours")
+    shardsave.save_shards(wrapped, out / "shards")
+    state = _nd_full_state(wrapped, model, layout)
+    trained = logits(wrapped)
+    if rank == 0:
+        save_reference(lora, state, out, trained)
+    return {}
+
+
+def _nd_full_state(wrapped, model, layout: str) -> dict[str, torch.Tensor]:
+
+    if layout in ("hsdp", "tp", "tp_replicated_a"):
+        from torch.distributed.tensor import DTensor
+
+        from shardsave.collect.walk import state_entries
+
+        return {
+            k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v, _ in state_entries(model)
+        }
+    from backends import full_state
+
+    return full_state(wrapped, "fsdp1" if layout == "fsdp1_hybrid" else "zero3")
+
+
 @scenario
 def zero3_group_save(rank, world, out: Path, params):
     """ZeRO-3 with every parameter partitioned over a data-parallel group of `group` ranks (strided, as an inner

@@ -1,32 +1,64 @@
-"""FSDP2 (`fully_shard`): parameters are DTensors sharded on dim 0 over a 1-D mesh."""
+"""FSDP2 (`fully_shard`) and any other DTensor layout: HSDP (Replicate x Shard), tensor parallelism under FSDP2
+(`_StridedShard`), `Shard(d)` on any dimension, on any mesh over the job's ranks.
+
+What each rank holds, and which replica sends each run, comes from `shardsave.placements` (pure arithmetic on
+the placements and the mesh). A parameter on a sub-mesh (FSDP2 over the "dp" dimension of a ("dp", "tp") mesh)
+is described on the whole mesh it was cut from, replicated along the other dimensions, which is what every
+rank of those dimensions holds.
+"""
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from ..placements import Spec, holding_of
 from .sharded import ShardedCollector, Slice, chunk_ranges
 
 __all__ = ["FSDP2Collector"]
 
 
 class FSDP2Collector(ShardedCollector):
-    """Each rank's `to_local()` is a run of whole rows, i.e. one contiguous range of the flattened tensor."""
+    """Each rank's local tensor is a box of the global one, i.e. runs of the flattened tensor (one run for
+    FSDP2's `Shard(0)`)."""
 
     backend = "fsdp2"
 
     def __init__(self, root: nn.Module, rank: int, world_size: int):
         super().__init__(rank, world_size)
         self._register(root, lambda t: tuple(t.shape))  # a DTensor reports its global shape
-        self._meshes: dict[int, list[int] | None] = {}  # reading `mesh.mesh` costs ~0.1 ms: once per mesh
+        self._meshes: dict[int, tuple] = {}  # reading `mesh.mesh` costs ~0.1 ms: once per mesh
+        self._runs: dict[str, dict[int, int]] = {}  # name -> start of each run this rank holds -> local offset
+        self._own: dict[str, list[Slice]] = {}
+        self._replicated: set[str] = set()
 
-    def _mesh_ranks(self, tensor: DTensor) -> list[int] | None:
+    def _mesh(self, tensor: DTensor) -> tuple[tuple, tuple[int, ...] | None]:
+        """The mesh the layout is computed on (nested tuples of global ranks) and, for a sub-mesh, which of its
+        dimensions each of the tensor's mesh dimensions is."""
         mesh = tensor.device_mesh
         if id(mesh) not in self._meshes:
-            ranks = [int(r) for r in mesh.mesh.flatten().tolist()] if mesh.ndim == 1 else None
-            self._meshes[id(mesh)] = ranks if ranks and sorted(ranks) == list(range(self.world_size)) else None
-        return self._meshes[id(mesh)]
+            root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+            where = None
+            if root is not mesh and root.mesh.numel() != mesh.mesh.numel():
+                names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+                if not names or not root_names or any(n not in root_names for n in names):
+                    raise NotImplementedError(
+                        f"{mesh} is a sub-mesh of {root} without named dimensions: shardsave cannot tell which ranks "
+                        f"hold the other copies. Name the mesh dimensions (init_device_mesh(mesh_dim_names=...))."
+                    )
+                where = tuple(root_names.index(n) for n in names)
+                mesh = root
+            ranks = _nested(mesh.mesh.tolist())
+            if sorted(_flat(ranks)) != list(range(self.world_size)):
+                raise NotImplementedError(
+                    f"{mesh} spans ranks {sorted(_flat(ranks))[:8]}, not the job's {self.world_size} ranks (a "
+                    f"pipeline stage's mesh?); shardsave saves parameters laid out over every rank."
+                )
+            self._meshes[id(tensor.device_mesh)] = (ranks, where)
+        return self._meshes[id(tensor.device_mesh)]
 
     def _slices(self, name: str) -> list[Slice] | None:
         tensor = self._tensors[name]
@@ -35,30 +67,85 @@ class FSDP2Collector(ShardedCollector):
         placements = tensor.placements
         if all(isinstance(p, Replicate) for p in placements):
             return None
-        ranks = self._mesh_ranks(tensor)
-        if ranks is None or placements != (Shard(0),):
+        if any(isinstance(p, Partial) for p in placements):
             raise NotImplementedError(
-                f"{name}: DTensor placements {placements} on mesh {tensor.device_mesh} are not supported by "
-                f"shardsave's FSDP2 collector (it handles Shard(0) or Replicate on a 1-D mesh over all ranks)."
+                f"{name}: DTensor placements {placements}: a Partial tensor holds unreduced sums, not values; "
+                f"reduce it (redistribute to Replicate or Shard) before saving."
             )
-        rows = tensor.shape[0] if tensor.ndim else 1
-        row = tensor.numel() // rows if rows else 0
-        return [
-            Slice(ranks[i], start * row, stop * row) for i, (start, stop) in enumerate(chunk_ranges(rows, len(ranks)))
-        ]
+        ranks, where = self._mesh(tensor)
+        if where is None and len(placements) == 1 and placements[0] == Shard(0):  # FSDP2: one run per rank
+            flat = [int(r) for r in _flat(ranks)]
+            rows = tensor.shape[0] if tensor.ndim else 1
+            row = tensor.numel() // rows if rows else 0
+            out = [Slice(flat[i], a * row, b * row) for i, (a, b) in enumerate(chunk_ranges(rows, len(flat)))]
+            mine = [s for s in out if s.rank == self.rank and s.stop > s.start]
+            self._runs[name], self._own[name] = {s.start: 0 for s in mine}, mine
+            return out
+        specs = [_spec(name, p) for p in placements]
+        if where is not None:  # on the whole mesh: replicated along the dimensions the sub-mesh leaves out
+            full = [Spec("replicate")] * len(_dims(ranks))
+            for j, d in enumerate(where):
+                full[d] = specs[j]
+            specs = full
+        try:
+            holding = holding_of(tuple(tensor.shape), ranks, tuple(specs))
+        except ValueError as exc:
+            raise NotImplementedError(f"{name}: {exc}") from None
+        mine = holding.held.get(self.rank, ())
+        if any(len(group) > 1 for group in holding.replicas):
+            self._replicated.add(name)
+        self._runs[name] = {s.start: offset for s, offset in mine}
+        self._own[name] = [s for s, _ in mine if s.stop > s.start]
+        return holding.senders(zlib.crc32(name.encode()))
+
+    def own(self, name: str) -> list[Slice]:
+        return list(self._own.get(name, [])) if self.slices(name) is not None else []
+
+    def replicated(self, name: str) -> bool:
+        return self.slices(name) is not None and name in self._replicated
 
     def local(self, name: str, piece: Slice) -> torch.Tensor:
         data = _local_tensor(self._tensors[name]).reshape(-1)
-        if data.numel() < piece.stop - piece.start:
+        offset = self._runs[name][piece.start]
+        if data.numel() < offset + piece.stop - piece.start:
             raise RuntimeError(
-                f"{name}: this rank holds {data.numel()} elements but FSDP2's dim-0 sharding says "
-                f"{piece.stop - piece.start}; is the model inside an unshard() / forward?"
+                f"{name}: this rank holds {data.numel()} elements, but its placements "
+                f"{self._tensors[name].placements} say at least {offset + piece.stop - piece.start}; is the model "
+                f"inside an unshard() / forward?"
             )
-        return data[: piece.stop - piece.start]
+        return data[offset : offset + piece.stop - piece.start]
 
     def whole(self, name: str) -> torch.Tensor:
         tensor = self._tensors[name]
         return _local_tensor(tensor) if isinstance(tensor, DTensor) else tensor
+
+
+def _spec(name: str, placement) -> Spec:
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if isinstance(placement, _StridedShard):
+        return Spec("strided", placement.dim, int(placement.split_factor))
+    if isinstance(placement, Shard):
+        return Spec("shard", placement.dim)
+    if isinstance(placement, Replicate):
+        return Spec("replicate")
+    raise NotImplementedError(f"{name}: DTensor placement {placement} is not one shardsave knows how to read.")
+
+
+def _nested(ranks) -> tuple:
+    return tuple(_nested(r) for r in ranks) if isinstance(ranks, list) else int(ranks)
+
+
+def _flat(ranks) -> list[int]:
+    return [r for sub in ranks for r in _flat(sub)] if isinstance(ranks, tuple) else [ranks]
+
+
+def _dims(ranks) -> list[int]:
+    dims = []
+    while isinstance(ranks, tuple):
+        dims.append(len(ranks))
+        ranks = ranks[0]
+    return dims
 
 
 def _local_tensor(tensor: DTensor) -> torch.Tensor:

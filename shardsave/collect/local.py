@@ -34,8 +34,11 @@ class LocalCollector:
     def slices(self, name: str) -> None:
         return None  # whole on every rank
 
-    def own(self, name: str) -> None:
-        return None
+    def own(self, name: str) -> list:
+        return []
+
+    def replicated(self, name: str) -> bool:
+        return False
 
     def whole(self, name: str) -> torch.Tensor:
         return self._tensors[name]

@@ -69,10 +69,14 @@ class ShardedCollector:
             self._held[name] = self._slices(name)
         return self._held[name]
 
-    def own(self, name: str) -> Slice | None:
-        """The element range of a sharded `name` this rank holds, whether it sends it or holds a replica (a load
-        writes every copy); None when it holds none of it."""
-        return next((s for s in self.slices(name) or () if s.rank == self.rank and s.stop > s.start), None)
+    def own(self, name: str) -> list[Slice]:
+        """The element ranges of a sharded `name` this rank holds, whether it sends them or holds replicas (a load
+        writes every copy); empty when it holds none of it, or every rank holds it whole."""
+        return [s for s in self.slices(name) or () if s.rank == self.rank and s.stop > s.start]
+
+    def replicated(self, name: str) -> bool:
+        """Whether some run of a sharded `name` is held by more than one rank (one of them sends it)."""
+        return False
 
     # -- what a backend provides -------------------------------------------------------------------
     def _slices(self, name: str) -> list[Slice] | None:

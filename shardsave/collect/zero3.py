@@ -153,15 +153,19 @@ class Zero3Collector(ShardedCollector):
             )
         return partition_slices(numel, partition, groups, zlib.crc32(name.encode()))
 
-    def own(self, name: str) -> Slice | None:
+    def replicated(self, name: str) -> bool:
+        """Partition groups smaller than the world: every group holds the whole parameter."""
+        return self.slices(name) is not None and len(self._group_ranks(self._tensors[name])) < self.world_size
+
+    def own(self, name: str) -> list[Slice]:
         """Member `k` of every partition group holds range `k` (`slices` names one sender per range)."""
         if self.slices(name) is None:
-            return None
+            return []
         tensor = self._tensors[name]
         k, numel = self._group_ranks(tensor).index(self.rank), int(tensor.ds_numel)
         partition = -(-numel // len(self._group_ranks(tensor)))
         start, stop = min(k * partition, numel), min((k + 1) * partition, numel)
-        return Slice(self.rank, start, stop) if stop > start else None
+        return [Slice(self.rank, start, stop)] if stop > start else []
 
     def local(self, name: str, piece: Slice) -> torch.Tensor:
         tensor = self._tensors[name]

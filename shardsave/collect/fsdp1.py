@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import math
 import weakref
+import zlib
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -28,7 +29,8 @@ class _Run:
     flat: nn.Parameter
     offset: int  # in the unsharded flat parameter
     shard: int  # elements per rank
-    group_ranks: tuple[int, ...] | None  # global rank of each shard; None: not sharded (NO_SHARD)
+    group_ranks: tuple[int, ...] | None  # global rank of each shard, in this rank's group; None: NO_SHARD
+    groups: tuple[tuple[int, ...], ...] = ()  # every shard group (HYBRID_SHARD: one per replica), this one first
 
 
 def _join(*parts: str) -> str:
@@ -58,22 +60,17 @@ class FSDP1Collector(ShardedCollector):
                 continue
             handle = module._handle
             flat = handle.flat_param
-            group = None
+            group, groups = None, ()
             if handle.uses_sharded_strategy:
                 pg = handle.process_group
-                if pg.size() != world_size:
-                    raise NotImplementedError(
-                        f"FSDP1 unit {canonical_name(raw_path) or '<root>'} shards over {pg.size()} of {world_size} "
-                        f"ranks (HYBRID_SHARD); shardsave's FSDP1 collector supports FULL_SHARD, SHARD_GRAD_OP "
-                        f"and NO_SHARD."
-                    )
                 group = tuple(dist.get_global_rank(pg, i) for i in range(pg.size()))
+                groups = (group,) if pg.size() == world_size else _hybrid_groups(module, group, world_size, raw_path)
             starts = [0, *accumulate(flat._numels_with_padding)][:-1]
             offsets = [s for s, pad in zip(starts, flat._is_padding_mask, strict=True) if not pad]
             shard = int(flat._sharded_size[0]) if group is not None else 0
             for index, (fqn, shape, offset) in enumerate(zip(flat._fqns, flat._shapes, offsets, strict=True)):
                 name = canonical_name(_join(raw_path, fqn))
-                self._runs[name] = _Run(flat, offset, shard, group)
+                self._runs[name] = _Run(flat, offset, shard, group, groups)
                 infos[name] = TensorInfo(tuple(shape), flat.dtype, bool(flat.requires_grad))
                 keys[name] = (order.get(name.rpartition(".")[0], len(order)), 0, index)
             for spi in flat._shared_param_infos:
@@ -104,14 +101,31 @@ class FSDP1Collector(ShardedCollector):
         run = self._runs.get(name)
         if run is None or run.group_ranks is None:
             return None
+        groups = sorted(run.groups)  # the same order on every rank
+        shift = zlib.crc32(name.encode())
+        ranges = enumerate(self._ranges(name, run))
+        return [Slice(groups[(i + shift) % len(groups)][i], lo, hi) for i, (lo, hi) in ranges if hi > lo]
+
+    def _ranges(self, name: str, run: _Run) -> list[tuple[int, int]]:
+        """Elements of `name` in each shard of its flat parameter (shard i: the i-th rank of a shard group)."""
         numel = math.prod(self._infos[name].shape)
         out = []
-        for i, rank in enumerate(run.group_ranks):
+        for i in range(len(run.group_ranks)):
             lo = max(run.offset, i * run.shard)
             hi = min(run.offset + numel, (i + 1) * run.shard)
-            if hi > lo:
-                out.append(Slice(rank, lo - run.offset, hi - run.offset))
+            out.append((lo - run.offset, max(hi, lo) - run.offset))
         return out
+
+    def own(self, name: str) -> list[Slice]:
+        run = self._runs.get(name)
+        if run is None or run.group_ranks is None:
+            return []
+        lo, hi = self._ranges(name, run)[self._group_index(run)]
+        return [Slice(self.rank, lo, hi)] if hi > lo else []
+
+    def replicated(self, name: str) -> bool:
+        run = self._runs.get(name)
+        return run is not None and len(run.groups) > 1
 
     def local(self, name: str, piece: Slice) -> torch.Tensor:
         run = self._runs[name]
@@ -133,6 +147,24 @@ class FSDP1Collector(ShardedCollector):
             return self._tensors[name]
         numel = math.prod(self._infos[name].shape)
         return run.flat.data[run.offset : run.offset + numel].view(self._infos[name].shape)
+
+
+def _hybrid_groups(module, own: tuple[int, ...], world_size: int, where: str) -> tuple[tuple[int, ...], ...]:
+    """Every shard group of a HYBRID_SHARD unit, this rank's first: the rows of its 2-D device mesh (replicate x
+    shard), or, without one, the consecutive blocks FSDP1 forms per node. Anything else is refused."""
+    mesh = getattr(module, "_device_mesh", None)
+    if mesh is not None and mesh.ndim == 2:
+        rows = [tuple(int(r) for r in row) for row in mesh.mesh.tolist()]
+    else:
+        n = len(own)
+        rows = [tuple(range(i, i + n)) for i in range(0, world_size, n)] if world_size % n == 0 else []
+    if own not in rows or sorted(r for row in rows for r in row) != list(range(world_size)):
+        raise NotImplementedError(
+            f"FSDP1 unit {canonical_name(where) or '<root>'} shards over ranks {list(own)} of {world_size}, in groups "
+            f"shardsave cannot derive (neither its device mesh's rows nor consecutive blocks per node); pass "
+            f"device_mesh=init_device_mesh(..., (replicas, shard size)) to FSDP."
+        )
+    return (own, *(row for row in rows if row != own))
 
 
 def outermost_fsdp(module: nn.Module) -> nn.Module:

@@ -235,6 +235,10 @@ def _apply(writes: list[_Write]) -> None:
     with torch.no_grad():
         for w in writes:
             w.target.copy_(w.value.view(-1))
+            if getattr(w.param, "ds_secondary_tensor", None) is not None:
+                # ZeRO++ hpZ: a copy of the partition cut for the node, which the next gather would read
+                # instead of the partition just written; DeepSpeed rebuilds it from the partition after a step
+                w.param.ds_secondary_tensor = None
         masters = [w for w in writes if w.master is not None]
         if masters:
             from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param

@@ -691,30 +691,44 @@ def nd_wrap(model, layout: str):
 
 @scenario
 def nd_save(rank, world, out: Path, params):
-    """A 2-D layout (`nd_wrap`) on 4 ranks: train, save with save_pretrained and save_shards; rank 0 writes PEFT's
-    save of the weights gathered natively and the sharded model's logits."""
+    """For each of `params["layouts"]` (`nd_wrap`) on 4 ranks: train, save with save_pretrained and save_shards,
+    then load the save into a fresh model under the same layout; rank 0 writes PEFT's save of the weights
+    gathered natively and the logits (trained, and after the load). A save that raises is recorded per rank
+    in `<layout>/error-<rank>.txt`."""
     from backends import train
     from peft import LoraConfig
-    from tiny import logits, peft_model
+    from tiny import logits, peft_model, randomize_trainable
 
-    layout = params["layout"]
     lora = LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"]}))
-    model = peft_model(lora)
-    wrapped, opt = nd_wrap(model, layout)
-    train(wrapped, opt, "zero3" if layout == "hpz" else layout, rank)
-    if params.get("describe"):
-        from torch.distributed.tensor import DTensor
-
-        described = {
-            n: [str(p.placements), str(p.device_mesh)] for n, p in model.named_parameters() if isinstance(p, DTensor)
-        }
-        (out / f"placements-{rank}.json").write_text(json.dumps(described, indent=1))
-    shardsave.save_pretrained(wrapped, out / "ours")
-    shardsave.save_shards(wrapped, out / "shards")
-    state = _nd_full_state(wrapped, model, layout)
-    trained = logits(wrapped)
-    if rank == 0:
-        save_reference(lora, state, out, trained)
+    for layout in params["layouts"]:
+        folder = out / layout
+        folder.mkdir(exist_ok=True)
+        model = peft_model(lora)
+        wrapped, opt = nd_wrap(model, layout)
+        train(wrapped, opt, "zero3" if layout == "hpz" else layout, rank)
+        try:
+            shardsave.save_pretrained(wrapped, folder / "ours")
+        except Exception as exc:
+            (folder / f"error-{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+            _destroy(wrapped)
+            continue
+        shardsave.save_shards(wrapped, folder / "shards")
+        state = _nd_full_state(wrapped, model, layout)
+        trained = logits(wrapped)
+        fresh = peft_model(lora)
+        randomize_trainable(fresh, seed=9)
+        loaded, loaded_opt = nd_wrap(fresh, layout)
+        shardsave.load_pretrained(loaded, folder / "ours")
+        after_load = logits(loaded)
+        for group in (loaded_opt or loaded.optimizer).param_groups:  # an lr=0 step keeps the loaded weights
+            group["lr"] = 0.0
+        train(loaded, loaded_opt, "zero3" if layout == "hpz" else layout, rank, steps=1)
+        after_step = logits(loaded)
+        if rank == 0:
+            save_reference(lora, state, folder, trained)
+            torch.save({"load": after_load, "step": after_step}, folder / "after_load.pt")
+        _destroy(wrapped)
+        _destroy(loaded)
     return {}
 
 

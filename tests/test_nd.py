@@ -1,5 +1,5 @@
 """Two-dimensional layouts on 4 gloo ranks (a 2 x 2 mesh): FSDP2 HSDP, tensor-parallel LoRA under FSDP2, FSDP1
-HYBRID_SHARD, ZeRO++ hpZ. Each save equals PEFT's own save of the natively gathered weights byte for byte, the
+HYBRID_SHARD, ZeRO++ hpZ, and ZeRO-3 with CPU offload. Each save equals PEFT's own save of the natively gathered weights byte for byte, the
 shard set merges into the same files, PEFT loads it with the trained logits, and load_pretrained restores them
 into a fresh model under the same layout; copies that drifted apart are refused on every rank."""
 
@@ -13,7 +13,9 @@ from tiny import assert_same_files
 import shardsave
 
 pytestmark = pytest.mark.multirank
-LAYOUTS = ["hsdp", "tp", "fsdp1_hybrid", "hpz", "tp_replicated_a"]
+#: CPU offload: ZeRO-3's offload_param / offload_optimizer run on CPU; FSDP1's CPUOffload and FSDP2's
+#: CPUOffloadPolicy need an accelerator ("Cannot access accelerator device when none is available").
+LAYOUTS = ["hsdp", "tp", "fsdp1_hybrid", "hpz", "zero3_offload", "tp_replicated_a"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def saved(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", ["hsdp", "tp", "fsdp1_hybrid", "hpz"])
+@pytest.mark.parametrize("layout", LAYOUTS[:-1])
 def test_layout_saves_what_peft_saves(saved, layout, tmp_path):
     from peft import LoraConfig, PeftModel
     from tiny import base_model, logits, peft_model

@@ -673,14 +673,36 @@ def nd_wrap(model, layout: str):
             model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=fsdp_auto_wrap_policy(model),
             sharding_strategy=ShardingStrategy.HYBRID_SHARD, device_mesh=init_device_mesh("cpu", (2, 2)),
         )  # fmt: skip
-    elif layout == "hpz":
+    elif layout == "fsdp2_offload":
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        for layer in layers:
+            fully_shard(layer, offload_policy=CPUOffloadPolicy())
+        fully_shard(model, offload_policy=CPUOffloadPolicy())
+        wrapped = model
+    elif layout == "fsdp1_offload":
+        from peft.utils.other import fsdp_auto_wrap_policy
+        from torch.distributed.fsdp import CPUOffload
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = FSDP(
+            model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=fsdp_auto_wrap_policy(model),
+            cpu_offload=CPUOffload(offload_params=True),
+        )  # fmt: skip
+    elif layout in ("hpz", "zero3_offload"):
         import deepspeed
 
         config = {
             "train_micro_batch_size_per_gpu": 2,
             "zero_allow_untested_optimizer": True,
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "zero_hpz_partition_size": 2},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         }
+        if layout == "hpz":
+            config["zero_optimization"]["zero_hpz_partition_size"] = 2
+        else:
+            config["zero_optimization"]["offload_param"] = {"device": "cpu"}
+            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            config["zero_force_ds_cpu_optimizer"] = False
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         return engine, None
@@ -705,7 +727,7 @@ def nd_save(rank, world, out: Path, params):
         folder.mkdir(exist_ok=True)
         model = peft_model(lora)
         wrapped, opt = nd_wrap(model, layout)
-        train(wrapped, opt, "zero3" if layout == "hpz" else layout, rank)
+        train(wrapped, opt, _train_kind(layout), rank)
         try:
             shardsave.save_pretrained(wrapped, folder / "ours")
         except Exception as exc:
@@ -722,7 +744,7 @@ def nd_save(rank, world, out: Path, params):
         after_load = logits(loaded)
         for group in (loaded_opt or loaded.optimizer).param_groups:  # an lr=0 step keeps the loaded weights
             group["lr"] = 0.0
-        train(loaded, loaded_opt, "zero3" if layout == "hpz" else layout, rank, steps=1)
+        train(loaded, loaded_opt, _train_kind(layout), rank, steps=1)
         after_step = logits(loaded)
         if rank == 0:
             save_reference(lora, state, folder, trained)
@@ -732,9 +754,13 @@ def nd_save(rank, world, out: Path, params):
     return {}
 
 
+def _train_kind(layout: str) -> str:
+    return "zero3" if layout in ("hpz", "zero3_offload") else layout
+
+
 def _nd_full_state(wrapped, model, layout: str) -> dict[str, torch.Tensor]:
 
-    if layout in ("hsdp", "tp", "tp_replicated_a"):
+    if layout in ("hsdp", "tp", "tp_replicated_a", "fsdp2_offload"):
         from torch.distributed.tensor import DTensor
 
         from shardsave.collect.walk import state_entries
@@ -744,7 +770,7 @@ def _nd_full_state(wrapped, model, layout: str) -> dict[str, torch.Tensor]:
         }
     from backends import full_state
 
-    return full_state(wrapped, "fsdp1" if layout == "fsdp1_hybrid" else "zero3")
+    return full_state(wrapped, "fsdp1" if layout.startswith("fsdp1") else "zero3")
 
 
 @scenario

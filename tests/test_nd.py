@@ -1,7 +1,8 @@
 """Two-dimensional layouts on 4 gloo ranks (a 2 x 2 mesh): FSDP2 HSDP, tensor-parallel LoRA under FSDP2, FSDP1
-HYBRID_SHARD, ZeRO++ hpZ, and ZeRO-3 with CPU offload. Each save equals PEFT's own save of the natively gathered weights byte for byte, the
-shard set merges into the same files, PEFT loads it with the trained logits, and load_pretrained restores them
-into a fresh model under the same layout; copies that drifted apart are refused on every rank."""
+HYBRID_SHARD, ZeRO++ hpZ, and ZeRO-3 with CPU offload. Each save equals PEFT's own save of the natively gathered
+weights byte for byte, the shard set merges into the same files, PEFT loads it with the trained logits, and
+load_pretrained restores them into a fresh model under the same layout (an lr=0 step keeps them); copies that
+drifted apart are refused on every rank."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ __all__ = [
     "plan_transfer",
     "ReadItem",
     "read_items",
+    "prefer_holder",
     "MAX_ROUND_BYTES",
 ]
 
@@ -205,3 +206,10 @@ def read_items(saved: Sequence[tuple[int, int]], start: int, stop: int) -> list[
     if position < stop:
         raise ValueError(f"elements [{position}, {stop}) are in none of the saved runs {list(saved)[:8]}")
     return items
+
+
+def prefer_holder(slices: Sequence[Slice], held: Sequence[tuple[int, int]], rank: int) -> list[Slice]:
+    """`slices` with `rank` as the sender of every run it holds a copy of (`held`: its runs): a replica the
+    destination already has is read in place, never sent (HSDP's writer holds half of every tensor)."""
+    mine = set(held)
+    return [Slice(rank, s.start, s.stop) if (s.start, s.stop) in mine else s for s in slices]

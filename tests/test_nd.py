@@ -6,6 +6,8 @@ drifted apart are refused on every rank."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from multirank import check_ok, run_ranks
@@ -52,3 +54,16 @@ def test_replicas_that_drifted_apart_are_refused_on_every_rank(saved):
     errors = [(folder / f"error-{rank}.txt").read_text() for rank in range(4)]
     assert all("differ between the ranks that hold copies" in e and "lora_A" in e for e in errors), errors
     assert not (folder / "ours").exists()
+
+
+@pytest.mark.parametrize("layout, held", [("hsdp", 1 / 2), ("tp", 1 / 4), ("fsdp1_hybrid", 1 / 2), ("hpz", 1 / 4)])
+def test_replicas_cost_nothing_extra(saved, layout, held):
+    """Measured: the bytes the ranks send in the save are the adapter's bytes the writer does not hold itself
+    (no replica sends what the writer, or another sender, already has)."""
+    from safetensors.torch import load_file
+
+    adapter = sum(
+        t.numel() * t.element_size() for t in load_file(saved / layout / "ours" / "adapter_model.safetensors").values()
+    )
+    sent = sum(json.loads((saved / layout / f"sent-{rank}.json").read_text()) for rank in range(4))
+    assert 0 < sent <= adapter * (1 - held) + 64 * 4, (sent, adapter)

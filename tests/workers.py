@@ -729,7 +729,9 @@ def nd_save(rank, world, out: Path, params):
         wrapped, opt = nd_wrap(model, layout)
         train(wrapped, opt, _train_kind(layout), rank)
         try:
-            shardsave.save_pretrained(wrapped, folder / "ours")
+            with CommAudit() as audit:
+                shardsave.save_pretrained(wrapped, folder / "ours")
+            (folder / f"sent-{rank}.json").write_text(json.dumps(sum(n for _, n in audit.calls)))
         except Exception as exc:
             (folder / f"error-{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
             _destroy(wrapped)

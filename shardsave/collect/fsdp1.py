@@ -127,6 +127,14 @@ class FSDP1Collector(ShardedCollector):
         run = self._runs.get(name)
         return run is not None and len(run.groups) > 1
 
+    def held_by(self, name: str, rank: int) -> list[tuple[int, int]]:
+        run = self._runs.get(name)
+        if run is None or len(run.groups) < 2:
+            return []
+        k = next((g.index(rank) for g in run.groups if rank in g), None)
+        lo, hi = (0, 0) if k is None else self._ranges(name, run)[k]
+        return [(lo, hi)] if hi > lo else []
+
     def local(self, name: str, piece: Slice) -> torch.Tensor:
         run = self._runs[name]
         shard = run.flat.data

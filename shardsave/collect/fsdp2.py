@@ -33,7 +33,7 @@ class FSDP2Collector(ShardedCollector):
         self._meshes: dict[int, tuple] = {}  # reading `mesh.mesh` costs ~0.1 ms: once per mesh
         self._runs: dict[str, dict[int, int]] = {}  # name -> start of each run this rank holds -> local offset
         self._own: dict[str, list[Slice]] = {}
-        self._replicated: set[str] = set()
+        self._replicated: dict[str, object] = {}  # name -> its holding, where runs have replicas
 
     def _mesh(self, tensor: DTensor) -> tuple[tuple, tuple[int, ...] | None]:
         """The mesh the layout is computed on (nested tuples of global ranks) and, for a sub-mesh, which of its
@@ -93,7 +93,7 @@ class FSDP2Collector(ShardedCollector):
             raise NotImplementedError(f"{name}: {exc}") from None
         mine = holding.held.get(self.rank, ())
         if any(len(group) > 1 for group in holding.replicas):
-            self._replicated.add(name)
+            self._replicated[name] = holding
         self._runs[name] = {s.start: offset for s, offset in mine}
         self._own[name] = [s for s, _ in mine if s.stop > s.start]
         return holding.senders(zlib.crc32(name.encode()))
@@ -103,6 +103,10 @@ class FSDP2Collector(ShardedCollector):
 
     def replicated(self, name: str) -> bool:
         return self.slices(name) is not None and name in self._replicated
+
+    def held_by(self, name: str, rank: int) -> list[tuple[int, int]]:
+        holding = self._replicated.get(name) if self.slices(name) is not None else None
+        return [(s.start, s.stop) for s, _ in holding.held.get(rank, ())] if holding is not None else []
 
     def local(self, name: str, piece: Slice) -> torch.Tensor:
         data = _local_tensor(self._tensors[name]).reshape(-1)

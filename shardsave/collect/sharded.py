@@ -19,7 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..plan import Piece, Slice, TransferPlan, chunk_ranges, plan_transfer
+from ..plan import Piece, Slice, TransferPlan, chunk_ranges, plan_transfer, prefer_holder
 from .base import TensorInfo
 
 __all__ = ["Slice", "ShardedCollector", "Transfer", "TransferError", "comm_device", "pick_device", "chunk_ranges"]
@@ -78,6 +78,18 @@ class ShardedCollector:
         """Whether some run of a sharded `name` is held by more than one rank (one of them sends it)."""
         return False
 
+    def held_by(self, name: str, rank: int) -> list[tuple[int, int]]:
+        """The runs of a sharded `name` that `rank` holds (from metadata: no rank is asked); for replicas only
+        (without them, every run has its one holder in `slices`)."""
+        return []
+
+    def _to(self, name: str, dst: int) -> list[Slice] | None:
+        """`slices(name)` for a gather to `dst`: where `dst` holds a replica of a run, it sends it to itself."""
+        slices = self.slices(name)
+        if slices is None or not self.replicated(name):
+            return slices
+        return prefer_holder(slices, self.held_by(name, dst), dst)
+
     # -- what a backend provides -------------------------------------------------------------------
     def _slices(self, name: str) -> list[Slice] | None:
         """`slices`, computed from the backend's metadata."""
@@ -95,7 +107,7 @@ class ShardedCollector:
     def plan(self, names: Sequence[str], dst: int, *, budget: int | None = None) -> TransferPlan:
         """The transfer plan for `names` to `dst` (pure: the same on every rank)."""
         primaries = list(dict.fromkeys(self._aliases.get(n, n) for n in names))
-        layout = {n: self.slices(n) for n in primaries}
+        layout = {n: self._to(n, dst) for n in primaries}
         itemsizes = {n: self._infos[n].dtype.itemsize for n in primaries}
         numels = {n: math.prod(self._infos[n].shape) for n in primaries}
         return plan_transfer(layout, itemsizes, numels, dst, budget=budget)
@@ -115,7 +127,9 @@ class ShardedCollector:
         if held is None:
             data = self.whole(name).detach().reshape(-1)[piece.start : piece.stop]
         else:
-            mine = next(s for s in held if s.rank == self.rank and s.start <= piece.start and piece.stop <= s.stop)
+            # one of this rank's runs: one it sends, or a replica it holds itself (it is the destination)
+            runs = [s for s in held if s.rank == self.rank] + self.own(name)
+            mine = next(s for s in runs if s.start <= piece.start and piece.stop <= s.stop)
             run = self.local(name, mine).detach()
             data = run[piece.start - mine.start : piece.stop - mine.start]
         return data.contiguous().view(torch.uint8)

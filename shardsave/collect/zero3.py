@@ -157,6 +157,17 @@ class Zero3Collector(ShardedCollector):
         """Partition groups smaller than the world: every group holds the whole parameter."""
         return self.slices(name) is not None and len(self._group_ranks(self._tensors[name])) < self.world_size
 
+    def held_by(self, name: str, rank: int) -> list[tuple[int, int]]:
+        """Member k of any group holds range k: `rank`'s index in its group (from this rank's group's layout)."""
+        if not self.replicated(name):
+            return []
+        tensor = self._tensors[name]
+        groups = partition_groups(self._group_ranks(tensor), self.world_size) or []
+        k = next((g.index(rank) for g in groups if rank in g), None)
+        numel = int(tensor.ds_numel)
+        partition = -(-numel // len(self._group_ranks(tensor)))
+        return [] if k is None else [(min(k * partition, numel), min((k + 1) * partition, numel))]
+
     def own(self, name: str) -> list[Slice]:
         """Member `k` of every partition group holds range `k` (`slices` names one sender per range)."""
         if self.slices(name) is None:

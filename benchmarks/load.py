@@ -37,9 +37,9 @@ safe_get_full_fp32_param, or directly) and compared with the saved tensors on ev
 Time: barrier, call, barrier; the slowest rank's time of each call, median of --repeat calls after a warm-up, with
 glibc's mmap threshold fixed at 128 KiB as in gathered_save.py. Memory: one more call per method, per rank: the
 process's peak resident size during the call above its resident size just before it (the kernel's VmHWM, reset
-through /proc/self/clear_refs), with the mmap threshold lowered to 4 KiB for that call (mallopt), so that every
-buffer of 4 KiB or more is a fresh mapping that shows, rather than heap freed by an earlier call (a rank's share
-of one LoRA tensor is 4-64 KiB here).
+through /proc/self/clear_refs), after malloc_trim(0), which releases the heap's free pages: a rank's share of one
+LoRA tensor is 4-64 KiB here, below the mmap threshold, and would otherwise land in heap pages that earlier calls
+freed and left resident, and not show.
 
 Goals (issue 14), each printed PASS / FAIL: shardsave >= 2x faster than the best native path of each backend, and
 >= 20x faster than any path that materialises the full model (FSDP1's three); its time flat in the base
@@ -319,12 +319,12 @@ class Rank:
         return ok, None if masters is None else all(torch.equal(masters[n], saved[n].float()) for n in saved)
 
 
-def mmap_threshold(nbytes: int) -> None:
-    """glibc's mmap threshold: allocations of at least this size are fresh mappings, released when freed."""
+def release_free_heap() -> None:
+    """glibc's malloc_trim(0): the free pages inside the heap are given back (madvise), so that a call served from
+    heap that earlier calls freed faults its pages in again and shows in the resident size."""
     import ctypes
 
-    if ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) != 1:  # M_MMAP_THRESHOLD
-        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: this benchmark needs glibc")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def rank_main(backend: str, shape: dict, folder: Path, repeat: int) -> dict:
@@ -348,16 +348,15 @@ def rank_main(backend: str, shape: dict, folder: Path, repeat: int) -> dict:
             dist.barrier()
             seconds.append(time.perf_counter() - start)
         correct, masters = r.check()
-        # the memory call: the adapter's per-tensor buffers are 4-64 KiB here, below the 128 KiB threshold the
-        # timed calls run under, where glibc would serve them from heap freed by earlier calls and hide them
+        # the memory call: the adapter's per-tensor buffers are 4-64 KiB here, below the mmap threshold, and glibc
+        # would serve them from heap pages that earlier calls freed, still resident: those are released first
         r.zero()
         gc.collect()
-        mmap_threshold(4096)
         dist.barrier()
+        release_free_heap()
         before = reset_peak()
         fn()
         extra = proc_status("VmHWM") - before
-        mmap_threshold(MMAP_THRESHOLD)
         dist.barrier()
         r.zero()
         out["methods"][name] = {"seconds": seconds[1:], "warmup_seconds": seconds[0], "extra_bytes": extra,
@@ -448,7 +447,7 @@ def share(r: dict, backend: str) -> float:
 def report(results: list[dict], repeat: int) -> None:
     full = {m for ms in METHODS.values() for m, materialises in ms if materialises}
     print(f"\n{WORLD} gloo ranks; time: the slowest rank's, median of {repeat} calls after a warm-up; peak extra: "
-          f"per rank, above its resident size before the call (a separate call, mmap threshold 4 KiB)\n")  # fmt: skip
+          f"per rank, above its resident size before the call (a separate call, after malloc_trim)\n")  # fmt: skip
     print("| base | backend | method | materialises | time | rank 0 / rank 1 peak extra | / share | shardsave is | "
           "correct | fp32 masters |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")

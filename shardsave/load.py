@@ -215,9 +215,12 @@ def _zero3_writes(collector, name: str, param, files, key: str) -> list[_Write]:
     k = ranks.index(dist.get_rank() if dist.is_initialized() else 0)
     start, stop = min(k * partition, numel), min((k + 1) * partition, numel)
     local = param.ds_tensor.detach().view(-1)
-    master = torch.zeros(local.numel(), dtype=torch.float32)
     raw = files.read(key, start, stop)
-    master[: stop - start] = raw.float()
+    if stop - start == local.numel():  # no padding: an fp32 read is the master itself (no second buffer)
+        master = raw.float()
+    else:
+        master = torch.zeros(local.numel(), dtype=torch.float32)
+        master[: stop - start] = raw.float()
     writes = [_Write(name, local[: stop - start], raw.to(local.dtype), param, start, master)]
     if collector.slices(name) is None and param.data.numel() == numel:  # persistent: gathered on every rank
         whole = param.data.detach().view(-1)

@@ -148,3 +148,19 @@ def test_compare_configs_is_a_pure_field_by_field_check():
         "r: saved 4, model 8",
         "rank_pattern: saved {'q_proj': 2}, model None",
     ]
+
+
+def test_zero3_master_is_the_read_itself_when_unpadded():
+    """A ZeRO-3 rank's fp32 read of its partition is the master it writes: no second buffer of its share (the
+    per-rank memory goal, <= 2x the share, benchmarks/load.py); a padded partition still gets a zero-filled one."""
+    from types import SimpleNamespace
+
+    from shardsave import load as load_module
+
+    files = SimpleNamespace(read=lambda key, start, stop: torch.arange(start, stop, dtype=torch.float32))
+    collector = SimpleNamespace(slices=lambda name: [])
+    for numel, padded in ((8, 8), (7, 8)):
+        param = SimpleNamespace(ds_id=0, ds_numel=numel, ds_tensor=torch.zeros(padded), data=torch.empty(0))
+        (write,) = load_module._zero3_writes(collector, "w", param, files, "w")
+        assert write.master.tolist() == [*range(numel), *[0.0] * (padded - numel)]
+        assert (write.master.data_ptr() == write.value.data_ptr()) == (numel == padded)

@@ -30,6 +30,7 @@ from .collect.walk import state_entries
 from .layout import build_layout, find_peft_model, peel
 from .log import logger
 from .ranks import Ranks, Rendezvous, resolve_timeout
+from .reuse import PlanCache
 from .select import plan_choices
 
 __all__ = ["LoadResult", "AdapterMismatchError", "CONFIG_FIELDS", "compare_configs", "load_pretrained"]
@@ -109,6 +110,28 @@ class _Prepared:
     result: LoadResult
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a load plans from the model's structure alone; reused while the structure is unchanged (an
+    evaluation loop that loads adapter after adapter pays the module walks once)."""
+
+    collector: object
+    known: dict[str, str]  # checkpoint key -> state-dict name, embedding layers included
+    required: dict[str, str]  # the same without the embedding layers (which a save may leave out)
+    params: dict[str, nn.Parameter]
+
+
+_PLANS: PlanCache[_Plan] = PlanCache()
+
+
+def _plan(root: nn.Module, peft_model, ranks: Ranks, adapter_name: str) -> _Plan:
+    collector = collector_for(root, ranks)
+    names = list(collector.infos())
+    choices = plan_choices(build_layout(peft_model), peft_model, names, [adapter_name], "auto")[adapter_name]
+    params = {name: t for name, t, is_param in state_entries(root) if is_param}
+    return _Plan(collector, choices[True].entries, choices[False].entries, params)
+
+
 def _preview(keys: list[str], most: int = 5) -> str:
     return f"{keys[:most]}{f' and {len(keys) - most} more' if len(keys) > most else ''}"
 
@@ -122,9 +145,12 @@ def _prepare(model: nn.Module, path, adapter_name: str, strict: bool, allow_pick
         )
     root = peel(model)
     _reshard(root)
-    collector = collector_for(root, ranks)
+    config = peft_model.peft_config[adapter_name].to_dict()
+    key = (ranks, id(peft_model), adapter_name, json.dumps(config, sort_keys=True, default=str))
+    plan = _PLANS.get(root, key, lambda: _plan(root, peft_model, ranks, adapter_name))
+    collector, known, required, params = plan.collector, plan.known, plan.required, plan.params
     files = open_adapter(path, adapter_name, allow_pickle=allow_pickle)
-    problems = compare_configs(files.config, peft_model.peft_config[adapter_name].to_dict())
+    problems = compare_configs(files.config, config)
     if problems:
         raise AdapterMismatchError(
             f"{files.path}: its adapter config does not match the model's adapter {adapter_name!r}: "
@@ -132,8 +158,6 @@ def _prepare(model: nn.Module, path, adapter_name: str, strict: bool, allow_pick
             + ". Build the model's adapter with the config the adapter was saved with."
         )
     infos = collector.infos()
-    choices = plan_choices(build_layout(peft_model), peft_model, list(infos), [adapter_name], "auto")[adapter_name]
-    known, required = choices[True].entries, choices[False].entries  # with / without the embedding layers
     unexpected = [k for k in files.specs if k not in known]
     missing = [k for k in required if k not in files.specs]
     if strict and (unexpected or missing):
@@ -156,7 +180,6 @@ def _prepare(model: nn.Module, path, adapter_name: str, strict: bool, allow_pick
                 f"{files.path}: {key} is saved as {spec.dtype}; the model's {source} is {info.dtype}, and one is "
                 f"not a floating-point type: converting would change its values."
             )
-    params = {name: t for name, t, is_param in state_entries(root) if is_param}
     writes, seen = [], set()
     for key, source in loaded.items():
         name = collector.primary(source)

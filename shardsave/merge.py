@@ -75,15 +75,33 @@ def default_output(shards_directory: str | os.PathLike) -> Path:
     return shards.parent / f"{shards.name}-merged"
 
 
-def _load_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST_NAME
-    if not directory.is_dir():
-        raise ShardSetError(f"{directory}: not a directory of shards.")
-    if not path.is_file():
+def _folders(shards_directory) -> list[Path]:
+    """One folder, or several (a set written to node-local disks and copied back, one folder per node)."""
+    given = [shards_directory] if isinstance(shards_directory, str | os.PathLike) else list(shards_directory)
+    if not given:
+        raise ShardSetError("no shard folder given.")
+    folders = list(dict.fromkeys(Path(os.path.abspath(os.fspath(d))) for d in given))
+    for folder in folders:
+        if not folder.is_dir():
+            what = "does not exist" if not folder.exists() else "not a directory of shards"
+            raise ShardSetError(f"{folder}: {what}.")
+    return folders
+
+
+def _load_manifest(folders: list[Path]) -> tuple[Path, dict]:
+    """The manifest (rank 0 writes it into its own folder) and the folder holding it; with several folders,
+    exactly one manifest, or identical copies of it."""
+    found = [f / MANIFEST_NAME for f in folders if (f / MANIFEST_NAME).is_file()]
+    if not found:
+        where = folders[0] / MANIFEST_NAME if len(folders) == 1 else f"any of {[str(f) for f in folders]}"
         raise ShardSetError(
-            f"{path}: missing. The manifest is written last, once every rank has written its shard: without it "
+            f"{where}: missing. The manifest is written last, once every rank has written its shard: without it "
             f"the set is incomplete (a rank failed or is still writing). Re-run shardsave.save_shards."
+            + ("" if len(folders) == 1 else " With node-local folders, copy rank 0's folder (it holds the manifest).")
         )
+    if len({p.read_bytes() for p in found}) > 1:
+        raise ShardSetError(f"{found[0]} and {found[1]}: two different manifests: the folders hold two runs.")
+    path = found[0]
     try:
         manifest = json.loads(path.read_text())
         files, world = manifest["files"], int(manifest["world_size"])
@@ -96,37 +114,49 @@ def _load_manifest(directory: Path) -> dict:
     if ranks != list(range(world)):
         missing = sorted(set(range(world)) - set(ranks))
         raise ShardSetError(f"{path}: lists ranks {ranks} for a world of {world}; missing rank(s) {missing}.")
-    pickles = sorted(
-        p.name for p in directory.iterdir() if p.name.startswith("shard-") and p.suffix in (".bin", ".pt", ".pth")
-    )
-    if pickles:
-        raise ShardSetError(
-            f"{directory / pickles[0]}: a pickle file among the shards. Shard files are safetensors only, and "
-            f"shardsave never unpickles a shard (loading a pickle can run code); remove it, or re-run save_shards "
-            f"into an empty directory."
-        )
     listed = {f["name"] for f in files}
-    foreign = sorted(p.name for p in directory.iterdir() if SHARD_PATTERN.match(p.name) and p.name not in listed)
-    if foreign:
-        raise ShardSetError(
-            f"{directory / foreign[0]}: a shard file that the manifest (run {run_id}, {world} ranks) does not list; "
-            f"it belongs to another run or world size. Remove it, or re-run save_shards into an empty directory."
+    for directory in folders:
+        pickles = sorted(
+            p.name for p in directory.iterdir() if p.name.startswith("shard-") and p.suffix in (".bin", ".pt", ".pth")
         )
-    return manifest
+        if pickles:
+            raise ShardSetError(
+                f"{directory / pickles[0]}: a pickle file among the shards. Shard files are safetensors only, and "
+                f"shardsave never unpickles a shard (loading a pickle can run code); remove it, or re-run "
+                f"save_shards into an empty directory."
+            )
+        foreign = sorted(p.name for p in directory.iterdir() if SHARD_PATTERN.match(p.name) and p.name not in listed)
+        if foreign:
+            raise ShardSetError(
+                f"{directory / foreign[0]}: a shard file that the manifest (run {run_id}, {world} ranks) does not "
+                f"list; it belongs to another run or world size. Remove it, or re-run save_shards into an empty "
+                f"directory."
+            )
+    return path.parent, manifest
 
 
-def read_shard_set(shards_directory: str | os.PathLike, *, verify_checksums: bool = True) -> ShardSet:
-    """Validate the set in `shards_directory` completely, reading headers only (and, unless told not to,
-    checksums: `merge_shards` checks them itself, in parallel with its write)."""
-    directory = Path(os.path.abspath(os.fspath(shards_directory)))
-    manifest = _load_manifest(directory)
+def _locate(folders: list[Path], name: str, item: dict, world: int) -> Path:
+    """The one folder holding shard file `name` (copies of it in several folders must be the same file)."""
+    found = [f / name for f in folders if (f / name).is_file()]
+    if not found:
+        where = folders[0] / name if len(folders) == 1 else f"{name} (in none of {[str(f) for f in folders]})"
+        raise ShardSetError(f"{where}: missing (rank {item['rank']} of {world}).")
+    if len({p.stat().st_size for p in found}) > 1:
+        raise ShardSetError(f"{found[0]} and {found[1]}: two different copies of rank {item['rank']}'s shard.")
+    return found[0]
+
+
+def read_shard_set(shards_directory, *, verify_checksums: bool = True) -> ShardSet:
+    """Validate the set in `shards_directory` (a folder, or a list of folders: one per node for node-local
+    disks) completely, reading headers only (and, unless told not to, checksums: `merge_shards` checks them
+    itself, in parallel with its write)."""
+    folders = _folders(shards_directory)
+    directory, manifest = _load_manifest(folders)
     run_id, world = manifest["run_id"], int(manifest["world_size"])
     shard_set: ShardSet | None = None
     checksums = {}
     for item in sorted(manifest["files"], key=lambda f: int(f["rank"])):
-        path = directory / item["name"]
-        if not path.is_file():
-            raise ShardSetError(f"{path}: missing (rank {item['rank']} of {world}).")
+        path = _locate(folders, item["name"], item, world)
         if path.stat().st_size != int(item["size"]):
             raise ShardSetError(
                 f"{path}: {path.stat().st_size} bytes, the manifest says {item['size']}: truncated or rewritten."
@@ -239,7 +269,7 @@ def _progress(total: int, enabled: bool | None):
 
 
 def merge_shards(
-    shards_directory: str | os.PathLike,
+    shards_directory: str | os.PathLike | Sequence[str | os.PathLike],
     output_directory: str | os.PathLike | None = None,
     *,
     safe_serialization: bool = True,
@@ -248,20 +278,22 @@ def merge_shards(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Write the adapter directory for the shard set in `shards_directory`; return its path.
+    """Write the adapter directory for the shard set in `shards_directory` (a folder, or a list of folders: a set
+    written to node-local disks with `save_shards(..., shared_filesystem=False)` and copied back); return its path.
 
     Everything is validated first; on any problem `ShardSetError` is raised and nothing is written. An
     existing output is only replaced with `overwrite=True`, and then whole (see `shardsave.writer.publish`).
     """
-    output = check_destination(output_directory if output_directory is not None else default_output(shards_directory))
-    shard_set = read_shard_set(shards_directory, verify_checksums=False)
+    folders = _folders(shards_directory)
+    output = check_destination(output_directory if output_directory is not None else default_output(folders[0]))
+    shard_set = read_shard_set(folders, verify_checksums=False)
     initial = None
     if path_initial_model_for_weight_conversion is not None:
         initial = _check_conversion(shard_set, path_initial_model_for_weight_conversion, allow_pickle)
     if output.exists() and not overwrite:
         raise ShardSetError(f"{output}: already exists; pass overwrite=True (--overwrite) to replace it.")
-    if output == shard_set.directory or shard_set.directory in output.parents:
-        raise ShardSetError(f"{output}: inside the shard directory; write the adapter elsewhere.")
+    if any(output == f or f in output.parents for f in folders):
+        raise ShardSetError(f"{output}: inside a shard directory; write the adapter elsewhere.")
 
     bar = _progress(sum(len(a["keys"]) for a in shard_set.adapters.values()), progress)
 
@@ -362,8 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "shards",
         metavar="SRC",
+        nargs="+",
         help="a shard set (holds manifest.json), a DeepSpeed save folder (holds latest) or tag folder, a DCP "
-        "folder (holds .metadata), or a Trainer / accelerate checkpoint-N/ folder holding one of them",
+        "folder (holds .metadata), or a Trainer / accelerate checkpoint-N/ folder holding one of them; several "
+        "shard folders for a set written to node-local disks (one per node, copied back)",
     )
     parser.add_argument("-o", "--output", help="adapter directory to write (default: next to SRC, SRC-merged)")
     parser.add_argument(
@@ -397,13 +431,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .rescue import detect_source, rescue_adapter
 
-        source = detect_source(args.shards, tag=args.tag)
+        sources = [detect_source(s, tag=args.tag) for s in args.shards]
+        source = sources[0]
+        if len(sources) > 1 and any(s.kind != "shards" for s in sources):
+            raise ShardSetError(
+                "several SRC folders are for a shard set written to node-local disks; pass one checkpoint."
+            )
         if source.kind == "shards":
             for option in ("adapter_config", "base", "tag"):
                 if getattr(args, option) is not None:
                     raise ShardSetError(f"--{option.replace('_', '-')} applies to framework checkpoints, not shards.")
             out = merge_shards(
-                args.shards,
+                [s.given for s in sources],
                 args.output,
                 safe_serialization=not args.bin,
                 path_initial_model_for_weight_conversion=args.initial_adapter,

@@ -124,12 +124,16 @@ def save_shards(
     selected_adapters=None,
     save_embedding_layers: str | bool = "auto",
     timeout: float | None = None,
+    shared_filesystem: bool = True,
 ) -> Path:
     """Every rank writes the adapter slices it holds to `shards_directory`; merge them with
     `shardsave.merge_shards` or `python -m shardsave.merge`.
 
     Call it on every rank. No tensor crosses ranks; the ranks only agree at the start and confirm at the
     end, when rank 0 writes `manifest.json`. Returns once the set is complete, or raises on every rank.
+    `shared_filesystem=False`: `shards_directory` is a node-local path (the same path on every node, each its
+    own disk): each rank clears the old set from its node's folder before any rank writes, rank 0's folder gets
+    the manifest; copy the folders back and merge them together (`python -m shardsave.merge DIR1 DIR2 ...`).
     """
     ranks = Ranks.current()
     started = time.perf_counter()
@@ -147,20 +151,24 @@ def save_shards(
     )
     directory = request.destination  # rank 0's resolution of the path: every rank writes there
     names = [p.adapter_name for p in request.plans]
+    if not shared_filesystem and ranks.rank != 0:  # its node's folder, cleared before anyone writes
+        error = None
+        try:
+            _clear(directory)
+        except Exception as exc:
+            error = exc
+        rdv.agree("cleared", {}, own=error)
     if ranks.rank == 0:  # before anyone writes: no manifest may vouch for a set being rewritten
         error, card, configs, run_id = None, "", {}, uuid.uuid4().hex
         try:
             # rank 0's texts go into every shard: set-valued config fields serialise in a per-process order
             card, configs = _texts(request.peft_model, names)
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / MANIFEST_NAME).unlink(missing_ok=True)
-            for stale in directory.iterdir():
-                if SHARD_PATTERN.match(stale.name):
-                    stale.unlink()
-            _remove_stale_parts(directory)
+            _clear(directory)
             _atomic_write_text(directory / RUN_MARKER, run_id)
         except Exception as exc:
             error = exc
+        if not shared_filesystem:
+            rdv.agree("cleared", {}, own=error)
         rdv.post("run", status_of(error, run_id=run_id, card=card, configs=configs))
         if error is not None:
             raise error
@@ -171,7 +179,8 @@ def save_shards(
 
     error, report = None, {}
     try:
-        _check_shared(directory, run_id, ranks.rank)
+        if shared_filesystem:
+            _check_shared(directory, run_id, ranks.rank)
         entries, tensors, replicated = _local_runs(request, ranks)
         adapters = {p.adapter_name: {"config": configs[p.adapter_name], "keys": list(p.entries)} for p in request.plans}
         metadata = {
@@ -211,6 +220,16 @@ def save_shards(
         raise
     logger.info("wrote %d shard files to %s in %.2f s", ranks.world_size, directory, time.perf_counter() - started)
     return directory
+
+
+def _clear(directory: Path) -> None:
+    """The folder, emptied of a previous set: no manifest may vouch for a set being rewritten."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    for stale in directory.iterdir():
+        if SHARD_PATTERN.match(stale.name):
+            stale.unlink(missing_ok=True)  # ranks of one node clear the same folder
+    _remove_stale_parts(directory)
 
 
 def _check_shared(directory: Path, run_id: str, rank: int) -> None:

@@ -146,6 +146,30 @@ def test_unshared_directory_is_named(tmp_path):
     assert not (tmp_path / "private" / "shards" / "manifest.json").exists()
 
 
+def test_node_local_shards_merge_from_several_folders(tmp_path):
+    """save_shards(shared_filesystem=False) with rank 1 on its own disk (a private mount): each node's folder holds
+    its ranks' files, rank 0's the manifest; `python -m shardsave.merge` of both folders writes what
+    save_pretrained wrote; either folder alone is refused, naming the missing file."""
+    import subprocess
+    import sys
+
+    results = run_ranks("unshared_shards", tmp_path, node_local=True)
+    if results[0].result.get("skipped"):
+        pytest.skip(results[0].result["skipped"])
+    check_ok(results)
+    node0, node1 = tmp_path / "private" / "shards", tmp_path / "node1"
+    assert (node0 / "manifest.json").exists() and not (node1 / "manifest.json").exists()
+    cli = [sys.executable, "-m", "shardsave.merge", "--no-progress"]
+    merge = cli + [str(node0), str(node1), "-o", str(tmp_path / "merged")]
+    proc = subprocess.run(merge, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("adapter_model.safetensors", "README.md"):
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+    for alone in (node0, node1):
+        proc = subprocess.run(cli + [str(alone), "-o", str(tmp_path / "alone")], capture_output=True, text=True)
+        assert proc.returncode == 2 and "missing" in proc.stderr and not (tmp_path / "alone").exists(), proc.stderr
+
+
 def test_writer_out_of_memory_is_agreed_before_any_tensor_moves(tmp_path):
     """The writer allocates its buffers while planning: running out of memory there fails every rank at the
     agreement (the writer its own error, the others RemoteError naming it), and no rank sends anything."""

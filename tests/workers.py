@@ -904,7 +904,14 @@ def unshared_shards(rank, world, out: Path, params):
     if not all(ok):
         return {"skipped": "mount namespaces are not available here"}
     wrapped, _ = wrap(lora_model(params), "fsdp2")
-    shardsave.save_shards(wrapped, private / "shards", timeout=30)
+    if not params.get("node_local"):
+        shardsave.save_shards(wrapped, private / "shards", timeout=30)
+        return {}
+    # node-local disks: each "node" writes its folder, rank 1's is copied back as a user would
+    shardsave.save_shards(wrapped, private / "shards", timeout=30, shared_filesystem=False)
+    shardsave.save_pretrained(wrapped, out / "reference", timeout=30)
+    if rank == 1:
+        shutil.copytree(private / "shards", out / "node1")
     return {}
 
 

@@ -29,7 +29,7 @@ from .collect import collector_for
 from .collect.walk import state_entries
 from .layout import build_layout, find_peft_model, peel
 from .log import logger
-from .ranks import Ranks, Rendezvous, resolve_timeout
+from .ranks import Ranks, Rendezvous, check_same_args, resolve_timeout
 from .reuse import PlanCache
 from .select import plan_choices
 
@@ -277,16 +277,7 @@ def _apply(writes: list[_Write]) -> None:
 
 
 def _same_args(statuses: dict[int, dict]) -> None:
-    reference = statuses[0]["args"]
-    for rank, status in sorted(statuses.items()):
-        for field, value in status["args"].items():
-            if value != reference[field]:
-                what = "another model, adapter layout or saved adapter" if field == "plan" else f"{field}={value!r}"
-                raise ValueError(
-                    f"Ranks disagree on the load: rank {rank} has {what}, rank 0 has "
-                    f"{'another' if field == 'plan' else repr(reference[field])}. Every rank must call "
-                    f"load_pretrained with the same arguments on the same model."
-                )
+    check_same_args(statuses, op="load_pretrained", plan_means="another model, adapter layout or saved adapter")
 
 
 def load_pretrained(

@@ -28,6 +28,7 @@ __all__ = [
     "SaveError",
     "MissingRanksError",
     "RemoteError",
+    "check_same_args",
 ]
 
 #: Seconds a rank waits for the others at each step of a save before it gives up.
@@ -378,3 +379,18 @@ def raise_on_failure(statuses: dict[int, dict], *, own: BaseException | None, ra
                 f"shardsave.{op} failed on rank {rank} (this is rank {ranks.rank}): {status.get('error')}",
                 rank,
             )
+
+
+def check_same_args(statuses: dict[int, dict], *, op: str, plan_means: str) -> None:
+    """Rank 0's check that every rank called `op` with the same arguments (`status["args"]`); the `plan` digest
+    stands for `plan_means` (its value says nothing to a user). Raises `ValueError`, which every rank re-raises."""
+    reference = statuses[0]["args"]
+    for rank, status in sorted(statuses.items()):
+        for key, value in status["args"].items():
+            if value != reference.get(key):
+                what = plan_means if key == "plan" else f"{key}={value!r}"
+                theirs = "another" if key == "plan" else repr(reference.get(key))
+                raise ValueError(
+                    f"Ranks disagree on the {op}: rank {rank} has {what} but rank 0 has {theirs}. Every rank must "
+                    f"make the {op} call with the same arguments on the same model."
+                )

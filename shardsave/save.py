@@ -26,7 +26,16 @@ from .host import to_host
 from .layout import Layout, build_layout, find_peft_model, peel
 from .log import logger
 from .names import check_adapter_name
-from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
+from .ranks import (
+    MissingRanksError,
+    Ranks,
+    Rendezvous,
+    SaveError,
+    check_same_args,
+    raise_on_failure,
+    resolve_timeout,
+    status_of,
+)
 from .replicas import diverging, held_prints
 from .reuse import PlanCache
 from .select import AdapterPlan, decide_embeddings, plan_choices
@@ -235,19 +244,6 @@ def start_save(rdv: Rendezvous, model, directory, *, is_main_process, **options)
     return request, writer
 
 
-def _agree_on_args(statuses: dict[int, dict]) -> None:
-    reference = statuses[0]["args"]
-    for rank, status in sorted(statuses.items()):
-        for key, value in status["args"].items():
-            if value != reference[key]:
-                what = "model or adapter layout" if key == "plan" else f"{key}={value!r}"
-                raise ValueError(
-                    f"Ranks disagree on the save: rank {rank} has {what} but rank 0 has "
-                    f"{'another' if key == 'plan' else repr(reference[key])}. Every rank must call the save "
-                    f"with the same arguments on the same model."
-                )
-
-
 def _pick_writer(statuses: dict[int, dict]) -> int:
     writers = [rank for rank, status in sorted(statuses.items()) if status["main"]]
     if len(writers) != 1:
@@ -276,7 +272,7 @@ def _agree_on_replicas(statuses: dict[int, dict]) -> None:
 def _decide_start(statuses: dict[int, dict]) -> dict:
     """Rank 0's verdict on the plans of all ranks: the same arguments and layout, exactly one writer, whose
     decisions everyone follows."""
-    _agree_on_args(statuses)
+    check_same_args(statuses, op="save", plan_means="model or adapter layout")
     _agree_on_replicas(statuses)
     writer = _pick_writer(statuses)
     return {"writer": writer, "decided": statuses[writer].get("decided")}

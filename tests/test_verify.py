@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from tiny import assert_same_files, base_model, llama_config, peft_model, train_a_little
+from tiny import assert_same_files, base_model, llama_config, peft_model, train_a_little, with_adapters
 
 import shardsave
 from shardsave.verify import KINDS, VerifyError, check_tensors, main, verify_adapter, warn_findings
@@ -28,12 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _trained(config: LoraConfig, *, adapters=()):
     """A LoRA initialised by PEFT (B = 0) and trained a little, so that every B is non-zero."""
-    model = get_peft_model(base_model(), config)
-    for name, cfg in adapters:
-        model.add_adapter(name, cfg)
-    for n, p in model.named_parameters():
-        if any(f".{a}." in n or n.endswith(f".{a}") for a in model.peft_config):
-            p.requires_grad_(True)
+    model = with_adapters(base_model(), config, adapters)
     train_a_little(model)
     return model.eval()
 

@@ -46,15 +46,21 @@ def randomize_trainable(model: torch.nn.Module, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * 0.1)
 
 
-def peft_model(lora_config, *, seed: int = 0, seq_cls: bool = False, dtype=None, adapters=(), **config_kwargs):
-    """A PeftModel on a tiny Llama with random adapter weights. `adapters` adds (name, config) pairs."""
-    model = get_peft_model(base_model(seed=seed, seq_cls=seq_cls, **config_kwargs), lora_config)
+def with_adapters(base, lora_config, adapters=()):
+    """`get_peft_model` plus `add_adapter` for each (name, config) pair, every adapter trainable (PEFT leaves the
+    added ones frozen), so that all of them get values."""
+    model = get_peft_model(base, lora_config)
     for name, cfg in adapters:
         model.add_adapter(name, cfg)
-    # enable grads on every adapter so that all of them get random values
     for n, p in model.named_parameters():
         if any(f".{a}." in n or n.endswith(f".{a}") for a in model.peft_config):
             p.requires_grad_(True)
+    return model
+
+
+def peft_model(lora_config, *, seed: int = 0, seq_cls: bool = False, dtype=None, adapters=(), **config_kwargs):
+    """A PeftModel on a tiny Llama with random adapter weights. `adapters` adds (name, config) pairs."""
+    model = with_adapters(base_model(seed=seed, seq_cls=seq_cls, **config_kwargs), lora_config, adapters)
     randomize_trainable(model)
     if dtype is not None:  # the whole model in half precision, adapters included (no fp32 autocast)
         model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)

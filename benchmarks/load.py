@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,19 +60,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from bench_common import BASES, child_env, free_port, llama_config, proc_status, reset_peak  # noqa: E402
+from bench_common import lora_model as bench_lora  # noqa: E402
 
-#: (name, Llama shape and LoRA rank): rank x hidden is the same in each pair, so the adapters are the same size.
-BASES = {
-    "default": [
-        ("large", dict(hidden=1024, layers=12, vocab=32000, rank=16)),
-        ("small", dict(hidden=512, layers=12, vocab=16000, rank=32)),
-    ],
-    "smoke": [
-        ("large", dict(hidden=256, layers=2, vocab=4000, rank=8)),
-        ("small", dict(hidden=128, layers=2, vocab=1000, rank=16)),
-    ],
-}
 WORLD = 2
 OURS = "shardsave"
 #: Each backend's methods, shardsave's first: (name, whether it materialises the model).
@@ -88,7 +77,6 @@ FLAT_LIMIT = 1.25
 NATIVE_GOAL = 2.0
 FULL_GOAL = 20.0
 MIB = 2**20
-MMAP_THRESHOLD = 128 * 1024
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -96,17 +84,7 @@ MMAP_THRESHOLD = 128 * 1024
 
 def lora_model(shape: dict):
     """The PEFT model (seeded: the same base on every rank)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    heads = max(1, shape["hidden"] // 64)
-    config = LlamaConfig(
-        hidden_size=shape["hidden"], intermediate_size=int(shape["hidden"] * 2.75), num_hidden_layers=shape["layers"],
-        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=shape["vocab"],
-    )  # fmt: skip
-    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=shape["rank"], target_modules=["q_proj", "v_proj"]))
+    return bench_lora(llama_config(shape), shape["rank"])
 
 
 def create(folder: Path, shape: dict) -> None:
@@ -136,22 +114,6 @@ def clean_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- in a rank
-
-
-def proc_status(field: str) -> int:
-    """A /proc/self/status size (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}: this benchmark needs Linux")
-
-
-def reset_peak() -> int:
-    """Sets the kernel's peak resident size (VmHWM) to the current one, and returns that."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return proc_status("VmRSS")
 
 
 class Rank:
@@ -369,24 +331,14 @@ def rank_main(backend: str, shape: dict, folder: Path, repeat: int) -> dict:
 # ---------------------------------------------------------------------------------------------- the parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", DS_BUILD_OPS="0",
-               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")  # fmt: skip
-    env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+def rank_env() -> dict:
+    return child_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
 
 
 def run_ranks(backend: str, shape: dict, folder: Path, repeat: int) -> list[dict]:
     port, procs = free_port(), []
     for rank in range(WORLD):
-        env = child_env()
+        env = rank_env()
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))  # fmt: skip
         cmd = [sys.executable, str(HERE), "--child-rank", backend, json.dumps(shape), str(folder), str(repeat)]
@@ -414,7 +366,7 @@ def run_base(name: str, shape: dict, workdir: Path, backends: list[str], repeat:
     if not (folder / "done.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([sys.executable, str(HERE), "--child-create", str(folder), json.dumps(shape)],
-                              capture_output=True, text=True, env=child_env())  # fmt: skip
+                              capture_output=True, text=True, env=rank_env())  # fmt: skip
         if proc.returncode:
             sys.exit(f"creating the adapter in {folder} failed:\n{proc.stderr[-4000:]}")
     params = json.loads((folder / "done.json").read_text())["params"]

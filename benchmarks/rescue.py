@@ -52,24 +52,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from bench_common import BASES, child_env, free_port, llama_config, proc_status  # noqa: E402
+from bench_common import lora_model as bench_lora  # noqa: E402
+from bench_common import reset_peak as bench_reset_peak  # noqa: E402
 
-#: (name, Llama shape and LoRA rank): rank x hidden is the same in each pair, so the adapters are the same size.
-BASES = {
-    "default": [
-        ("large", dict(hidden=1024, layers=12, vocab=32000, rank=16)),
-        ("small", dict(hidden=512, layers=12, vocab=16000, rank=32)),
-    ],
-    # ~0.94B: where zero_to_fp32 (which reads the whole model states) takes seconds
-    "1b": [
-        ("large", dict(hidden=2048, layers=16, vocab=32000, rank=8)),
-        ("small", dict(hidden=512, layers=12, vocab=16000, rank=32)),
-    ],
-    "smoke": [
-        ("large", dict(hidden=256, layers=2, vocab=4000, rank=8)),
-        ("small", dict(hidden=128, layers=2, vocab=1000, rank=16)),
-    ],
-}
 FORMATS = ("dcp", "zero2", "zero3")
 CLI = "shardsave CLI"
 #: The methods run on each format, shardsave's first.
@@ -89,17 +76,10 @@ MIB = 2**20
 def lora_model(shape: dict, config_dir: Path):
     """The PEFT model, the same weights at every call (seeded); lora_B random so that the adapter is not zero."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    heads = max(1, shape["hidden"] // 64)
-    config = LlamaConfig(
-        hidden_size=shape["hidden"], intermediate_size=int(shape["hidden"] * 2.75), num_hidden_layers=shape["layers"],
-        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=shape["vocab"],
-    )  # fmt: skip
+    config = llama_config(shape)
     config.save_pretrained(config_dir)
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=shape["rank"], target_modules=["q_proj", "v_proj"]))
+    model = bench_lora(config, shape["rank"])
     model.peft_config["default"].base_model_name_or_path = str(config_dir)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -152,14 +132,6 @@ def create(folder: Path, shape: dict) -> None:
         engine.destroy()
         del engine, model
     (folder / "done.json").write_text(json.dumps({"params": n_params, "shape": shape}))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- one method
@@ -224,23 +196,13 @@ def run_method(method: str, source: Path, out: Path) -> None:
         raise ValueError(f"unknown method {method!r}")
 
 
-def proc_status(field: str) -> int:
-    """A /proc/self/status size (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}: this benchmark needs Linux")
-
-
 def reset_peak() -> int:
-    """Sets the kernel's peak resident size (VmHWM) to the current one, and returns that."""
+    """`bench_common.reset_peak` after a full garbage collection (the one the imports' objects would otherwise
+    trigger inside the call)."""
     import gc
 
-    gc.collect()  # the full collection that the imports' objects would otherwise trigger inside the call
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return proc_status("VmRSS")
+    gc.collect()
+    return bench_reset_peak()
 
 
 def measure_child(method: str, source: Path, out: Path) -> dict:
@@ -277,13 +239,6 @@ def cli_child(source: Path, out: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the parent
-
-
-def child_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", DS_BUILD_OPS="0")
-    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
 
 
 def child(args: list[str], what: str) -> str:

@@ -229,14 +229,8 @@ def _zero3_writes(collector, name: str, param, files, key: str) -> list[_Write]:
     """ZeRO-3: the rank's partition `ds_tensor` (member k of its partition group holds `[k*P, (k+1)*P)`,
     zero-padded at the end) with the optimizer's fp32 copy of it; and the full tensor too where the parameter
     is kept gathered (persistent, below `stage3_param_persistence_threshold`)."""
-    import torch.distributed as dist
-
-    group = getattr(param, "ds_process_group", None)
-    ranks = list(dist.get_process_group_ranks(group)) if group is not None and dist.is_initialized() else [0]
     numel = int(param.ds_numel)
-    partition = -(-numel // len(ranks))
-    k = ranks.index(dist.get_rank() if dist.is_initialized() else 0)
-    start, stop = min(k * partition, numel), min((k + 1) * partition, numel)
+    start, stop = collector.partition(name)
     local = param.ds_tensor.detach().view(-1)
     raw = files.read(key, start, stop)
     if stop - start == local.numel():  # no padding: an fp32 read is the master itself (no second buffer)

@@ -157,25 +157,30 @@ class Zero3Collector(ShardedCollector):
         """Partition groups smaller than the world: every group holds the whole parameter."""
         return self.slices(name) is not None and len(self._group_ranks(self._tensors[name])) < self.world_size
 
+    def partition(self, name: str, rank: int | None = None) -> tuple[int, int]:
+        """Elements `[start, stop)` of `name` in `rank`'s ZeRO-3 partition (default: this rank's; a persistent
+        parameter has one too): member k of any partition group holds `[k*P, (k+1)*P)`, clipped to the size."""
+        tensor = self._tensors[name]
+        own = self._group_ranks(tensor)
+        rank = self.rank if rank is None else rank
+        if rank in own:
+            k = own.index(rank)
+        else:
+            k = next((g.index(rank) for g in partition_groups(own, self.world_size) or [] if rank in g), None)
+            if k is None:
+                return 0, 0
+        numel = int(tensor.ds_numel)
+        size = -(-numel // len(own))
+        return min(k * size, numel), min((k + 1) * size, numel)
+
     def held_by(self, name: str, rank: int) -> list[tuple[int, int]]:
         """Member k of any group holds range k: `rank`'s index in its group (from this rank's group's layout)."""
-        if not self.replicated(name):
-            return []
-        tensor = self._tensors[name]
-        groups = partition_groups(self._group_ranks(tensor), self.world_size) or []
-        k = next((g.index(rank) for g in groups if rank in g), None)
-        numel = int(tensor.ds_numel)
-        partition = -(-numel // len(self._group_ranks(tensor)))
-        return [] if k is None else [(min(k * partition, numel), min((k + 1) * partition, numel))]
+        start, stop = self.partition(name, rank) if self.replicated(name) else (0, 0)
+        return [(start, stop)] if stop > start else []
 
     def own(self, name: str) -> list[Slice]:
         """Member `k` of every partition group holds range `k` (`slices` names one sender per range)."""
-        if self.slices(name) is None:
-            return []
-        tensor = self._tensors[name]
-        k, numel = self._group_ranks(tensor).index(self.rank), int(tensor.ds_numel)
-        partition = -(-numel // len(self._group_ranks(tensor)))
-        start, stop = min(k * partition, numel), min((k + 1) * partition, numel)
+        start, stop = self.partition(name) if self.slices(name) is not None else (0, 0)
         return [Slice(self.rank, start, stop)] if stop > start else []
 
     def local(self, name: str, piece: Slice) -> torch.Tensor:

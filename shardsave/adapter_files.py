@@ -103,13 +103,9 @@ def _open_folder(folder: Path, allow_pickle: bool) -> AdapterFiles:
             _, stored = read_header(safetensors)
         except ValueError as exc:
             raise AdapterFilesError(str(exc)) from None
-        from safetensors import safe_open
-
-        with safe_open(str(safetensors), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         specs, runs = {}, {}
-        for key, (dtype, offset, nbytes) in stored.items():
-            spec = TensorSpec(shapes[key], dtype_from_name(dtype))
+        for key, (dtype, offset, nbytes, shape) in stored.items():
+            spec = TensorSpec(shape, dtype_from_name(dtype))
             if spec.nbytes != nbytes:
                 raise AdapterFilesError(f"{safetensors}: {key} has {nbytes} bytes for {spec}; the file is corrupt.")
             specs[key] = spec

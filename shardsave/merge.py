@@ -188,7 +188,7 @@ def read_shard_set(shards_directory, *, verify_checksums: bool = True) -> ShardS
             if known != spec:
                 raise ShardSetError(f"{path}: {e['key']} is {spec} here but {known} in another shard.")
             start, stop = int(e["start"]), int(e["stop"])
-            dtype, offset, nbytes = stored.get(e["tensor"], (None, 0, -1))
+            dtype, offset, nbytes, _ = stored.get(e["tensor"], (None, 0, -1, ()))
             if dtype != e["dtype"] or nbytes != (stop - start) * spec.dtype.itemsize:
                 raise ShardSetError(
                     f"{path}: tensor {e['tensor']!r} is {dtype} of {nbytes} bytes, its entry says {e['dtype']} "

@@ -191,8 +191,8 @@ def _write(f, data, digest) -> None:
         view = view[f.write(view) :]
 
 
-def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, int, int]]]:
-    """The file's metadata, and each tensor's `(dtype, absolute offset, nbytes)` (safetensors validates the
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, int, int, tuple[int, ...]]]]:
+    """The file's metadata, and each tensor's `(dtype, absolute offset, nbytes, shape)` (safetensors validates the
     header's offsets when it opens the file)."""
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -205,6 +205,11 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, int, i
     header.pop("__metadata__", None)
     start = 8 + size
     return meta, {
-        name: (t["dtype"], start + t["data_offsets"][0], t["data_offsets"][1] - t["data_offsets"][0])
+        name: (
+            t["dtype"],
+            start + t["data_offsets"][0],
+            t["data_offsets"][1] - t["data_offsets"][0],
+            tuple(int(n) for n in t["shape"]),
+        )
         for name, t in header.items()
     }

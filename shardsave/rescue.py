@@ -363,13 +363,13 @@ def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None) -
         raise RescueError(f"{exc} (or pass --base)" if base is None else str(exc)) from None
     where = ", ".join(str(p) for p in configs.values())
     peft_model = _skeleton(base_cfg, peft_configs, name_or_path, where)
-    names = [n for n, _, _ in state_entries(peft_model)]
-    vocab = _resized(peft_model, checkpoint, align_names(names, checkpoint.tensors))
+    shapes = {n: tuple(t.shape) for n, t, _ in state_entries(peft_model)}
+    vocab = _resized(peft_model, checkpoint, align_names(list(shapes), checkpoint.tensors))
     if vocab is not None:  # PEFT saves a resized embedding: build the model as it trained
         base_cfg.vocab_size = vocab
         peft_model = _skeleton(base_cfg, peft_configs, name_or_path, where)
-        names = [n for n, _, _ in state_entries(peft_model)]
-    shapes = {n: tuple(t.shape) for n, t, _ in state_entries(peft_model)}
+        shapes = {n: tuple(t.shape) for n, t, _ in state_entries(peft_model)}
+    names = list(shapes)
 
     layout = build_layout(peft_model)
     selected = list(peft_configs)

@@ -158,8 +158,8 @@ def test_zero3_master_is_the_read_itself_when_unpadded():
     from shardsave import load as load_module
 
     files = SimpleNamespace(read=lambda key, start, stop: torch.arange(start, stop, dtype=torch.float32))
-    collector = SimpleNamespace(slices=lambda name: [])
     for numel, padded in ((8, 8), (7, 8)):
+        collector = SimpleNamespace(slices=lambda name: [], partition=lambda name, numel=numel: (0, numel))
         param = SimpleNamespace(ds_id=0, ds_numel=numel, ds_tensor=torch.zeros(padded), data=torch.empty(0))
         (write,) = load_module._zero3_writes(collector, "w", param, files, "w")
         assert write.master.tolist() == [*range(numel), *[0.0] * (padded - numel)]

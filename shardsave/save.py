@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .collect import Collector, TensorInfo, TransferError, collector_for
+from .collect import Collector, TensorInfo, TransferError, collector_for, describe_stage, staged_collector
 from .convert import check_convertible, check_initial, convert_config_dict, read_initial_adapter, rewrite_config_file
 from .host import to_host
 from .layout import Layout, build_layout, find_peft_model, peel
@@ -39,6 +39,7 @@ from .ranks import (
 from .replicas import diverging, held_prints
 from .reuse import PlanCache
 from .select import AdapterPlan, decide_embeddings, plan_choices
+from .stages import union_views
 from .texts import Texts, abandon, render_in_background
 from .verify import check_tensors, warn_findings
 from .writer import (
@@ -89,6 +90,36 @@ class _SaveRequest:
     @property
     def sources(self) -> list[str]:
         return list(dict.fromkeys(s for plan in self.plans for s in plan.sources))
+
+    def view(self) -> dict:
+        """This rank's part, for a model whose ranks hold different parts (`shardsave.stages`)."""
+        plans = [(adapter, option, plan) for adapter, opts in self.choices.items() for option, plan in opts.items()]
+        sources = list(dict.fromkeys(s for _, _, plan in plans for s in plan.sources))
+        primary = self.collector.primary
+        entries: dict[str, dict] = {}
+        for adapter, option, plan in plans:
+            entries.setdefault(adapter, {})[_OPTION[option]] = [[k, primary(v)] for k, v in plan.entries.items()]
+        return {"tensors": describe_stage(self.collector, sources), "entries": entries}
+
+    def restage(self, union: dict, writer: int, ranks: Ranks) -> None:
+        """Follow the plan all ranks' parts make up: gather through it, save every adapter's union of entries."""
+        rank = ranks.rank
+        self.collector = staged_collector(self.collector, union, ranks)
+        self.choices = {
+            adapter: {option == "1": AdapterPlan(adapter, dict(map(tuple, pairs))) for option, pairs in opts.items()}
+            for adapter, opts in union["entries"].items()
+        }
+        if self.initial is not None:
+            raise ValueError(
+                "path_initial_model_for_weight_conversion is not supported for a model whose ranks hold different "
+                "parts (pipeline stages): save the adapter without it, then convert it in one process "
+                "(shardsave.save_pretrained on the PeftModel loaded from that save, with the conversion)."
+            )
+        if rank == writer and self.transfer is not None:
+            self.transfer = self.collector.prepare_gather(self.sources, rank)
+
+
+_OPTION = {True: "1", False: "0"}  # the embeddings decision, as a JSON key
 
 
 def _check_selected(peft_model, selected_adapters: Sequence[str] | None) -> list[str]:
@@ -151,6 +182,7 @@ def _prepare_save(
         "safe_serialization": bool(safe_serialization),
         "selected_adapters": selected,
         "save_embedding_layers": save_embedding_layers,
+        "configs": hashlib.sha256(configs.encode()).hexdigest()[:16],
         "plan": planned.digest,
         "initial": None if initial is None else os.fspath(initial),
     }
@@ -270,12 +302,15 @@ def _agree_on_replicas(statuses: dict[int, dict]) -> None:
 
 
 def _decide_start(statuses: dict[int, dict]) -> dict:
-    """Rank 0's verdict on the plans of all ranks: the same arguments and layout, exactly one writer, whose
-    decisions everyone follows."""
-    check_same_args(statuses, op="save", plan_means="model or adapter layout")
-    _agree_on_replicas(statuses)
+    """Rank 0's verdict on the plans of all ranks: the same arguments, exactly one writer, whose decisions
+    everyone follows; the same layout, or else parts of one model (pipeline stages), put together next."""
+    args = {rank: {"args": {k: v for k, v in s["args"].items() if k != "plan"}} for rank, s in statuses.items()}
+    check_same_args(args, op="save", plan_means="model or adapter layout")
+    staged = len({status["args"].get("plan") for status in statuses.values()}) > 1
+    if not staged:
+        _agree_on_replicas(statuses)
     writer = _pick_writer(statuses)
-    return {"writer": writer, "decided": statuses[writer].get("decided")}
+    return {"writer": writer, "decided": statuses[writer].get("decided"), "staged": staged}
 
 
 def _agree(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object], main: bool | None):
@@ -297,8 +332,33 @@ def _agree(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object], mai
     except BaseException:
         abandon(getattr(result, "texts", None))
         raise
+    if verdict.get("staged"):
+        _restage(rdv, result, verdict["writer"])
     rdv.forget_previous()
     return result, verdict["writer"], verdict["decided"]
+
+
+def _union(statuses: dict[int, dict]) -> dict:
+    return union_views({rank: status["view"] for rank, status in statuses.items()})
+
+
+def _restage(rdv: Rendezvous, request, writer: int) -> None:
+    """The ranks hold different parts of the model (pipeline stages): each reports its part, rank 0 puts them
+    together (`shardsave.stages.union_views`, which refuses parts that do not add up), every rank follows that
+    plan. Costs one more agreement, only for such models."""
+    view, error = None, None
+    try:
+        view = request.view()
+    except Exception as exc:
+        error = exc
+    try:
+        union = rdv.agree("stages", {"view": view}, own=error, decide=_union)
+        request.restage(union, writer, rdv.ranks)
+    except BaseException:
+        abandon(getattr(request, "texts", None))
+        raise
+    logger.info("the ranks hold different parts of the model (pipeline stages): saving their union of %d tensors",
+                len(union["tensors"]))  # fmt: skip
 
 
 def _write_adapters(
@@ -479,6 +539,26 @@ def _keep_names(keep: KeepSpec, infos: dict[str, TensorInfo]) -> list[str]:
     return wanted
 
 
+@dataclass(slots=True)
+class _Gather:
+    """What `gather_state_dict` decided before anything moved."""
+
+    collector: Collector
+    names: list[str]
+    args: dict
+    transfer: object | None
+    replicas: dict[str, str]
+
+    def view(self) -> dict:
+        return {"tensors": describe_stage(self.collector, self.names), "entries": {}}
+
+    def restage(self, union: dict, writer: int, ranks: Ranks) -> None:
+        self.collector = staged_collector(self.collector, union, ranks)
+        self.names = list(union["tensors"])
+        if self.transfer is not None:
+            self.transfer = self.collector.prepare_gather(self.names, ranks.rank)
+
+
 def gather_state_dict(
     model: nn.Module,
     *,
@@ -495,21 +575,13 @@ def gather_state_dict(
     ranks = Ranks.current()
     rdv = Rendezvous(ranks, op="gather_state_dict", timeout=resolve_timeout(timeout))
 
-    @dataclass(frozen=True, slots=True)
-    class _Gather:
-        collector: Collector
-        names: list[str]
-        args: dict
-        transfer: object | None
-        replicas: dict[str, str]
-
     def prepare(is_main: bool) -> _Gather:
         collector = collector_for(peel(model), ranks)
         names = _keep_names(keep, collector.infos())
         _check_readable(collector, names, ranks.rank)
         digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
         transfer = collector.prepare_gather(names, ranks.rank) if is_main else None
-        return _Gather(collector, names, {"names": digest}, transfer, held_prints(collector, names, ranks.rank))
+        return _Gather(collector, names, {"plan": digest}, transfer, held_prints(collector, names, ranks.rank))
 
     request, writer, _ = _agree(rdv, ranks, prepare, is_main_process)
     if writer < 0:

@@ -9,7 +9,15 @@ from .base import Collector, TensorInfo
 from .local import LocalCollector
 from .sharded import TransferError
 
-__all__ = ["Collector", "TensorInfo", "TransferError", "detect_backend", "collector_for"]
+__all__ = [
+    "Collector",
+    "TensorInfo",
+    "TransferError",
+    "detect_backend",
+    "collector_for",
+    "describe_stage",
+    "staged_collector",
+]
 
 
 def detect_backend(root: nn.Module) -> str:
@@ -53,3 +61,18 @@ def collector_for(root: nn.Module, ranks: Ranks) -> Collector:
 
         return Zero3Collector(root, ranks.rank, ranks.world_size)
     return LocalCollector(root, ranks.rank)
+
+
+def describe_stage(collector: Collector, names: list[str]) -> dict[str, list]:
+    """This rank's part of `names` for a model whose ranks hold different parts (see `shardsave.stages`)."""
+    from .staged import describe
+
+    return describe(collector, names)
+
+
+def staged_collector(inner: Collector, union: dict, ranks: Ranks) -> Collector:
+    """The collector that gathers the tensors of `union` (`shardsave.stages.union_views`), reading this rank's
+    part through `inner`."""
+    from .staged import StagedCollector
+
+    return StagedCollector(inner, union["tensors"], union["runs"], ranks.rank, ranks.world_size)

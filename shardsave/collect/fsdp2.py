@@ -4,7 +4,7 @@
 What each rank holds, and which replica sends each run, comes from `shardsave.placements` (pure arithmetic on
 the placements and the mesh). A parameter on a sub-mesh (FSDP2 over the "dp" dimension of a ("dp", "tp") mesh)
 is described on the whole mesh it was cut from, replicated along the other dimensions, which is what every
-rank of those dimensions holds.
+rank of those dimensions holds. A mesh over some of the ranks (a pipeline stage's) is described on those ranks.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ class FSDP2Collector(ShardedCollector):
                 where = tuple(root_names.index(n) for n in names)
                 mesh = root
             ranks = _nested(mesh.mesh.tolist())
-            if sorted(_flat(ranks)) != list(range(self.world_size)):
+            flat = _flat(ranks)
+            if len(set(flat)) != len(flat) or not all(0 <= r < self.world_size for r in flat):
                 raise NotImplementedError(
-                    f"{mesh} spans ranks {sorted(_flat(ranks))[:8]}, not the job's {self.world_size} ranks (a "
-                    f"pipeline stage's mesh?); shardsave saves parameters laid out over every rank."
+                    f"{mesh} lists ranks {flat[:8]}: not distinct ranks of the job's {self.world_size}, so shardsave "
+                    f"cannot tell who holds which part of its tensors."
                 )
             self._meshes[id(tensor.device_mesh)] = (ranks, where)
         return self._meshes[id(tensor.device_mesh)]

@@ -108,6 +108,7 @@ class _Prepared:
     args: dict
     writes: list[_Write]
     result: LoadResult
+    path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,14 +161,9 @@ def _prepare(model: nn.Module, path, adapter_name: str, strict: bool, allow_pick
     infos = collector.infos()
     unexpected = [k for k in files.specs if k not in known]
     missing = [k for k in required if k not in files.specs]
-    if strict and (unexpected or missing):
-        raise AdapterMismatchError(
-            f"{files.path}: does not hold the tensors of the model's adapter {adapter_name!r}: "
-            + (f"missing {_preview(missing)}" if missing else "")
-            + ("; " if missing and unexpected else "")
-            + (f"unexpected {_preview(unexpected)}" if unexpected else "")
-            + ". Pass strict=False to load what fits."
-        )
+    # a key no tensor of this rank takes may be another rank's (pipeline stages): decided by all ranks together
+    if strict and (missing or (unexpected and not ranks.distributed)):
+        raise _keys_error(files.path, adapter_name, missing, unexpected)
     loaded = {k: known[k] for k in files.specs if k in known}
     for key, source in loaded.items():
         spec, info = files.specs[key], infos[source]
@@ -187,11 +183,22 @@ def _prepare(model: nn.Module, path, adapter_name: str, strict: bool, allow_pick
             seen.add(name)
             writes += _writes_of(collector, name, params.get(name), files, key)
     # what was planned and what the files hold (not the path: a node may keep its copy elsewhere)
+    # (which keys each rank loads is its own: ranks holding different parts of the model load different keys)
     specs = [[k, list(v.shape), str(v.dtype)] for k, v in files.specs.items()]
-    plan = json.dumps([[[k, s] for k, s in loaded.items()], specs, files.config], sort_keys=True, default=str)
+    plan = json.dumps([specs, files.config], sort_keys=True, default=str)
     args = {"adapter_name": adapter_name, "strict": strict, "plan": hashlib.sha256(plan.encode()).hexdigest()[:16]}
     live = [n for n in infos if n not in set(loaded.values())]
-    return _Prepared(args, writes, LoadResult(live, unexpected))
+    return _Prepared(args, writes, LoadResult(live, unexpected), str(files.path))
+
+
+def _keys_error(path, adapter_name: str, missing: list[str], unexpected: list[str]) -> AdapterMismatchError:
+    return AdapterMismatchError(
+        f"{path}: does not hold the tensors of the model's adapter {adapter_name!r}: "
+        + (f"missing {_preview(missing)}" if missing else "")
+        + ("; " if missing and unexpected else "")
+        + (f"unexpected {_preview(unexpected)}" if unexpected else "")
+        + ". Pass strict=False to load what fits."
+    )
 
 
 def _reshard(root: nn.Module) -> None:
@@ -270,8 +277,16 @@ def _apply(writes: list[_Write]) -> None:
                     safe_set_full_fp32_param(w.param, w.master.view(w.param.shape))
 
 
-def _same_args(statuses: dict[int, dict]) -> None:
-    check_same_args(statuses, op="load_pretrained", plan_means="another model, adapter layout or saved adapter")
+def _decide(statuses: dict[int, dict]) -> list[str]:
+    """Rank 0's verdict: the same call on every rank; returns the saved keys that no rank's model takes (refused
+    under `strict`). Ranks holding different parts of the model (pipeline stages) each take their own keys."""
+    check_same_args(statuses, op="load_pretrained", plan_means="another saved adapter or adapter config")
+    unexpected = statuses[0]["unexpected"]
+    for status in statuses.values():
+        unexpected = [k for k in unexpected if k in set(status["unexpected"])]
+    if unexpected and statuses[0]["args"]["strict"]:
+        raise _keys_error(statuses[0]["path"], statuses[0]["args"]["adapter_name"], [], unexpected)
+    return unexpected
 
 
 def load_pretrained(
@@ -301,8 +316,12 @@ def load_pretrained(
         _check_masters(prepared.writes)
     except Exception as exc:  # every rank learns of it below, then raises
         error = exc
-    payload = {"args": prepared.args if prepared is not None else {}}
-    rdv.agree("load", payload, own=error, decide=_same_args if ranks.distributed else None)
+    payload = {"args": {}} if prepared is None else {
+        "args": prepared.args, "unexpected": prepared.result.unexpected_keys, "path": prepared.path
+    }  # fmt: skip
+    unexpected = rdv.agree("load", payload, own=error, decide=_decide if ranks.distributed else None)
+    if unexpected is not None:
+        prepared.result.unexpected_keys[:] = unexpected
     rdv.forget_previous()
     error = None
     try:

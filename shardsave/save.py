@@ -171,7 +171,7 @@ def _prepare_save(
     peft_model = find_peft_model(model)
     selected = _check_selected(peft_model, selected_adapters)
     root = peel(model)
-    configs = json.dumps([peft_model.peft_config[n].to_dict() for n in selected], sort_keys=True, default=str)
+    configs = json.dumps([peft_model.peft_config[n].to_dict() for n in selected], sort_keys=True, default=_plain)
     key = (ranks, _group(), id(peft_model), tuple(selected), save_embedding_layers, configs)
     planned = _PLANS.get(root, key, lambda: _plan(root, peft_model, ranks, selected, save_embedding_layers))
     collector, layout, choices = planned.collector, planned.layout, planned.choices
@@ -213,6 +213,11 @@ class _Planned:
 
 
 _PLANS: PlanCache[_Planned] = PlanCache()
+
+
+def _plain(value: object) -> object:
+    """JSON for config values: sets (`target_modules`) sorted, since their order differs between processes."""
+    return sorted(value, key=str) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def _group() -> object:

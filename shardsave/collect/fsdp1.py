@@ -159,7 +159,9 @@ class FSDP1Collector(ShardedCollector):
 
 def _hybrid_groups(module, own: tuple[int, ...], world_size: int, where: str) -> tuple[tuple[int, ...], ...]:
     """Every shard group of a HYBRID_SHARD unit, this rank's first: the rows of its 2-D device mesh (replicate x
-    shard), or, without one, the consecutive blocks FSDP1 forms per node. Anything else is refused."""
+    shard), or, without one, the consecutive blocks FSDP1 forms per node. Otherwise (a pipeline stage's group, or
+    groups cut some other way) only this rank's own group: the ranks then describe different layouts, and the
+    save puts together what each rank reports it holds."""
     mesh = getattr(module, "_device_mesh", None)
     if mesh is not None and mesh.ndim == 2:
         rows = [tuple(int(r) for r in row) for row in mesh.mesh.tolist()]
@@ -167,11 +169,7 @@ def _hybrid_groups(module, own: tuple[int, ...], world_size: int, where: str) ->
         n = len(own)
         rows = [tuple(range(i, i + n)) for i in range(0, world_size, n)] if world_size % n == 0 else []
     if own not in rows or sorted(r for row in rows for r in row) != list(range(world_size)):
-        raise NotImplementedError(
-            f"FSDP1 unit {canonical_name(where) or '<root>'} shards over ranks {list(own)} of {world_size}, in groups "
-            f"shardsave cannot derive (neither its device mesh's rows nor consecutive blocks per node); pass "
-            f"device_mesh=init_device_mesh(..., (replicas, shard size)) to FSDP."
-        )
+        return (own,)  # the other groups are unknown here: what each rank holds is put together by all (stages.py)
     return (own, *(row for row in rows if row != own))
 
 

@@ -48,9 +48,14 @@ def test_quiet_by_default_and_enable_logging_prints_the_save(tmp_path):
     assert after.count(SAVED) == 1  # one handler, no second copy through the root logger
 
 
-def test_environment_switch_prints_without_code(tmp_path):
-    before, _ = save_twice(tmp_path, SHARDSAVE_LOG_LEVEL="info")
-    assert SAVED in before, before
+def test_environment_switch_prints_without_code():
+    code = "from shardsave.log import logger; logger.info('probe %d', 7)"
+    env = {k: v for k, v in os.environ.items() if k != "SHARDSAVE_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(ROOT)
+    for value, expected in [("", ""), ("info", "shardsave: probe 7\n"), ("warning", "")]:
+        proc = subprocess.run([sys.executable, "-c", code], env=dict(env, SHARDSAVE_LOG_LEVEL=value),
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0 and proc.stderr == expected, (value, proc.stderr[-2000:])
 
 
 def test_bad_level_names_the_levels():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
@@ -22,6 +21,8 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import shardsave  # noqa: E402
+
+shardsave.enable_logging()  # the library is quiet by default; the README's log lines need this switch
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -52,7 +53,6 @@ def device() -> torch.device:
 def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    logging.basicConfig(level=logging.INFO, format=f"[rank {dist.get_rank()}] %(name)s: %(message)s")
     return dist.get_rank(), dist.get_world_size()
 
 

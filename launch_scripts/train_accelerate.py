@@ -15,6 +15,7 @@ rather than `is_main_process`, which would then be true on every rank.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -23,14 +24,25 @@ from common import lora_model, parser, run
 from shardsave.integrations import main_process_of
 
 
+def refuse_without_gpus() -> None:
+    """Say once why this script does not run here, without a traceback. Rank 0 exits with status 2 and the
+    others with 0, so the launcher reports one failed process (its own report follows; no rank's traceback)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            "train_accelerate.py: accelerate sees one process although WORLD_SIZE > 1: its FSDP / DeepSpeed plugins "
+            "need GPUs. On CPU use launch_scripts/train_fsdp2.py, train_fsdp1.py (torchrun) or train_deepspeed.py "
+            "(deepspeed launcher); see the README's launch table.",
+            file=sys.stderr,
+            flush=True,
+        )
+    sys.exit(2 if int(os.environ.get("RANK", "0")) == 0 else 0)
+
+
 def main() -> None:
     args = parser(__doc__).parse_args()
     accelerator = Accelerator()
     if accelerator.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit(
-            "accelerate sees one process although WORLD_SIZE > 1: its FSDP / DeepSpeed plugins need GPUs. On CPU use "
-            "launch_scripts/train_fsdp2.py, train_fsdp1.py (torchrun) or train_deepspeed.py (deepspeed launcher)."
-        )
+        refuse_without_gpus()
     rank = torch.distributed.get_rank()
     model = lora_model(args.lora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -8,11 +8,13 @@ Public API::
     shardsave.save_shards(model, shards_directory, ...)     # every rank writes what it holds
     shardsave.merge_shards(shards_directory, output, ...)   # files only: python -m shardsave.merge
     shardsave.rescue_adapter(checkpoint, output, ...)       # from a DeepSpeed / DCP checkpoint (same CLI)
+    shardsave.enable_logging()                              # info lines on stderr (or SHARDSAVE_LOG_LEVEL=INFO)
 """
 
 from __future__ import annotations
 
 from .load import LoadResult, load_pretrained
+from .log import enable_logging
 from .ranks import MissingRanksError, RemoteError, SaveError
 from .save import gather_state_dict, save_pretrained
 from .shards import save_shards
@@ -30,6 +32,7 @@ __all__ = [
     "SaveError",
     "MissingRanksError",
     "RemoteError",
+    "enable_logging",
 ]
 __version__ = "0.1.0"
 

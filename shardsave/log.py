@@ -1,12 +1,21 @@
 """The `shardsave` logger: records from rank 0 (or marked `extra={"writer": True}`, from the writing rank)
-only, unless SHARDSAVE_LOG_ALL_RANKS=1, so that a 64-rank job logs a save once."""
+only, unless SHARDSAVE_LOG_ALL_RANKS=1, so that a 64-rank job logs a save once.
+
+Quiet by default, as a library should be: warnings reach stderr through Python's last-resort handler, info
+lines (what was saved where, how many tensors, bytes, seconds) only after one switch, `SHARDSAVE_LOG_LEVEL=INFO`
+in the environment or `shardsave.enable_logging()`. An application that configures logging itself needs
+neither: `logging.getLogger("shardsave").setLevel(logging.INFO)` and its own handlers.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 
-__all__ = ["logger"]
+__all__ = ["logger", "enable_logging", "LOG_LEVEL_VARIABLE"]
+
+LOG_LEVEL_VARIABLE = "SHARDSAVE_LOG_LEVEL"
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class _RankZeroOnly(logging.Filter):
@@ -18,5 +27,45 @@ class _RankZeroOnly(logging.Filter):
         return Ranks.current().rank == 0
 
 
+class _RankFormatter(logging.Formatter):
+    """`[rank R] shardsave: message` in a distributed job, `shardsave: message` alone; the level is named
+    from WARNING up."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .ranks import Ranks
+
+        ranks = Ranks.current()
+        prefix = f"[rank {ranks.rank}] " if ranks.distributed else ""
+        level = f" {record.levelname}" if record.levelno >= logging.WARNING else ""
+        return f"{prefix}{record.name}{level}: {super().format(record)}"
+
+
+class _ShardsaveHandler(logging.StreamHandler):
+    """The handler enable_logging adds (one, whatever the number of calls)."""
+
+
+def enable_logging(level: int | str = "INFO") -> logging.Logger:
+    """Print the `shardsave` logger's records at `level` and above to stderr (one handler, however often
+    called; the records do not propagate to the root logger as well, so nothing is printed twice)."""
+    if isinstance(level, str):
+        name = level.strip().upper()
+        if name not in _LEVELS:
+            raise ValueError(f"shardsave log level {level!r} is not a logging level: use one of {', '.join(_LEVELS)}.")
+        level = getattr(logging, name)
+    if not any(isinstance(h, _ShardsaveHandler) for h in logger.handlers):
+        handler = _ShardsaveHandler()
+        handler.setFormatter(_RankFormatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger
+
+
 logger = logging.getLogger("shardsave")
 logger.addFilter(_RankZeroOnly())
+
+if os.environ.get(LOG_LEVEL_VARIABLE):
+    try:
+        enable_logging(os.environ[LOG_LEVEL_VARIABLE])
+    except ValueError as exc:  # a typo in a logging switch must not stop a training job from importing
+        logger.warning("%s ignored: %s", LOG_LEVEL_VARIABLE, exc)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).parent
+# Set by conftest.py when the session deselects multi-rank tests (`-m "not multirank"`): a test or fixture that
+# starts ranks without carrying the marker is then skipped where it would start them.
+SKIP_REASON = ""
 
 
 @dataclass
@@ -34,6 +37,10 @@ def free_port() -> int:
 def run_ranks(
     scenario: str, tmp_path: Path, *, world_size: int = 2, limit: float = 240, extra_env: dict | None = None, **params
 ) -> list[RankResult]:
+    if SKIP_REASON:
+        import pytest
+
+        pytest.skip(SKIP_REASON)
     port = free_port()
     procs = []
     for rank in range(world_size):

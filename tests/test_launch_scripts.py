@@ -63,4 +63,6 @@ def test_accelerate_script_refuses_cpu_clearly(tmp_path):
          str(free_port()), "launch_scripts/train_accelerate.py", "--out", str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
-    assert proc.returncode != 0 and "need GPUs" in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and output.count("need GPUs") == 1, output[-3000:]  # said once, by rank 0
+    assert "exitcode  : 2" in output and "Traceback" not in output.split("need GPUs")[0], output[-3000:]

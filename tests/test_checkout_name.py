@@ -1,0 +1,32 @@
+"""A user script next to a checkout folder named `shardsave/` imports the package, not that folder.
+
+Without `package-dir = {"" = "."}` in pyproject.toml, setuptools makes a flat-layout editable install an import
+hook that runs after Python's path search: the checkout folder (no `__init__.py`) was then imported as an empty
+namespace package and `shardsave.save_pretrained` did not exist. The test installs the checkout editable into a
+throwaway virtual environment (no download, no build: about 2 s) and runs such a script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_script_beside_a_checkout_named_shardsave_imports_the_package(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e"]
+    proc = subprocess.run([*install, str(ROOT)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    user = tmp_path / "work"
+    user.mkdir()
+    (user / "shardsave").symlink_to(ROOT, target_is_directory=True)  # `git clone ... shardsave` beside the script
+    (user / "train.py").write_text("import shardsave\nprint(shardsave.__file__, shardsave.save_pretrained.__name__)\n")
+    proc = subprocess.run([str(python), "train.py"], cwd=user, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(ROOT / "shardsave" / "__init__.py"), "save_pretrained"]

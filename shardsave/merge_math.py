@@ -219,6 +219,13 @@ def merge_dtype(role: str, base_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if role in ("A", "B", "magnitude", "bias") and base_dtype.is_floating_point else base_dtype
 
 
+def _tensor(step: Step, tensors: Mapping[tuple[str, str], torch.Tensor], role: str) -> torch.Tensor:
+    try:
+        return tensors[step.adapter, step.tensors[role]]
+    except KeyError:
+        raise ValueError(f"adapter {step.adapter!r}: {step.tensors[role]} was not given to the merge") from None
+
+
 def _rows(shape: Sequence[int], start: int, stop: int) -> tuple[int, int, int]:
     """The whole rows (first index of a 2-D tensor) the flat range touches, and its offset in the first one."""
     cols = math.prod(shape[1:]) if len(shape) > 1 else 1
@@ -227,13 +234,15 @@ def _rows(shape: Sequence[int], start: int, stop: int) -> tuple[int, int, int]:
     return first, last, start - first * cols
 
 
-def lora_delta(step: Step, tensors: Mapping[str, torch.Tensor], rows: tuple[int, int] | None = None) -> torch.Tensor:
+def lora_delta(
+    step: Step, tensors: Mapping[tuple[str, str], torch.Tensor], rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """PEFT's `get_delta_weight` for a "lora" or "embedding" step, in the base weight's layout, for its rows
     `rows` (all by default): `transpose(B @ A, fan_in_fan_out) * scaling` (a Linear) or `(B @ A).T * scaling`
     (an Embedding); bf16/fp16 factors on the CPU are multiplied in float32 and the result cast back, as PEFT
     does. Rows are computed from the factors' matching rows (or columns): the same dot products as the full
     product, which CPU BLAS reduces in the same order (checked in the tests), not guaranteed by every BLAS."""
-    a, b = tensors[step.tensors["A"]], tensors[step.tensors["B"]]
+    a, b = _tensor(step, tensors, "A"), _tensor(step, tensors, "B")
     reference = a if step.kind == "embedding" else b  # whose dtype PEFT checks
     cast = b.device.type == "cpu" and reference.dtype in (torch.float16, torch.bfloat16)
     if cast:
@@ -265,7 +274,7 @@ def merge_tensor(
     base: torch.Tensor,
     shape: Sequence[int],
     steps: Sequence[Step],
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[tuple[str, str], torch.Tensor],
     *,
     start: int = 0,
     weight_norms: Mapping[str, torch.Tensor] | None = None,
@@ -274,7 +283,8 @@ def merge_tensor(
 
     `base`: those elements (any shape holding them; the whole tensor when `start == 0` and it has `shape`), in
     the dtype the merged model has (it may be changed in place). `steps`: `plan_merge(...)[key]`. `tensors`:
-    saved adapter key -> full tensor, for every key the steps name, in PEFT's merge-time dtype (`merge_dtype`).
+    (adapter name, saved adapter key) -> full tensor, for every key the steps name, in PEFT's merge-time dtype
+    (`merge_dtype`).
     `weight_norms`: adapter name -> DoRA weight norm of all output features (`dora_weight_norm` over whole
     rows), needed for a DoRA step when the range does not cover whole rows (whole tensor with
     `fan_in_fan_out`). Returns the merged elements, shaped as `base`.
@@ -309,16 +319,16 @@ def merge_tensor(
 def _apply(step, window, original, tensors, shape, rows, whole, aligned, weight_norms) -> torch.Tensor:
     sliced = None if whole else rows
     if step.kind == "replace":
-        value = tensors[step.tensors["value"]]
+        value = _tensor(step, tensors, "value")
         if tuple(value.shape) != shape:
             raise MergeRefused(f"{step.tensors['value']}: {list(value.shape)}, the base tensor is {list(shape)}.")
         value = value.reshape(shape[0], -1) if len(shape) > 1 else value.reshape(-1)
         return value[rows[0] : rows[1]].to(window.dtype).reshape(window.shape).clone()
     if step.kind == "bias":
-        window += tensors[step.tensors["bias"]][rows[0] : rows[1]] * step.scaling
+        window += _tensor(step, tensors, "bias")[rows[0] : rows[1]] * step.scaling
         return window
     if step.kind == "tokens":
-        delta = tensors[step.tensors["delta"]]
+        delta = _tensor(step, tensors, "delta")
         for i, token in enumerate(step.token_indices):
             if rows[0] <= token < rows[1]:
                 window[token - rows[0]] = delta[i].to(window)
@@ -343,7 +353,7 @@ def _apply(step, window, original, tensors, shape, rows, whole, aligned, weight_
         norms = dora_weight_norm(step, original, delta)
     elif not step.fan_in_fan_out:
         norms = norms[rows[0] : rows[1]]
-    magnitude = tensors[step.tensors["magnitude"]]
+    magnitude = _tensor(step, tensors, "magnitude")
     if not step.fan_in_fan_out:
         magnitude = magnitude[rows[0] : rows[1]]
     factor = (magnitude / norms).view(-1, 1)

@@ -187,7 +187,7 @@ def _saved_keys(model) -> list[str]:
     return list(revert_weight_conversion(model, state))
 
 
-def _check_fit(plan: dict[str, list[Step]], shapes: dict[str, tuple], tied: dict[str, str], adapters, specs) -> None:
+def _check_fit(plan: dict[str, list[Step]], shapes: dict[str, tuple], tied: dict[str, str], adapters, owner) -> None:
     where = ", ".join(str(a.path) for a in adapters)
     for key, steps in plan.items():
         if key in tied:
@@ -203,6 +203,7 @@ def _check_fit(plan: dict[str, list[Step]], shapes: dict[str, tuple], tied: dict
         if key in tied.values() and any(s.kind in ("tokens", "replace") for s in steps):
             raise MergedError(f"{where}: changes the tied embedding {key} by copy; PEFT's merge would untie it.")
         for step in steps:
+            specs = owner[step.adapter].specs
             expect = _expected_shapes(step, shapes[key], {r: specs[n].shape for r, n in step.tensors.items()})
             for role, want in expect.items():
                 shape = tuple(specs[step.tensors[role]].shape)
@@ -289,8 +290,8 @@ def merge_into(
             plan = plan_merge([(n, a.config, list(a.specs)) for n, a in zip(names, adapters, strict=True)])
         except MergeRefused as exc:
             raise MergedError(f"{source_path}: {exc}") from None
-        owner = {key: a for a in adapters for key in a.specs}
-        _check_fit(plan, shapes, tied, adapters, {k: a.specs[k] for k, a in owner.items()})
+        owner = dict(zip(names, adapters, strict=True))
+        _check_fit(plan, shapes, tied, adapters, owner)
         specs = {k: TensorSpec(shapes[k], out_dtype if files.specs[k].dtype.is_floating_point else files.specs[k].dtype)
                  for k in written}  # fmt: skip
         split = split_torch_state_dict_into_shards(
@@ -333,14 +334,14 @@ def merge_into(
     return destination
 
 
-def _adapter_tensors(plan: dict[str, list[Step]], owner: dict[str, AdapterFiles], specs) -> dict[str, torch.Tensor]:
-    """Every adapter tensor the plan names, whole, in the dtype PEFT merges it in."""
+def _adapter_tensors(plan: dict[str, list[Step]], owner: dict[str, AdapterFiles], specs) -> dict:
+    """(adapter, key) -> every adapter tensor the plan names, whole, in the dtype PEFT merges it in."""
     out = {}
     for key, steps in plan.items():
         for step in steps:
             for role, name in step.tensors.items():
-                files = owner[name]
+                files = owner[step.adapter]
                 spec = files.specs[name]
                 tensor = files.read(name, 0, math.prod(spec.shape)).view(spec.shape)
-                out[name] = tensor.to(merge_dtype(role, specs[key].dtype))
+                out[step.adapter, name] = tensor.to(merge_dtype(role, specs[key].dtype))
     return out

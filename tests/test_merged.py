@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from shardsave import merge_math
 from shardsave.merge import main
-from shardsave.merged import MergedError, merge_into
+from shardsave.merged import merge_into
 from tests.tiny import base_model, files_under, logits, peft_model
 
 SHARD = "40KB"  # several shard files for the tiny model
@@ -32,10 +32,10 @@ def _reference(base_dir: Path, adapter_dir: Path, out: Path, names=("default",),
     return merged
 
 
-def _setup(tmp_path: Path, config: LoraConfig, *, dtype=None, adapters=(), tie=False) -> tuple[Path, Path]:
-    model = peft_model(config, adapters=adapters, tie=tie)
+def _setup(tmp_path: Path, config: LoraConfig, *, dtype=None, adapters=(), **kwargs) -> tuple[Path, Path]:
+    model = peft_model(config, adapters=adapters, **kwargs)
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
-    base = base_model(tie=tie)
+    base = base_model(**kwargs)
     if dtype is not None:
         base.to(dtype)
     base.save_pretrained(str(base_dir), max_shard_size=SHARD)
@@ -59,8 +59,14 @@ def _assert_same(ours: Path, theirs: Path) -> None:
 CASES = {
     "lora": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), {}),
     "rslora_patterns": (
-        LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "up_proj"],
-                   rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"up_proj": 3}),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["q_proj", "up_proj"],
+            rank_pattern={"layers.1.self_attn.q_proj": 2},
+            alpha_pattern={"up_proj": 3},
+        ),
         {},
     ),  # fmt: skip
     "dora": (LoraConfig(r=4, target_modules=["q_proj", "o_proj"], use_dora=True), {}),
@@ -75,9 +81,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_offline_merge_writes_what_peft_writes(tmp_path, case, dtype):
     config, kwargs = CASES[case]
-    if kwargs:
-        pytest.skip("the tiny base has no biases in this helper")
-    base_dir, adapter_dir = _setup(tmp_path, config, dtype=dtype)
+    base_dir, adapter_dir = _setup(tmp_path, config, dtype=dtype, **kwargs)
     merged = _reference(base_dir, adapter_dir, tmp_path / "theirs")
     merge_into(adapter_dir, base_dir, tmp_path / "ours", max_shard_size=SHARD)
     _assert_same(tmp_path / "ours", tmp_path / "theirs")
@@ -108,7 +112,7 @@ def test_element_ranges_equal_the_whole_tensor(dtype):
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(12, 10, generator=gen).to(dtype)
     a, b, m = torch.randn(3, 10, generator=gen), torch.randn(12, 3, generator=gen), torch.rand(12, generator=gen) + 1
-    tensors = {"A": a.to(dtype), "B": b.to(dtype), "M": m.to(dtype)}
+    tensors = {("x", "A"): a.to(dtype), ("x", "B"): b.to(dtype), ("x", "M"): m.to(dtype)}
     for dora in (False, True):
         step = merge_math.Step("x", "lora", "p", {"A": "A", "B": "B", **({"magnitude": "M"} if dora else {})}, 0.7)
         whole = merge_math.merge_tensor(base.clone(), base.shape, [step], tensors)

@@ -2,7 +2,9 @@
 
     python -m shardsave.merge SHARDS_DIR [-o OUTPUT_DIR] [--bin] [--overwrite]
 
-The same command rescues the adapter from a DeepSpeed or DCP checkpoint (see `shardsave.rescue`).
+The same command rescues the adapter from a DeepSpeed or DCP checkpoint (see `shardsave.rescue`), and with
+`--into BASE` merges the adapter (folder, shard set or checkpoint) into a base model's full weights for
+deployment (see `shardsave.merged`).
 
 Reads only the files: no process group, no GPU. The whole set is checked before anything is written
 (manifest, sizes, checksums, headers, one run, one world size, one configuration, every element of every
@@ -416,6 +418,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="auto",
         help="checkpoints: dtype of the written tensors (auto: what the model trained in)",
     )
+    parser.add_argument(
+        "--into",
+        metavar="BASE",
+        help="merge the adapter into this base model (a local Hugging Face folder) and write the merged full "
+        "weights, as PEFT's merge_and_unload().save_pretrained(OUT) would; SRC may then be an adapter folder too",
+    )
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="--into: the largest weights file (as save_pretrained's, default 5GB)"
+    )
+    parser.add_argument(
+        "--selected-adapters",
+        nargs="+",
+        metavar="NAME",
+        help="--into: adapters of a folder saved with several, merged together in this order (default: the root one)",
+    )
     parser.add_argument("--tag", help="DeepSpeed: the tag to read (default: the one `latest` names)")
     parser.add_argument("--initial-adapter", help="initial PiSSA/CorDA/OLoRA adapter, to convert to plain LoRA")
     parser.add_argument(
@@ -428,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     args = parser.parse_args(argv)
+    if args.into is not None:
+        return _main_into(args)
     try:
         from .rescue import detect_source, rescue_adapter
 
@@ -476,6 +495,41 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"published and the output directory is unchanged.", file=sys.stderr)  # fmt: skip
         return 1
     print(f"shardsave.merge: read {source.describe()} from {source.given}; wrote the adapter to {out}")
+    return 0
+
+
+def _main_into(args: argparse.Namespace) -> int:
+    """`--into BASE`: the merged full weights (`shardsave.merged.merge_into`)."""
+    from .merged import merge_into
+
+    try:
+        for option in ("adapter_config", "base", "tag", "initial_adapter"):
+            if getattr(args, option) is not None:
+                raise ShardSetError(f"--{option.replace('_', '-')} does not apply with --into.")
+        if args.bin or len(args.shards) > 1 or args.output is None:
+            raise ShardSetError("--into takes one SRC and needs -o OUT (and writes safetensors: no --bin).")
+        _import_for_rescue()
+        try:
+            out = merge_into(
+                args.shards[0],
+                args.into,
+                args.output,
+                selected_adapters=args.selected_adapters,
+                dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
+                allow_pickle=args.allow_pickle,
+                overwrite=args.overwrite,
+            )
+        finally:
+            gc.unfreeze()
+    except (ValueError, NotImplementedError) as exc:
+        print(f"shardsave.merge: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"shardsave.merge: error: writing the merged model failed ({type(exc).__name__}: {exc}); nothing was "
+              f"published and {args.output} is unchanged.", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"shardsave.merge: merged {args.shards[0]} into {args.into}; wrote the merged model to {out}")
     return 0
 
 

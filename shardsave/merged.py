@@ -1,0 +1,347 @@
+"""Merge an adapter into a local base model's weights, offline, one tensor at a time.
+
+    python -m shardsave.merge SRC --into BASE -o OUT [--dtype ...] [--max-shard-size 5GB] [--allow-pickle]
+
+Writes what `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE, dtype=...), SRC)
+.merge_and_unload().save_pretrained(OUT, max_shard_size=...)` writes: config.json, generation_config.json, the
+merged tensors under the base model's keys (tied copies left out), sharded by the same rule
+(`huggingface_hub.split_torch_state_dict_into_shards`) with the same index and `{"format": "pt"}` metadata.
+The arithmetic is `shardsave.merge_math`'s (PEFT's). Only the adapter is held whole; each base tensor is read,
+merged and written alone (tensors the adapter does not change are copied by the kernel), so memory stays
+around twice the largest tensor plus the adapter. Everything is checked before anything is written; the
+output is published atomically (`shardsave.writer.publish`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapter_files import AdapterFiles, AdapterFilesError, open_adapter
+from .log import logger
+from .merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
+from .stream import FileRange, TensorSpec, dtype_from_name, read_header, write_streaming
+from .writer import check_destination, publish
+
+__all__ = ["MergedError", "DTYPES", "merge_into"]
+
+#: `--dtype` choices: "auto" is what `from_pretrained` picks (the config's dtype, else the checkpoint's).
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_MODEL_CONFIG = "config.json"
+_SAFE_INDEX, _SAFE = "model.safetensors.index.json", "model.safetensors"
+_BIN_INDEX, _BIN = "pytorch_model.bin.index.json", "pytorch_model.bin"
+
+
+class MergedError(ValueError):
+    """The adapter, the base or the output cannot give the merged model; the message names what, why and the fix.
+    Nothing was written."""
+
+
+@dataclass
+class _Base:
+    """The base model's files: where each tensor is, its shape and stored dtype."""
+
+    folder: Path
+    files: dict[str, Path]  # key -> file
+    specs: dict[str, TensorSpec]
+    offsets: dict[str, int]  # safetensors: byte offset of the key's data
+    pickled: dict[Path, dict[str, torch.Tensor]]  # .bin files, memory-mapped
+
+    def read(self, key: str) -> torch.Tensor:
+        path = self.files[key]
+        if path in self.pickled:
+            return self.pickled[path][key]
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _base_files(folder: Path, allow_pickle: bool) -> _Base:
+    if not (folder / _MODEL_CONFIG).is_file():
+        raise MergedError(f"{folder}: no config.json; --into needs a local Hugging Face model folder.")
+    for index_name, single, pickled in ((_SAFE_INDEX, _SAFE, False), (_BIN_INDEX, _BIN, True)):
+        if (folder / index_name).is_file():
+            try:
+                weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise MergedError(f"{folder / index_name}: not a weights index ({exc}).") from None
+            names = list(dict.fromkeys(weight_map.values()))
+        elif (folder / single).is_file():
+            weight_map, names = None, [single]
+        else:
+            continue
+        if pickled and not allow_pickle:
+            raise MergedError(
+                f"{folder / names[0]}: the base weights are pickles, and shardsave does not unpickle files unless "
+                f"asked (loading a pickle can run code). Pass --allow-pickle (allow_pickle=True) to read them with "
+                f"torch.load(weights_only=True), or convert the base to safetensors."
+            )
+        base = _Base(folder, {}, {}, {}, {})
+        for name in names:
+            path = folder / name
+            if not path.is_file():
+                raise MergedError(
+                    f"{path}: missing, but {folder / index_name} lists it; the base model folder is incomplete "
+                    f"(download or copy it again)."
+                )
+            _read_file(base, path, pickled)
+        if weight_map is not None:
+            wrong = [k for k, f in weight_map.items() if base.files.get(k, folder / f) != folder / f]
+            if wrong:
+                raise MergedError(f"{folder / index_name}: {wrong[:3]} are not in the files it names for them.")
+        return base
+    raise MergedError(f"{folder}: no {_SAFE}, {_SAFE_INDEX}, {_BIN} or {_BIN_INDEX}; not a model folder.")
+
+
+def _read_file(base: _Base, path: Path, pickled: bool) -> None:
+    if pickled:
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise MergedError(f"{path}: not loadable with torch.load(weights_only=True) ({exc}).") from None
+        base.pickled[path] = tensors
+        stored = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    else:
+        try:
+            _, header = read_header(path)
+        except ValueError as exc:
+            raise MergedError(str(exc)) from None
+        stored = {}
+        for key, (dtype, offset, _, shape) in header.items():
+            stored[key] = (dtype_from_name(dtype), shape)
+            base.offsets[key] = offset
+    for key, (dtype, shape) in stored.items():
+        base.files[key] = path
+        base.specs[key] = TensorSpec(shape, dtype)
+
+
+def _adapters(source: Path, selected: Sequence[str] | None, allow_pickle: bool, scratch: Path) -> list[AdapterFiles]:
+    """The adapters to merge, in order: from an adapter folder or shard set directly, from a framework checkpoint
+    through the rescue (into `scratch`)."""
+    from .rescue import RescueError, detect_source, rescue_adapter
+
+    try:
+        found = detect_source(source)
+    except RescueError:
+        found = None  # an adapter folder (or nothing usable: open_adapter says what)
+    if found is not None and found.kind != "shards":
+        try:
+            rescue_adapter(found.given, scratch / "adapter", allow_pickle=allow_pickle)
+        except RescueError as exc:
+            raise MergedError(str(exc)) from None
+        source = scratch / "adapter"
+    names = list(selected) if selected else ["default"]
+    out = []
+    for name in names:
+        try:
+            out.append(open_adapter(source, name, allow_pickle=allow_pickle))
+        except AdapterFilesError as exc:
+            raise MergedError(str(exc)) from None
+    return out
+
+
+def _model_skeleton(base: _Base, dtype: torch.dtype | None):
+    """The model class `from_pretrained` would build, on the meta device: its keys in order, the tied ones, its
+    parameter count, and the config and generation config it would save."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(base.folder))
+    except Exception as exc:
+        raise MergedError(f"{base.folder / _MODEL_CONFIG}: transformers cannot read it ({exc}).") from None
+    if dtype is None:
+        dtype = getattr(config, "dtype", None)
+        if not isinstance(dtype, torch.dtype):
+            dtype = next((s.dtype for s in base.specs.values() if s.dtype.is_floating_point), torch.float32)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise MergedError(f"{base.folder}: not a causal language model transformers can build ({exc}).") from None
+    generation = None
+    if model.can_generate():
+        path = base.folder / "generation_config.json"
+        generation = GenerationConfig.from_pretrained(str(base.folder)) if path.is_file() else model.generation_config
+    return model, dtype, generation
+
+
+def _saved_keys(model) -> list[str]:
+    """The keys `save_pretrained` writes for a model `from_pretrained` loaded from a checkpoint holding the model's
+    own keys, in its order (which the sharding follows): tied copies left out, then transformers' reverse key
+    conversion, which (with no conversion recorded, as from_pretrained records for such a checkpoint) reorders."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict, revert_weight_conversion
+
+    model._weight_conversions = []  # what from_pretrained records when no conversion matched the checkpoint
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return list(revert_weight_conversion(model, state))
+
+
+def _check_fit(plan: dict[str, list[Step]], shapes: dict[str, tuple], tied: dict[str, str], adapters, owner) -> None:
+    where = ", ".join(str(a.path) for a in adapters)
+    for key, steps in plan.items():
+        if key in tied:
+            raise MergedError(
+                f"{where}: changes {key}, which this base ties to {tied[key]}; PEFT's merge would untie them. Untie "
+                f"the base first (tie_word_embeddings=False, lm_head copied) and merge into that."
+            )
+        if key not in shapes:
+            raise MergedError(
+                f"{where}: does not fit the base: it changes {key}, which the base model does not have (another "
+                f"base model, or other target modules?). Pass the base the adapter was trained on."
+            )
+        if key in tied.values() and any(s.kind in ("tokens", "replace") for s in steps):
+            raise MergedError(f"{where}: changes the tied embedding {key} by copy; PEFT's merge would untie it.")
+        for step in steps:
+            specs = owner[step.adapter].specs
+            expect = _expected_shapes(step, shapes[key], {r: specs[n].shape for r, n in step.tensors.items()})
+            for role, want in expect.items():
+                shape = tuple(specs[step.tensors[role]].shape)
+                if shape != want:
+                    raise MergedError(
+                        f"{where}: does not fit the base: {step.tensors[role]} is {list(shape)}, but {key} "
+                        f"{list(shapes[key])} needs {list(want)}. Pass the base the adapter was trained on."
+                    )
+
+
+def _expected_shapes(step: Step, shape: tuple, given: dict[str, tuple]) -> dict[str, tuple]:
+    """The shape each of the step's tensors must have on a base tensor of `shape` (the rank from lora_A's)."""
+    if step.kind == "replace":
+        return {"value": shape}
+    if step.kind == "bias":
+        return {"bias": shape}
+    if step.kind == "tokens":
+        return {"delta": (len(step.token_indices), *shape[1:])}
+    if len(shape) != 2:
+        return {}  # refused by name when merged
+    r = given["A"][0] if given["A"] else 0
+    rows, cols = shape
+    if step.kind == "embedding":  # lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r)
+        return {"A": (r, rows), "B": (cols, r)}
+    out, inner = (cols, rows) if step.fan_in_fan_out else (rows, cols)
+    return {"A": (r, inner), "B": (out, r), **({"magnitude": (out,)} if step.dora else {})}
+
+
+def merge_into(
+    source: str | os.PathLike,
+    base: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    selected_adapters: Sequence[str] | None = None,
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write to `output` the base model `base` (a local Hugging Face folder) with the adapter(s) from `source`
+    merged in (an adapter folder, a shard set, or a DeepSpeed / DCP checkpoint, rescued first), as
+    `merge_and_unload().save_pretrained(output, max_shard_size=...)` would; return its path.
+
+    `selected_adapters`: the adapters of a folder saved with several (PEFT's layout), merged in that order
+    (default: the root one). `dtype`: "auto" or a dtype name, as `from_pretrained(dtype=)`. Raises
+    `MergedError` (nothing written) for anything that does not fit; `OSError` when writing fails (nothing
+    published)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    started = time.perf_counter()
+    if dtype not in DTYPES:
+        raise MergedError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}.")
+    source_path, base_path = Path(os.path.abspath(source)), Path(os.path.abspath(base))
+    if not base_path.is_dir():
+        raise MergedError(f"{base_path}: {'does not exist' if not base_path.exists() else 'not a folder'} (--into).")
+    destination = check_destination(output)
+    if destination.exists() and not overwrite:
+        raise MergedError(f"{destination}: already exists; pass overwrite=True (--overwrite) to replace it.")
+    for given in (source_path, base_path):
+        if destination == given or destination in given.parents or given in destination.parents:
+            raise MergedError(f"{destination}: overlaps {given}; write the merged model elsewhere.")
+    files = _base_files(base_path, allow_pickle)
+    model, out_dtype, generation = _model_skeleton(files, DTYPES[dtype])
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    written = _saved_keys(model)
+    missing = [k for k in written if k not in files.specs]
+    if missing:
+        raise MergedError(
+            f"{base_path}: lacks {missing[:3]} ({len(missing)} of the model's tensors); a partial or foreign "
+            f"checkpoint. Pass a complete model folder."
+        )
+    wrong = [k for k in written if files.specs[k].shape != shapes[k]]
+    if wrong:
+        raise MergedError(f"{base_path}: {wrong[0]} is {list(files.specs[wrong[0]].shape)}, the config makes it "
+                          f"{list(shapes[wrong[0]])}; the weights do not fit config.json.")  # fmt: skip
+
+    scratch = Path(tempfile.mkdtemp(prefix=".shardsave-merge-", dir=destination.parent if destination.parent.is_dir()
+                                    else None))  # fmt: skip
+    try:
+        adapters = _adapters(source_path, selected_adapters, allow_pickle, scratch)
+        names = list(selected_adapters) if selected_adapters else ["default"]
+        try:
+            plan = plan_merge([(n, a.config, list(a.specs)) for n, a in zip(names, adapters, strict=True)])
+        except MergeRefused as exc:
+            raise MergedError(f"{source_path}: {exc}") from None
+        owner = dict(zip(names, adapters, strict=True))
+        _check_fit(plan, shapes, tied, adapters, owner)
+        specs = {k: TensorSpec(shapes[k], out_dtype if files.specs[k].dtype.is_floating_point else files.specs[k].dtype)
+                 for k in written}  # fmt: skip
+        split = split_torch_state_dict_into_shards(
+            {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()},
+            filename_pattern="model{suffix}.safetensors",
+            max_shard_size=max_shard_size,
+        )
+        adapter_tensors = _adapter_tensors(plan, owner, specs)
+
+        def produce(key: str) -> torch.Tensor | list[FileRange]:
+            steps = plan.get(key, [])
+            if not steps and key in files.offsets and files.specs[key].dtype == specs[key].dtype:
+                return [FileRange(files.files[key], files.offsets[key], specs[key].nbytes)]
+            # a memory-mapped pickle's tensor is copied before it is changed in place
+            tensor = files.read(key).to(specs[key].dtype, copy=files.files[key] in files.pickled)
+            if not steps:
+                return tensor
+            return merge_tensor(tensor, specs[key].shape, steps, adapter_tensors)
+
+        def fill(tmp: Path) -> None:
+            config = model.config
+            config.dtype = str(out_dtype).split(".")[1]
+            config.architectures = [type(model).__name__]
+            config.save_pretrained(str(tmp))
+            if generation is not None:
+                generation.save_pretrained(str(tmp))
+            for filename, keys in split.filename_to_tensors.items():
+                write_streaming(tmp / filename, {k: specs[k] for k in keys}, produce, metadata={"format": "pt"})
+            if split.is_sharded:
+                index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                         "weight_map": split.tensor_to_filename}  # fmt: skip
+                (tmp / _SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+        publish(destination, fill)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    changed = sum(1 for k in written if k in plan)
+    logger.info("merged %d adapter(s) into %d of %d tensors of %s into %s in %.2f s", len(adapters), changed,
+                len(written), base_path, destination, time.perf_counter() - started)  # fmt: skip
+    return destination
+
+
+def _adapter_tensors(plan: dict[str, list[Step]], owner: dict[str, AdapterFiles], specs) -> dict:
+    """(adapter, key) -> every adapter tensor the plan names, whole, in the dtype PEFT merges it in."""
+    out = {}
+    for key, steps in plan.items():
+        for step in steps:
+            for role, name in step.tensors.items():
+                files = owner[step.adapter]
+                spec = files.specs[name]
+                tensor = files.read(name, 0, math.prod(spec.shape)).view(spec.shape)
+                out[step.adapter, name] = tensor.to(merge_dtype(role, specs[key].dtype))
+    return out

@@ -136,11 +136,14 @@ def test_partition_size_is_checked_exactly(monkeypatch):
         collectors[0].slices("weight")
 
 
-def test_block_groups_are_refused_with_the_groups_named(monkeypatch):
+def test_block_groups_are_described_by_each_rank_as_its_own_group(monkeypatch):
+    """Consecutive blocks cannot be told from metadata alone: each rank describes its own group, the layouts differ
+    between the groups, and the save puts the parts together from what each rank holds (shardsave/stages.py)."""
     blocks = [(0, 1), (2, 3)]
     collectors = simulated_ranks(monkeypatch, torch.ones(4, 4), 4, blocks)
-    with pytest.raises(UnsupportedPartitionError, match=r"weight: its partition group .* \[2, 3\] of a world of 4"):
-        collectors[2].slices("weight")
+    assert {s.rank for s in collectors[0].slices("weight")} == {0, 1}
+    assert {s.rank for s in collectors[2].slices("weight")} == {2, 3}
+    assert [(s.start, s.stop) for s in collectors[2].own("weight")] == [(0, 8)]
 
 
 def test_tensor_parallel_parameters_are_refused_under_a_smaller_group(monkeypatch):
@@ -158,13 +161,31 @@ def test_zero3_over_data_parallel_groups_smaller_than_the_world(tmp_path):
     """Parameters partitioned over data-parallel groups {0, 2} and {1, 3} (`zero.Init(data_parallel_group=)`):
     shardsave's file is PEFT's save of the natively gathered weights, and reproduces the model's logits."""
     from multirank import check_ok, run_ranks
-    from peft import PeftConfig, PeftModel
-    from tiny import assert_same_files, base_model, logits
 
     lora = {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
     results = run_ranks("zero3_group_save", tmp_path, world_size=4, group=2, lora=lora)
     check_ok(results)
     assert [r.result["partition_ranks"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    _same_as_peft(tmp_path)
+
+
+@pytest.mark.multirank
+def test_zero3_over_consecutive_blocks_of_ranks(tmp_path):
+    """Partition groups {0, 1} and {2, 3} (MiCS-style blocks, which no rank can tell from its own group): the ranks
+    report what they hold and the save puts it together; the same file as PEFT's."""
+    from multirank import check_ok, run_ranks
+
+    lora = {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    results = run_ranks("zero3_group_save", tmp_path, world_size=4, group=2, lora=lora, blocks=True)
+    check_ok(results)
+    assert [r.result["partition_ranks"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    _same_as_peft(tmp_path)
+
+
+def _same_as_peft(tmp_path) -> None:
+    from peft import PeftConfig, PeftModel
+    from tiny import assert_same_files, base_model, logits
+
     config = PeftConfig.from_pretrained(str(tmp_path / "theirs"))
     assert_same_files(tmp_path / "ours", tmp_path / "theirs", type("M", (), {"peft_config": {"default": config}})())
     loaded = PeftModel.from_pretrained(base_model(), str(tmp_path / "ours")).eval()

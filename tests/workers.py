@@ -786,8 +786,12 @@ def zero3_group_save(rank, world, out: Path, params):
     from tiny import logits, peft_model
 
     stride = world // params["group"]
-    groups = [dist.new_group(list(range(j, world, stride))) for j in range(stride)]
-    group = groups[rank % stride]
+    if params.get("blocks"):  # consecutive blocks of ranks
+        groups = [dist.new_group(list(range(k, k + params["group"]))) for k in range(0, world, params["group"])]
+        group = groups[rank // params["group"]]
+    else:  # the strided groups a data-parallel dimension leaves
+        groups = [dist.new_group(list(range(j, world, stride))) for j in range(stride)]
+        group = groups[rank % stride]
     lora = LoraConfig(**params["lora"])
     model = peft_model(lora)
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, **params.get("zero", {})}

@@ -137,14 +137,9 @@ class Zero3Collector(ShardedCollector):
                 f"{tensor.dtype} parameter; zero_quantized_weights / zero_quantized_nontrainable_weights are not "
                 f"supported by shardsave: exclude this parameter or save without quantized weights."
             )
-        groups = partition_groups(own, self.world_size)
-        if groups is None:
-            raise UnsupportedPartitionError(
-                f"{name}: {setting} of a world of {self.world_size}; shardsave reads a partition group that is "
-                f"the whole world or one of the strided groups (j, j+{self.world_size // size or 1}, ...) of a "
-                f"data-parallel dimension, so that every rank can tell which ranks hold the same range. Partition "
-                f"over all ranks or over such data-parallel groups (deepspeed.zero.Init(data_parallel_group=...))."
-            )
+        # groups every rank can derive (the world, strided data-parallel groups), else only this rank's own (e.g.
+        # consecutive blocks): the ranks then describe different layouts and the save puts together what each holds
+        groups = partition_groups(own, self.world_size) or [own]
         split = _split_across_groups(tensor) if len(groups) > 1 else None
         if split is not None:
             raise UnsupportedPartitionError(

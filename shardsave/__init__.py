@@ -8,6 +8,8 @@ Public API::
     shardsave.save_shards(model, shards_directory, ...)     # every rank writes what it holds
     shardsave.merge_shards(shards_directory, output, ...)   # files only: python -m shardsave.merge
     shardsave.rescue_adapter(checkpoint, output, ...)       # from a DeepSpeed / DCP checkpoint (same CLI)
+    shardsave.save_merged(model, save_directory, ...)       # every rank calls: merged full weights, streamed
+    shardsave.merge_into(adapter, base, output, ...)        # offline: python -m shardsave.merge SRC --into BASE
     shardsave.enable_logging()                              # info lines on stderr (or SHARDSAVE_LOG_LEVEL=INFO)
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from .load import LoadResult, load_pretrained
 from .log import enable_logging
+from .merged_save import save_merged
 from .ranks import MissingRanksError, RemoteError, SaveError
 from .save import gather_state_dict, save_pretrained
 from .shards import save_shards
@@ -29,6 +32,9 @@ __all__ = [
     "ShardSetError",
     "rescue_adapter",
     "RescueError",
+    "save_merged",
+    "merge_into",
+    "MergedError",
     "SaveError",
     "MissingRanksError",
     "RemoteError",
@@ -47,4 +53,8 @@ def __getattr__(name: str):
         from . import rescue
 
         return getattr(rescue, name)
+    if name in ("merge_into", "MergedError"):
+        from . import merged
+
+        return getattr(merged, name)
     raise AttributeError(f"module 'shardsave' has no attribute {name!r}")

@@ -54,7 +54,7 @@ from .writer import (
     write_weights,
 )
 
-__all__ = ["save_pretrained", "gather_state_dict", "start_save"]
+__all__ = ["save_pretrained", "gather_state_dict", "start_save", "agree_start", "run_gather"]
 
 
 KeepSpec = Callable[[str, TensorInfo], bool] | Iterable[str] | None
@@ -275,7 +275,7 @@ def start_save(rdv: Rendezvous, model, directory, *, is_main_process, **options)
     def prepare(is_main: bool) -> _SaveRequest:
         return _prepare_save(model, directory, ranks=ranks, is_main=is_main, **options)
 
-    request, writer, decided = _agree(rdv, ranks, prepare, is_main_process)
+    request, writer, decided = agree_start(rdv, ranks, prepare, is_main_process)
     if request.decided is None:
         request.decided = decided
     return request, writer
@@ -318,7 +318,7 @@ def _decide_start(statuses: dict[int, dict]) -> dict:
     return {"writer": writer, "decided": statuses[writer].get("decided"), "staged": staged}
 
 
-def _agree(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object], main: bool | None):
+def agree_start(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object], main: bool | None):
     """Run `prepare(is_main)` on every rank, agree on the outcome; return (result, writer rank, the writer's
     decisions)."""
     is_main = (ranks.rank == 0) if main is None else bool(main)
@@ -465,7 +465,7 @@ def save_pretrained(
     if writer < 0:  # one process that is not the main process: PEFT writes nothing either
         return
     if ranks.rank != writer:
-        error = _run_gather(request.collector.prepare_gather(request.sources, writer), writer, rdv)[1]
+        error = run_gather(request.collector.prepare_gather(request.sources, writer), writer, rdv)[1]
         if error is not None:
             raise error
         # the writer may take long (a slow filesystem): waited for while its heartbeat goes on
@@ -478,7 +478,7 @@ def save_pretrained(
         return
     cleanup: list[Callable[[], None]] = []  # removing the previous adapter: after the others are released
     with rdv.heartbeat():
-        tensors, error = _run_gather(request.transfer, writer, rdv)
+        tensors, error = run_gather(request.transfer, writer, rdv)
         if error is None:
             try:
                 _write_adapters(request, tensors, replace_files_only=replace_files_only, later=cleanup.append)
@@ -504,7 +504,7 @@ def save_pretrained(
     )
 
 
-def _run_gather(transfer, writer: int, rdv: Rendezvous) -> tuple[dict, SaveError | None]:
+def run_gather(transfer, writer: int, rdv: Rendezvous) -> tuple[dict, SaveError | None]:
     """Run a prepared gather, bounded by the save's timeout. A failed or timed-out exchange becomes a
     `SaveError` saying that a peer probably died or hangs; any other error is this rank's own and is
     reported as such."""
@@ -588,11 +588,11 @@ def gather_state_dict(
         transfer = collector.prepare_gather(names, ranks.rank) if is_main else None
         return _Gather(collector, names, {"plan": digest}, transfer, held_prints(collector, names, ranks.rank))
 
-    request, writer, _ = _agree(rdv, ranks, prepare, is_main_process)
+    request, writer, _ = agree_start(rdv, ranks, prepare, is_main_process)
     if writer < 0:
         return {}
     transfer = request.transfer if ranks.rank == writer else request.collector.prepare_gather(request.names, writer)
-    tensors, error = _run_gather(transfer, writer, rdv)
+    tensors, error = run_gather(transfer, writer, rdv)
     if error is not None:
         raise error
     # always fresh tensors: what the writer held whole is copied, never handed out as a live alias

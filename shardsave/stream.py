@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import _TYPES
 
-__all__ = ["TensorSpec", "FileRange", "dtype_name", "dtype_from_name", "write_streaming", "read_header"]
+__all__ = ["TensorSpec", "FileRange", "dtype_name", "dtype_from_name", "file_order", "write_streaming", "read_header"]
 
 _NAME_OF = {dtype: name for name, dtype in _TYPES.items()}
 
@@ -127,6 +127,12 @@ def dtype_from_name(name: str) -> torch.dtype:
         return _TYPES[name]
     except KeyError:
         raise ValueError(f"unknown safetensors dtype {name!r}") from None
+
+
+def file_order(specs: Mapping[str, TensorSpec]) -> list[str]:
+    """The order `write_streaming` asks for the tensors of `specs` in (safetensors' layout order): callers that
+    produce them with collectives follow it on every rank."""
+    return _order(specs)
 
 
 def _order(specs: Mapping[str, TensorSpec]) -> list[str]:

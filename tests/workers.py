@@ -1095,5 +1095,44 @@ def pp_save(rank, world, out: Path, params):
     return {}
 
 
+@scenario
+def merged_save(rank, world, out: Path, params):
+    """For each `[backend, variant]` of `params["cases"]` (variant: "lora" with lm_head in modules_to_save, "dora",
+    "dora_bf16"): train under the backend, save_merged; rank 0 writes PEFT's merge_and_unload().save_pretrained()
+    of the natively gathered weights (`theirs`) and the merged model's logits; every rank records whether the live
+    model's logits are unchanged by the save and by a training step after it."""
+    from backends import full_state, sharded_logits, train, wrap
+    from peft import LoraConfig
+    from tiny import logits, peft_model
+
+    variants = {
+        "lora": ({"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}, None),
+        "dora": ({"target_modules": ["q_proj", "v_proj", "o_proj"], "use_dora": True}, None),
+        "dora_bf16": ({"target_modules": ["q_proj", "v_proj"], "use_dora": True, "use_rslora": True}, "bfloat16"),
+    }
+    for backend, variant in params["cases"]:
+        folder = out / f"{backend}-{variant}"
+        folder.mkdir(exist_ok=True)
+        config, dtype = variants[variant]
+        lora = LoraConfig(**config)
+        model = peft_model(lora, dtype=dtype)
+        wrapped, opt = wrap(model, backend)
+        train(wrapped, opt, backend, rank)
+        before = sharded_logits(wrapped)
+        shardsave.save_merged(wrapped, folder / "ours", max_shard_size="40KB")
+        unchanged = torch.equal(sharded_logits(wrapped), before)
+        state = full_state(wrapped, backend)
+        train(wrapped, opt, backend, rank, steps=1)  # training goes on after the save
+        if rank == 0:
+            reference = peft_model(lora, dtype=dtype)
+            reference.load_state_dict(state, strict=False)
+            merged = reference.merge_and_unload()
+            merged.save_pretrained(str(folder / "theirs"), max_shard_size="40KB")
+            torch.save(logits(merged), folder / "logits.pt")
+        (folder / f"unchanged-{rank}.json").write_text(json.dumps(unchanged))
+        _destroy(wrapped)
+    return {}
+
+
 if __name__ == "__main__":
     main()

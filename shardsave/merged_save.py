@@ -1,0 +1,400 @@
+"""`save_merged`: the base model with the adapter(s) merged in, written from the live sharded model as
+`peft_model.merge_and_unload().save_pretrained(...)` writes it, without unsharding the model anywhere.
+
+Every rank plans from metadata alone (the same collectors and key plan as `save_pretrained`, `merge_math`'s
+steps, the Hugging Face key list and file split from a meta-device skeleton). Only the LoRA factors (and token
+deltas) are gathered and broadcast; each rank merges the runs of the base weights it holds, on their device,
+into fresh buffers (the live model is never modified), and the merged runs stream to the writer one tensor at a
+time, which writes each safetensors file in order and publishes the folder atomically. A DoRA tensor whose
+runs cut its rows (ZeRO-3, FSDP1 flat ranges) travels unmerged and is merged whole on the writer: its weight
+norm needs whole rows, and that keeps it bit-equal to PEFT's.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .collect import Collector, TensorInfo, collector_for
+from .collect.sharded import ShardedCollector, Transfer, comm_device
+from .layout import Layout, build_layout, find_peft_model, peel
+from .log import logger
+from .merge_math import PEFT_PREFIX, MergeRefused, Step, merge_tensor, plan_merge
+from .plan import Slice
+from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
+from .save import agree_start, run_gather
+from .select import plan_choices
+from .stream import TensorSpec, file_order, write_streaming
+from .writer import check_destination, check_path_argument, publish
+
+__all__ = ["save_merged"]
+
+_SAFE_INDEX = "model.safetensors.index.json"
+_WRAPPERS = ("base_layer", "original_module", "token_adapter")  # PEFT's modules around a base module
+
+
+@dataclass(slots=True)
+class _Merged:
+    """What every rank knows before anything moves: the files, each tensor's live source and steps."""
+
+    collector: Collector
+    specs: dict[str, TensorSpec]  # saved key -> shape and output dtype, in save order
+    sources: dict[str, str]  # saved key -> live state-dict name holding the (base or copied) values
+    steps: dict[str, list[Step]]
+    factors: dict[tuple[str, str], str]  # (adapter, saved adapter key) -> live name, for every factor a step uses
+    files: dict[str, list[str]]  # file name -> its keys, in huggingface_hub's split
+    index: dict | None  # model.safetensors.index.json, when sharded
+    config: object
+    generation: object | None
+    architecture: str  # the merged model's class, as save_pretrained records it
+    args: dict
+    whole_on_writer: set[str] = field(default_factory=set)  # DoRA tensors whose runs cut rows: merged by the writer
+    replicas: dict = field(default_factory=dict)
+    decided: dict | None = None
+
+    def view(self) -> dict:
+        raise NotImplementedError(
+            "shardsave.save_merged: the ranks hold different parts of the model (pipeline stages), which save_merged "
+            "does not put together yet; save the adapter with shardsave.save_pretrained, then merge it offline "
+            "(python -m shardsave.merge ADAPTER --into BASE -o OUT)."
+        )
+
+
+def _merged_name(live: str) -> str:
+    """The base model's key for a live state-dict name: PEFT's prefix and wrapper modules removed."""
+    parts = live.removeprefix(PEFT_PREFIX).split(".")
+    return ".".join(p for p in parts if p not in _WRAPPERS)
+
+
+def _adapter_state(layout: Layout) -> list[str]:
+    """Prefixes of every adapter tensor (LoRA factors, copies, token deltas) of every adapter: not base weights."""
+    prefixes = []
+    for t in layout.tuners:
+        members = set(t.members) | set(t.keyed)
+        prefixes += [f"{t.path}.{m}" if t.path else m for m in members]
+    return prefixes
+
+
+def _skeleton(hf_model):
+    """The base model class on the meta device: its saved keys (tied copies left out, transformers' key conversion
+    reverted) and parameter count, as `save_pretrained` of the merged model gives them."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict, revert_weight_conversion
+
+    config = copy.deepcopy(hf_model.config)
+    with torch.device("meta"):
+        skeleton = type(hf_model)._from_config(config)
+    conversions = getattr(hf_model, "_weight_conversions", None)
+    if conversions is not None:
+        skeleton._weight_conversions = conversions
+    state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
+    return skeleton, list(revert_weight_conversion(skeleton, state))
+
+
+def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size, path: str, is_main: bool) -> _Merged:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    peft_model = find_peft_model(model)
+    names = list(peft_model.peft_config) if selected is None else list(selected)
+    unknown = [n for n in names if n not in peft_model.peft_config]
+    if unknown or not names:
+        raise ValueError(f"selected_adapters: {unknown or names} not among the model's adapters "
+                         f"{list(peft_model.peft_config)}.")  # fmt: skip
+    if selected is None and len(names) > 1:
+        names = [peft_model.active_adapter] if isinstance(peft_model.active_adapter, str) else names
+    root = peel(model)
+    collector = collector_for(root, ranks)
+    infos = collector.infos()
+    layout = build_layout(peft_model)
+    choices = plan_choices(layout, peft_model, list(infos), names, False)
+    entries = {n: choices[n][False].entries for n in names}
+    try:
+        steps = plan_merge([(n, peft_model.peft_config[n].to_dict(), list(entries[n])) for n in names])
+    except MergeRefused as exc:
+        raise ValueError(f"shardsave.save_merged: {exc}") from None
+    hf_model = peft_model.get_base_model()
+    skeleton, saved = _skeleton(hf_model)
+    adapter_state = _adapter_state(layout)
+    live: dict[str, str] = {}
+    for name in infos:
+        if any(name == p or name.startswith(p + ".") for p in adapter_state):
+            continue
+        live.setdefault(_merged_name(name), name)
+    tied = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})
+    for key in steps:
+        if key not in saved:
+            where = f"ties it to {tied[key]}" if key in tied else "does not save it"
+            raise ValueError(
+                f"shardsave.save_merged: the adapter changes {key}, but the base model {where}; PEFT's merge would "
+                f"untie it. Untie the embeddings (tie_word_embeddings=False) before training, or merge offline."
+            )
+    sources, plan, factors = {}, {}, {}
+    for key in saved:
+        key_steps = list(steps.get(key, []))
+        if key_steps and key_steps[0].kind == "replace":  # modules_to_save: the live copy is the value
+            step = key_steps.pop(0)
+            sources[key] = entries[step.adapter][step.tensors["value"]]
+        elif key in live:
+            sources[key] = live[key]
+        else:
+            raise ValueError(
+                f"shardsave.save_merged: {type(hf_model).__name__}.save_pretrained writes {key}, which the live model "
+                f"does not hold under that name (transformers converts its weights on save?); merge offline instead "
+                f"(python -m shardsave.merge ADAPTER --into BASE -o OUT)."
+            )
+        for step in key_steps:
+            for adapter_key in step.tensors.values():
+                factors[step.adapter, adapter_key] = entries[step.adapter][adapter_key]
+        plan[key] = key_steps
+    specs = {}
+    for key in saved:
+        info = infos[sources[key]]
+        out = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+        specs[key] = TensorSpec(tuple(info.shape), out)
+    split = split_torch_state_dict_into_shards(
+        {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()},
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    index = None
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": skeleton.num_parameters(), **split.metadata},
+                 "weight_map": split.tensor_to_filename}  # fmt: skip
+    dora = [k for k, s in plan.items() if any(st.dora for st in s)]
+    whole = {k for k in dora if not _rows_whole(collector, sources[k], specs[k])}
+    generation = hf_model.generation_config if hf_model.can_generate() else None
+    layout_digest = [[k, sources[k], [[st.adapter, st.kind, dict(st.tensors)] for st in plan[k]],
+                      [[p.rank, p.start, p.stop] for p in collector.slices(collector.primary(sources[k])) or ()]]
+                     for k in saved]  # fmt: skip
+    args = {
+        "save_directory": path,
+        "selected_adapters": names,
+        "dtype": str(dtype),
+        "max_shard_size": str(max_shard_size),
+        "plan": hashlib.sha256(json.dumps(layout_digest).encode()).hexdigest()[:16],
+    }
+    merged = _Merged(collector, specs, sources, plan, factors, dict(split.filename_to_tensors), index,
+                     hf_model.config, generation, type(hf_model).__name__, args, whole)  # fmt: skip
+    if is_main:
+        merged.decided = {"destination": str(check_destination(path))}
+    return merged
+
+
+def _rows_whole(collector: Collector, source: str, spec: TensorSpec) -> bool:
+    """Whether every run of `source` covers whole rows (FSDP2's Shard(0), or held whole)."""
+    slices = collector.slices(collector.primary(source))
+    if slices is None:
+        return True
+    cols = math.prod(spec.shape[1:]) if len(spec.shape) > 1 else 1
+    return all(s.start % cols == 0 and s.stop % cols == 0 for s in slices)
+
+
+class _MergedRuns(ShardedCollector):
+    """The merged values of the saved tensors, as runs held where the base runs are: `local` merges this rank's
+    run of a base tensor into a fresh buffer (never the live one). Tensors in `raw` travel as they are."""
+
+    backend = "merged"
+
+    def __init__(self, merged: _Merged, tensors: dict[tuple[str, str], torch.Tensor], rank: int, world_size: int):
+        super().__init__(rank, world_size)
+        self.merged = merged
+        self.inner = merged.collector
+        self.tensors = tensors
+        self._last: tuple[str, int, torch.Tensor] | None = None
+        for key, spec in merged.specs.items():
+            dtype = self.inner.infos()[merged.sources[key]].dtype if key in merged.whole_on_writer else spec.dtype
+            self._infos[key] = TensorInfo(spec.shape, dtype, False)
+
+    def _source(self, key: str) -> str:
+        return self.inner.primary(self.merged.sources[key])
+
+    def _slices(self, key: str) -> list[Slice] | None:
+        return self.inner.slices(self._source(key))
+
+    def replicated(self, key: str) -> bool:
+        return self.inner.replicated(self._source(key))
+
+    def held_by(self, key: str, rank: int) -> list[tuple[int, int]]:
+        return self.inner.held_by(self._source(key), rank)
+
+    def own(self, key: str) -> list[Slice]:
+        return self.inner.own(self._source(key))
+
+    def local(self, key: str, piece: Slice) -> torch.Tensor:
+        if self._last is not None and self._last[:2] == (key, piece.start):
+            return self._last[2]  # a run split over rounds: merged once
+        run = self.inner.local(self._source(key), piece).detach()
+        merged = self._merge(key, run, piece.start)
+        self._last = (key, piece.start, merged)
+        return merged
+
+    def whole(self, key: str) -> torch.Tensor:
+        return self._merge(key, self.inner.whole(self._source(key)).detach().reshape(-1), 0)
+
+    def _merge(self, key: str, run: torch.Tensor, start: int) -> torch.Tensor:
+        spec = self.merged.specs[key]
+        if key in self.merged.whole_on_writer:
+            return run
+        out = run.to(spec.dtype, copy=True)
+        return merge_tensor(out, spec.shape, self.merged.steps[key], self.tensors, start=start).reshape(-1)
+
+    def finish(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The writer's last step on a gathered tensor: a DoRA tensor that travelled unmerged is merged whole."""
+        spec = self.merged.specs[key]
+        if key not in self.merged.whole_on_writer:
+            return tensor
+        out = tensor.reshape(spec.shape).to(spec.dtype, copy=True)
+        return merge_tensor(out, spec.shape, self.merged.steps[key], self.tensors)
+
+
+def _factors(merged: _Merged, writer: int, rdv: Rendezvous) -> dict[tuple[str, str], torch.Tensor]:
+    """Every LoRA factor / delta a step uses, full, on every rank: gathered to the writer, then broadcast."""
+    collector = merged.collector
+    names = list(dict.fromkeys(merged.factors.values()))
+    if not names:
+        return {}
+    if collector.backend == "local" or not rdv.ranks.distributed:
+        full = {n: collector.whole(n).detach() for n in names}
+    else:
+        plan = collector.plan(names, writer)
+        transfer = collector.prepare_gather(names, writer) if rdv.ranks.rank == writer else None
+        if transfer is None:
+            error = run_gather(collector.prepare_gather(names, writer), writer, rdv)[1]
+            packed = torch.empty(max(plan.total, 1), dtype=torch.uint8)
+        else:
+            error = run_gather(transfer, writer, rdv)[1]
+            packed = transfer.output
+        if error is not None:
+            raise error
+        device = comm_device(torch.device("cpu"))
+        buffer = packed.to(device)
+        dist.broadcast(buffer, src=writer)
+        packed = buffer.cpu()
+        full = {}
+        for name in names:
+            info = collector.infos()[collector.primary(name)]
+            offset = plan.offsets[collector.primary(name)]
+            nbytes = math.prod(info.shape) * info.dtype.itemsize
+            full[name] = packed[offset : offset + nbytes].view(info.dtype).view(info.shape)
+    return {pair: full[name] for pair, name in merged.factors.items()}
+
+
+def _order(merged: _Merged) -> list[tuple[str, str]]:
+    """(file, key) in the order the writer writes them: every rank takes part in each tensor's gather in it."""
+    return [(f, k) for f, keys in merged.files.items() for k in file_order({k: merged.specs[k] for k in keys})]
+
+
+def _model_files(tmp: Path, merged: _Merged) -> None:
+    """config.json (and generation_config.json) as the merged model's `save_pretrained` writes them."""
+    config = copy.deepcopy(merged.config)
+    first = next((s.dtype for s in merged.specs.values() if s.dtype.is_floating_point), torch.float32)
+    config.dtype = str(first).split(".")[1]
+    config.architectures = [merged.architecture]
+    config.save_pretrained(str(tmp))
+    if merged.generation is not None:
+        merged.generation.save_pretrained(str(tmp))
+    if merged.index is not None:
+        (tmp / _SAFE_INDEX).write_text(json.dumps(merged.index, indent=2, sort_keys=True) + "\n")
+
+
+def save_merged(
+    model,
+    save_directory,
+    *,
+    selected_adapters: Sequence[str] | None = None,
+    max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
+    dtype: torch.dtype | None = None,
+    is_main_process: bool | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Write the base model with the adapter(s) merged in, as `merge_and_unload().save_pretrained(save_directory,
+    max_shard_size=...)` would, from any rank layout `save_pretrained` supports. Call it on every rank.
+
+    `selected_adapters` are merged in that order (default: the active adapter). `dtype` casts the merged
+    floating-point tensors (default: each keeps its training dtype). The live model is not modified, and no
+    rank holds more than its own shard plus one tensor: each merges the runs it holds, and the writer streams
+    the files. Published atomically; raises on every rank if any rank failed.
+    """
+    if not safe_serialization:
+        raise ValueError("save_merged writes safetensors only (what transformers 5 writes); leave safe_serialization.")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}.")
+    started = time.perf_counter()
+    ranks = Ranks.current()
+    rdv = Rendezvous(ranks, op="save_merged", timeout=resolve_timeout(timeout))
+    path = check_path_argument(save_directory)
+    selected = None if selected_adapters is None else list(selected_adapters)
+
+    def prepare(is_main: bool) -> _Merged:
+        return _plan(model, ranks, selected, dtype, max_shard_size, path, is_main)
+
+    merged, writer, decided = agree_start(rdv, ranks, prepare, is_main_process)
+    if writer < 0:
+        return
+    destination = Path(decided["destination"] if merged.decided is None else merged.decided["destination"])
+    tensors = _factors(merged, writer, rdv)
+    runs = _MergedRuns(merged, tensors, ranks.rank, ranks.world_size)
+    order = _order(merged)
+    sharded = merged.collector.backend != "local" and ranks.distributed
+
+    def gather(key: str) -> torch.Tensor | None:
+        if not sharded or runs.slices(key) is None:
+            return runs.finish(key, runs.whole(key).view(merged.specs[key].shape)) if ranks.rank == writer else None
+        transfer = Transfer(runs, [key], runs.plan([key], writer))
+        out, error = run_gather(transfer, writer, rdv)
+        if error is not None:
+            raise error
+        return runs.finish(key, out[key]) if ranks.rank == writer else None
+
+    if ranks.rank != writer:
+        for _, key in order:
+            gather(key)
+        outcome = rdv.wait_for("done", writer, heartbeat=True)
+        raise_on_failure({writer: outcome}, own=None, ranks=ranks, op="save_merged")
+        return
+    done = 0
+    error = None
+
+    def produce(key: str) -> torch.Tensor:
+        nonlocal done
+        tensor = gather(key)
+        done += 1
+        return tensor
+
+    def fill(tmp: Path) -> None:
+        _model_files(tmp, merged)
+        for filename, keys in merged.files.items():
+            specs = {k: merged.specs[k] for k in keys}
+            write_streaming(tmp / filename, specs, produce, metadata={"format": "pt"})
+
+    with rdv.heartbeat():
+        try:
+            publish(destination, fill)
+        except Exception as exc:
+            error = exc
+            if isinstance(exc, OSError):
+                error = SaveError(
+                    f"shardsave.save_merged: writing {destination} failed: {type(exc).__name__}: {exc}. Nothing was "
+                    f"published; choose a writable save_directory with free space."
+                )
+                error.__cause__ = exc
+            for _, key in order[done:]:  # the others are sending: take part in every remaining gather
+                try:
+                    gather(key)
+                except Exception:
+                    break
+    if ranks.distributed:
+        rdv.post("done", status_of(error))
+    if error is not None:
+        raise error
+    logger.info("saved the merged model (%d tensors, %d files) to %s in %.2f s", len(order), len(merged.files),
+                destination, time.perf_counter() - started, extra={"writer": True})  # fmt: skip

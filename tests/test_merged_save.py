@@ -32,9 +32,8 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("backend, variant", CASES)
 def test_save_merged_writes_what_peft_writes(saved, backend, variant):
-    from transformers import AutoModelForCausalLM
-
     from tiny import logits
+    from transformers import AutoModelForCausalLM
 
     folder = saved / f"{backend}-{variant}"
     ours, theirs = folder / "ours", folder / "theirs"

@@ -84,6 +84,16 @@ def _adapter_state(layout: Layout) -> list[str]:
     return prefixes
 
 
+def _live_config(config) -> dict:
+    """The adapter's config for merging into the live base. A PiSSA / CorDA / OLoRA adapter is merged as it is:
+    the live base is the residual base it was initialised against (offline, the saved base is not)."""
+    data = config.to_dict()
+    init = data.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora")):
+        data["init_lora_weights"] = True
+    return data
+
+
 def _skeleton(hf_model):
     """The base model class on the meta device: its saved keys (tied copies left out, transformers' key conversion
     reverted) and parameter count, as `save_pretrained` of the merged model gives them."""
@@ -117,7 +127,7 @@ def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size
     choices = plan_choices(layout, peft_model, list(infos), names, False)
     entries = {n: choices[n][False].entries for n in names}
     try:
-        steps = plan_merge([(n, peft_model.peft_config[n].to_dict(), list(entries[n])) for n in names])
+        steps = plan_merge([(n, _live_config(peft_model.peft_config[n]), list(entries[n])) for n in names])
     except MergeRefused as exc:
         raise ValueError(f"shardsave.save_merged: {exc}") from None
     hf_model = peft_model.get_base_model()

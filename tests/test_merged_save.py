@@ -26,7 +26,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = tmp_path_factory.mktemp("merged")
-    check_ok(run_ranks("merged_save", out, world_size=2, limit=900, cases=CASES))
+    check_ok(run_ranks("merged_save", out, world_size=2, limit=900, cases=CASES, disk_full=["fsdp1", "lora"]))
     return out
 
 
@@ -45,3 +45,47 @@ def test_save_merged_writes_what_peft_writes(saved, backend, variant):
     loaded = AutoModelForCausalLM.from_pretrained(str(ours)).eval()
     torch.testing.assert_close(logits(loaded), torch.load(folder / "logits.pt"), atol=0, rtol=0)
     assert all(json.loads((folder / f"unchanged-{rank}.json").read_text()) for rank in range(2))
+
+
+def test_a_full_disk_on_the_writer_fails_every_rank_and_keeps_the_previous_save(saved):
+    folder = saved / "fsdp1-lora"
+    outcomes = [(folder / f"disk-full-{rank}.txt").read_text() for rank in range(2)]
+    assert "No space left on device" in outcomes[0] and "Nothing was published" in outcomes[0], outcomes
+    assert "failed on rank 0" in outcomes[1] and "No space left" in outcomes[1], outcomes
+    names = sorted(p.name for p in (folder / "theirs").iterdir())
+    assert sorted(p.name for p in (folder / "ours").iterdir()) == names  # the first save, whole
+    for name in names:
+        assert (folder / "ours" / name).read_bytes() == (folder / "theirs" / name).read_bytes(), name
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_what_cannot_be_merged_is_refused_before_anything_is_written(tmp_path):
+    from peft import LoraConfig
+    from tiny import peft_model
+
+    import shardsave
+
+    tied = peft_model(LoraConfig(target_modules=["q_proj", "lm_head"]), tie=True)
+    with pytest.raises(ValueError, match="lm_head.weight.*ties it to"):
+        shardsave.save_merged(tied, tmp_path / "out")
+    model = peft_model(LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"\['nope'\] not among"):
+        shardsave.save_merged(model, tmp_path / "out", selected_adapters=["nope"])
+    with pytest.raises(ValueError, match="safetensors only"):
+        shardsave.save_merged(model, tmp_path / "out", safe_serialization=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pissa_adapter_merges_into_its_live_residual_base(tmp_path):
+    """In training, the live base is the residual base PiSSA initialised: merged as PEFT merges it (offline, the
+    saved base is not, and the merge refuses until the adapter is converted)."""
+    from peft import LoraConfig
+    from tiny import peft_model
+
+    import shardsave
+
+    model = peft_model(LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    shardsave.save_merged(model, tmp_path / "ours")
+    model.merge_and_unload().save_pretrained(str(tmp_path / "theirs"))
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name

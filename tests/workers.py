@@ -1130,8 +1130,36 @@ def merged_save(rank, world, out: Path, params):
             merged.save_pretrained(str(folder / "theirs"), max_shard_size="40KB")
             torch.save(logits(merged), folder / "logits.pt")
         (folder / f"unchanged-{rank}.json").write_text(json.dumps(unchanged))
+        if params.get("disk_full") == [backend, variant]:
+            _merged_disk_full(wrapped, folder, rank)
         _destroy(wrapped)
     return {}
+
+
+def _merged_disk_full(wrapped, folder: Path, rank: int) -> None:
+    """The writer's disk fills up after the first file, while the other ranks are sending: every rank raises,
+    nothing is published, the previous folder stays as it was."""
+    import errno
+
+    from shardsave import merged_save
+
+    real, calls = merged_save.write_streaming, []
+
+    def full(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    merged_save.write_streaming = full
+    try:
+        shardsave.save_merged(wrapped, folder / "ours", max_shard_size="40KB", timeout=60)
+        outcome = "returned"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    finally:
+        merged_save.write_streaming = real
+    (folder / f"disk-full-{rank}.txt").write_text(outcome)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""In-training merged weights: `shardsave.save_merged` vs what users do today, on 2 gloo ranks, side by side.
+
+Today (peft#297, axolotl#3294, PEFT PR#2446's tip): gather the full state dict on rank 0 (FSDP2:
+`get_model_state_dict(full_state_dict=True, cpu_offload=True)`; ZeRO-3: `_zero3_consolidated_16bit_state_dict()`),
+load it into a CPU copy of the PeftModel there, `merge_and_unload()`, `save_pretrained()`. Both write the same
+files (checked). Printed per backend: rank 0's time per call (median of `--repeat` after a warm-up) and its
+peak extra resident memory during the call, and the ratios. Run: `python benchmarks/merged_save.py [--small]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from bench_common import BASES, child_env, free_port, llama_config, lora_model, proc_status, reset_peak  # noqa: E402
+
+WORLD = 2
+BACKENDS = ("fsdp2", "zero3")
+
+
+def wrap(model, backend: str):
+    import torch
+
+    if backend == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # fmt: skip
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    return deepspeed.initialize(model=model, optimizer=opt, config=config)[0]
+
+
+def full_state(wrapped, backend: str) -> dict:
+    if backend == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return wrapped._zero3_consolidated_16bit_state_dict()
+
+
+def rank_main(backend: str, shape: dict, folder: Path, repeat: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    import shardsave
+
+    if backend == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    config = llama_config(shape)
+    model = lora_model(config, shape["rank"])
+    with torch.no_grad():  # trained adapter values, the same on every rank
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    wrapped = wrap(model, backend)
+
+    def ours() -> None:
+        shardsave.save_merged(wrapped, folder / "ours", max_shard_size="200MB")
+
+    def today() -> None:
+        state = full_state(wrapped, backend)
+        if rank == 0:  # the cheapest CPU copy: built on the meta device, the gathered tensors assigned to it
+            with torch.device("meta"):
+                replica = lora_model(config, shape["rank"])
+            replica.load_state_dict(state, strict=False, assign=True)
+            del state
+            replica.merge_and_unload().save_pretrained(str(folder / "theirs"), max_shard_size="200MB")
+
+    out = {}
+    for name, fn in (("ours", ours), ("today", today)):
+        seconds = []
+        for _ in range(repeat + 1):
+            gc.collect()
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            dist.barrier()
+            seconds.append(time.perf_counter() - start)
+        gc.collect()
+        dist.barrier()
+        before = reset_peak()
+        fn()
+        extra = proc_status("VmHWM") - before
+        dist.barrier()
+        out[name] = {"seconds": statistics.median(seconds[1:]), "extra_bytes": extra}
+    if rank == 0:
+        names = sorted(p.name for p in (folder / "theirs").iterdir())
+        same = names == sorted(p.name for p in (folder / "ours").iterdir()) and all(
+            (folder / "ours" / n).read_bytes() == (folder / "theirs" / n).read_bytes() for n in names
+        )
+        out["same_files"] = same
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+def run(backend: str, shape: dict, folder: Path, repeat: int) -> list[dict]:
+    port, procs = free_port(), []
+    for rank in range(WORLD):
+        where = {"RANK": rank, "WORLD_SIZE": WORLD, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": WORLD, "MASTER_PORT": port}
+        env = child_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
+                        **{k: str(v) for k, v in where.items()})  # fmt: skip
+        cmd = [sys.executable, str(HERE), "--child", backend, json.dumps(shape), str(folder), str(repeat)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        for rank, (stdout, stderr) in enumerate(outs):
+            print(f"--- rank {rank}\n{stdout[-2000:]}\n{stderr[-4000:]}")
+        sys.exit(f"{backend} failed")
+    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outs]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        backend, shape, folder, repeat = sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
+        print(json.dumps(rank_main(backend, shape, folder, repeat)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="a tiny base: a smoke run, not the goal's size")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    args = parser.parse_args()
+    name, shape = BASES["smoke" if args.small else "default"][0]
+    print(f"base {name}: {shape}, {WORLD} gloo ranks, median of {args.repeat} calls after a warm-up")
+    print(f"{'backend':8} {'ours s':>8} {'today s':>8} {'speed-up':>9} {'ours MiB':>9} {'today MiB':>10} same files")
+    for backend in args.backends.split(","):
+        folder = Path(tempfile.mkdtemp(prefix=f"merged-{backend}-"))
+        try:
+            ranks = run(backend, shape, folder, args.repeat)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        r0 = ranks[0]
+        ours, today = r0["ours"], r0["today"]
+        ratio = today["seconds"] / ours["seconds"]
+        print(
+            f"{backend:8} {ours['seconds']:8.2f} {today['seconds']:8.2f} {ratio:8.1f}x "
+            f"{ours['extra_bytes'] / 2**20:9.0f} {today['extra_bytes'] / 2**20:10.0f} {r0['same_files']}"
+        )
+    print("goal: >= 5x faster; rank 0's extra memory <= its shard + max(largest tensor, 256 MiB)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -247,12 +247,17 @@ class _MergedRuns(ShardedCollector):
         return merged
 
     def whole(self, key: str) -> torch.Tensor:
-        return self._merge(key, self.inner.whole(self._source(key)).detach().reshape(-1), 0)
+        live = self.inner.whole(self._source(key)).detach().reshape(-1)
+        out = self._merge(key, live, 0)
+        # a copy: the writer hands it to numpy, which would pin the live storage (FSDP frees it by resizing)
+        return out.clone() if out.untyped_storage().data_ptr() == live.untyped_storage().data_ptr() else out
 
     def _merge(self, key: str, run: torch.Tensor, start: int) -> torch.Tensor:
         spec = self.merged.specs[key]
         if key in self.merged.whole_on_writer:
             return run
+        if not self.merged.steps[key]:  # unchanged: read where it is (cast if asked), never written to
+            return run.to(spec.dtype)
         out = run.to(spec.dtype, copy=True)
         return merge_tensor(out, spec.shape, self.merged.steps[key], self.tensors, start=start).reshape(-1)
 

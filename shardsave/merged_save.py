@@ -140,11 +140,15 @@ def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size
         live.setdefault(_merged_name(name), name)
     tied = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})
     for key in steps:
-        if key not in saved:
-            where = f"ties it to {tied[key]}" if key in tied else "does not save it"
+        if key in tied:
             raise ValueError(
-                f"shardsave.save_merged: the adapter changes {key}, but the base model {where}; PEFT's merge would "
-                f"untie it. Untie the embeddings (tie_word_embeddings=False) before training, or merge offline."
+                f"shardsave.save_merged: the adapter changes {key}, which the base model ties to {tied[key]}; PEFT's "
+                f"merge would untie them. Untie the embeddings (tie_word_embeddings=False) before training."
+            )
+        if key not in saved:
+            raise ValueError(
+                f"shardsave.save_merged: the adapter changes {key}, which the base model does not have (lora_bias on "
+                f"a layer without a bias?); PEFT cannot merge it either."
             )
     sources, plan, factors = {}, {}, {}
     for key in saved:

@@ -9,7 +9,7 @@ from tiny import peft_model
 
 import shardsave
 from shardsave.ranks import Ranks, Rendezvous, SaveError
-from shardsave.save import _run_gather
+from shardsave.save import run_gather
 
 
 def test_gather_state_dict_returns_copies_not_live_parameters():
@@ -38,11 +38,11 @@ class _Failing:
 
 def test_local_error_is_not_blamed_on_another_rank():
     rdv = Rendezvous(Ranks(0, 1), op="save_pretrained", timeout=5)
-    _, error = _run_gather(_Failing(torch.OutOfMemoryError("CUDA out of memory")), 0, rdv)
+    _, error = run_gather(_Failing(torch.OutOfMemoryError("CUDA out of memory")), 0, rdv)
     assert isinstance(error, SaveError)
     assert "rank 0 failed while moving" in str(error) and "probably died" not in str(error)
     assert isinstance(error.__cause__, torch.OutOfMemoryError)
     from shardsave.collect import TransferError
 
-    _, error = _run_gather(_Failing(TransferError("receiving round 0 from ranks [1]: timed out")), 0, rdv)
+    _, error = run_gather(_Failing(TransferError("receiving round 0 from ranks [1]: timed out")), 0, rdv)
     assert "probably died or stopped responding" in str(error)

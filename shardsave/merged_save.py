@@ -16,7 +16,10 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
+import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +36,13 @@ from .plan import Slice
 from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .save import agree_start, run_gather
 from .select import plan_choices
-from .stream import TensorSpec, file_order, write_streaming
-from .writer import check_destination, check_path_argument, publish
+from .stream import TensorSpec, file_layout, file_order, write_streaming
+from .writer import check_destination, check_path_argument, discard, publish, stage_directory
 
 __all__ = ["save_merged"]
 
 _SAFE_INDEX = "model.safetensors.index.json"
+_RUN_MARKER = ".shardsave-merged-run"  # in the staged folder while the ranks write into it
 _WRAPPERS = ("base_layer", "original_module", "token_adapter")  # PEFT's modules around a base module
 
 
@@ -334,14 +338,18 @@ def save_merged(
     dtype: torch.dtype | None = None,
     is_main_process: bool | None = None,
     timeout: float | None = None,
+    parallel_write: bool | None = None,
 ) -> None:
     """Write the base model with the adapter(s) merged in, as `merge_and_unload().save_pretrained(save_directory,
     max_shard_size=...)` would, from any rank layout `save_pretrained` supports. Call it on every rank.
 
     `selected_adapters` are merged in that order (default: the active adapter). `dtype` casts the merged
     floating-point tensors (default: each keeps its training dtype). The live model is not modified, and no
-    rank holds more than its own shard plus one tensor: each merges the runs it holds, and the writer streams
-    the files. Published atomically; raises on every rank if any rank failed.
+    rank holds more than its own shard plus one tensor: each merges the runs it holds. Where every rank sees
+    the save's folder (a shared filesystem; `parallel_write=None` checks, True requires it, False never), each
+    rank writes its merged runs straight into the files at offsets known from their headers, in parallel;
+    otherwise the runs stream to the writer one tensor at a time. Published atomically; raises on every rank
+    if any rank failed.
     """
     if not safe_serialization:
         raise ValueError("save_merged writes safetensors only (what transformers 5 writes); leave safe_serialization.")
@@ -374,6 +382,14 @@ def save_merged(
             raise error
         return runs.finish(key, out[key]) if ranks.rank == writer else None
 
+    if sharded and parallel_write is not False:
+        staged = _stage_files(rdv, merged, writer, destination, parallel_write)
+        if staged is not None:
+            _write_in_place(rdv, merged, runs, order, writer, destination, staged, gather)
+            logger.info("saved the merged model (%d tensors, %d files, written by %d ranks) to %s in %.2f s",
+                        len(order), len(merged.files), ranks.world_size, destination, time.perf_counter() - started,
+                        extra={"writer": True})  # fmt: skip
+            return
     if ranks.rank != writer:
         for _, key in order:
             gather(key)
@@ -417,3 +433,131 @@ def save_merged(
         raise error
     logger.info("saved the merged model (%d tensors, %d files) to %s in %.2f s", len(order), len(merged.files),
                 destination, time.perf_counter() - started, extra={"writer": True})  # fmt: skip
+
+
+def _stage_files(
+    rdv: Rendezvous, merged: _Merged, writer: int, destination: Path, required: bool | None
+) -> Path | None:
+    """The writer stages the folder: texts, and each safetensors file as its header and its full (sparse) size;
+    every rank then checks that it sees it. Returns the staged folder when all do (each rank writes its runs
+    there), None when some rank does not (the runs stream to the writer instead; `required`: an error)."""
+    ranks = rdv.ranks
+    if ranks.rank == writer:
+        tmp, run, error = None, uuid.uuid4().hex, None
+        try:
+            tmp = stage_directory(destination)
+            _model_files(tmp, merged)
+            for filename, keys in merged.files.items():
+                specs = {k: merged.specs[k] for k in keys}
+                head, _ = file_layout(specs, metadata={"format": "pt"})
+                with open(tmp / filename, "wb") as f:
+                    f.write(head)
+                    f.truncate(len(head) + sum(spec.nbytes for spec in specs.values()))
+            (tmp / _RUN_MARKER).write_text(run)
+        except Exception as exc:
+            error = exc
+        rdv.post("staged", status_of(error, tmp=str(tmp), run=run))
+        if error is not None:
+            if tmp is not None:
+                discard(tmp)
+            raise error
+    else:
+        staged = rdv.wait_for("staged", writer)
+        raise_on_failure({writer: staged}, own=None, ranks=ranks, op="save_merged")
+        tmp, run = Path(staged["tmp"]), staged["run"]
+    try:
+        sees = (tmp / _RUN_MARKER).read_text() == run
+    except OSError:
+        sees = False
+    error = None
+    if required and not sees:
+        error = SaveError(
+            f"shardsave.save_merged(parallel_write=True): rank {ranks.rank} cannot see {tmp}, which the writer "
+            f"(rank {writer}) staged; every rank must see one filesystem. Pass parallel_write=None to fall back."
+        )
+    try:
+        shared = rdv.agree("visible", {"sees": sees}, own=error, decide=_all_see)
+    except BaseException:
+        if ranks.rank == writer:
+            discard(tmp)
+        raise
+    if not shared and ranks.rank == writer:
+        discard(tmp)
+    return tmp if shared else None
+
+
+def _all_see(statuses: dict[int, dict]) -> bool:
+    return all(status["sees"] for status in statuses.values())
+
+
+def _mine(runs: _MergedRuns, key: str, world_size: int) -> list[Slice]:
+    """The runs of `key` this rank writes: the runs it sends; a tensor every rank holds whole, by one rank picked
+    from its name (the work spread over the ranks)."""
+    slices = runs.slices(key)
+    if slices is None:
+        owner = zlib.crc32(key.encode()) % world_size
+        return [Slice(owner, 0, math.prod(runs.merged.specs[key].shape))] if owner == runs.rank else []
+    return [s for s in slices if s.rank == runs.rank and s.stop > s.start]
+
+
+def _write_in_place(rdv, merged: _Merged, runs: _MergedRuns, order, writer: int, destination: Path, tmp: Path,
+                    gather) -> None:  # fmt: skip
+    """Every rank writes its merged runs into the staged files (pwrite at their offsets) and fsyncs them; DoRA
+    tensors whose runs cut rows are gathered and written by the writer. Then the writer publishes."""
+    ranks = rdv.ranks
+    offsets = {f: file_layout({k: merged.specs[k] for k in keys}, metadata={"format": "pt"})[1]
+               for f, keys in merged.files.items()}  # fmt: skip
+    fds: dict[str, int] = {}
+    error = None
+    try:
+        for filename, key in order:
+            if key in merged.whole_on_writer:
+                tensor = gather(key)
+                pieces = [] if tensor is None else [(0, tensor.reshape(-1))]
+            else:
+                pieces = []
+                for piece in _mine(runs, key, ranks.world_size):
+                    if runs.slices(key) is None:
+                        pieces.append((0, runs.whole(key)))
+                    else:
+                        pieces.append((piece.start, runs.local(key, piece)))
+            itemsize = merged.specs[key].dtype.itemsize
+            for start, data in pieces:
+                if filename not in fds:
+                    fds[filename] = os.open(tmp / filename, os.O_WRONLY)
+                raw = data.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+                view, at = memoryview(raw), offsets[filename][key] + start * itemsize
+                while view.nbytes:
+                    written = os.pwrite(fds[filename], view, at)
+                    view, at = view[written:], at + written
+        for fd in fds.values():
+            os.fsync(fd)
+    except Exception as exc:
+        error = exc
+        if isinstance(exc, OSError):
+            error = SaveError(f"shardsave.save_merged: rank {ranks.rank} writing into {tmp} failed: "
+                              f"{type(exc).__name__}: {exc}. Nothing was published.")  # fmt: skip
+            error.__cause__ = exc
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    try:
+        rdv.agree("written", {}, own=error)
+    except BaseException:
+        if ranks.rank == writer:
+            discard(tmp)
+        raise
+    if ranks.rank != writer:
+        outcome = rdv.wait_for("done", writer, heartbeat=True)
+        raise_on_failure({writer: outcome}, own=None, ranks=ranks, op="save_merged")
+        return
+    error = None
+    with rdv.heartbeat():
+        try:
+            (tmp / _RUN_MARKER).unlink()
+            publish(destination, lambda _: None, staged=tmp)
+        except Exception as exc:
+            error = exc
+    rdv.post("done", status_of(error))
+    if error is not None:
+        raise error

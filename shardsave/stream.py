@@ -22,7 +22,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import _TYPES
 
-__all__ = ["TensorSpec", "FileRange", "dtype_name", "dtype_from_name", "file_order", "write_streaming", "read_header"]
+__all__ = [
+    "TensorSpec",
+    "FileRange",
+    "dtype_name",
+    "dtype_from_name",
+    "file_order",
+    "file_layout",
+    "write_streaming",
+    "read_header",
+]
 
 _NAME_OF = {dtype: name for name, dtype in _TYPES.items()}
 
@@ -129,6 +138,25 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise ValueError(f"unknown safetensors dtype {name!r}") from None
 
 
+def file_layout(specs: Mapping[str, TensorSpec], *, metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict]:
+    """The file's first bytes (length and JSON header, as `save_file` writes them) and the absolute byte offset of
+    each tensor's data: a pure function of shapes and dtypes, so ranks can write their parts of one file apart."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offsets, offset = {}, 0
+    for name in _order(specs):
+        spec = specs[name]
+        header[name] = {"dtype": dtype_name(spec.dtype), "shape": list(spec.shape),
+                        "data_offsets": [offset, offset + spec.nbytes]}  # fmt: skip
+        offsets[name] = offset
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, {name: len(head) + at for name, at in offsets.items()}
+
+
 def file_order(specs: Mapping[str, TensorSpec]) -> list[str]:
     """The order `write_streaming` asks for the tensors of `specs` in (safetensors' layout order): callers that
     produce them with collectives follow it on every rank."""
@@ -154,21 +182,11 @@ def write_streaming(
     """Write `path`; `produce(name)` is called once per tensor, in file order, and returns the tensor or the
     file ranges that hold its bytes in order. `digest` (a `hashlib` object) is updated with every byte."""
     order = _order(specs)
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for name in order:
-        spec = specs[name]
-        header[name] = {"dtype": dtype_name(spec.dtype), "shape": list(spec.shape),
-                        "data_offsets": [offset, offset + spec.nbytes]}  # fmt: skip
-        offset += spec.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
+    head, _ = file_layout(specs, metadata=metadata)
     sources = _Sources()
     with open(path, "wb", buffering=0) as f:
         try:
-            _write(f, struct.pack("<Q", len(raw)) + raw, digest)
+            _write(f, head, digest)
             for name in order:
                 spec = specs[name]
                 produced = produce(name)

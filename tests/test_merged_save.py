@@ -12,14 +12,14 @@ import torch
 from multirank import check_ok, run_ranks
 
 pytestmark = pytest.mark.multirank
-CASES = [
-    ["ddp", "lora"],
-    ["fsdp2", "lora"],
-    ["fsdp1", "lora"],
-    ["zero3", "lora"],
-    ["fsdp2", "dora"],  # FSDP2's rows: merged where they are held
-    ["zero3", "dora"],  # runs that cut rows: DoRA's norm needs whole rows, merged whole on the writer
-    ["fsdp1_flat", "dora_bf16"],
+CASES = [  # backend, adapter variant, parallel_write (None: each rank writes its runs into the shared folder)
+    ["ddp", "lora", None],  # whole on every rank: the writer merges and writes
+    ["fsdp2", "lora", None],
+    ["fsdp1", "lora", False],  # the runs stream to the writer
+    ["zero3", "lora", None],
+    ["fsdp2", "dora", None],  # FSDP2's rows: merged where they are held
+    ["zero3", "dora", None],  # runs that cut rows: DoRA's norm needs whole rows, merged whole on the writer
+    ["fsdp1_flat", "dora_bf16", False],
 ]
 
 
@@ -30,8 +30,8 @@ def saved(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("backend, variant", CASES)
-def test_save_merged_writes_what_peft_writes(saved, backend, variant):
+@pytest.mark.parametrize("backend, variant, parallel", CASES)
+def test_save_merged_writes_what_peft_writes(saved, backend, variant, parallel):
     from tiny import logits
     from transformers import AutoModelForCausalLM
 
@@ -47,11 +47,15 @@ def test_save_merged_writes_what_peft_writes(saved, backend, variant):
     assert all(json.loads((folder / f"unchanged-{rank}.json").read_text()) for rank in range(2))
 
 
-def test_a_full_disk_on_the_writer_fails_every_rank_and_keeps_the_previous_save(saved):
+@pytest.mark.parametrize("where", ["writer", "parallel"])
+def test_a_full_disk_fails_every_rank_and_keeps_the_previous_save(saved, where):
+    """The writer's disk fills while the others send, or rank 1's while every rank writes into the staged files."""
     folder = saved / "fsdp1-lora"
-    outcomes = [(folder / f"disk-full-{rank}.txt").read_text() for rank in range(2)]
-    assert "No space left on device" in outcomes[0] and "Nothing was published" in outcomes[0], outcomes
-    assert "failed on rank 0" in outcomes[1] and "No space left" in outcomes[1], outcomes
+    outcomes = [(folder / f"disk-full-{where}-{rank}.txt").read_text() for rank in range(2)]
+    failing = 0 if where == "writer" else 1
+    assert "No space left on device" in outcomes[failing] and "Nothing was published" in outcomes[failing], outcomes
+    other = outcomes[1 - failing]
+    assert f"failed on rank {failing}" in other and "No space left" in other, outcomes
     names = sorted(p.name for p in (folder / "theirs").iterdir())
     assert sorted(p.name for p in (folder / "ours").iterdir()) == names  # the first save, whole
     for name in names:

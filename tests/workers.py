@@ -1110,7 +1110,7 @@ def merged_save(rank, world, out: Path, params):
         "dora": ({"target_modules": ["q_proj", "v_proj", "o_proj"], "use_dora": True}, None),
         "dora_bf16": ({"target_modules": ["q_proj", "v_proj"], "use_dora": True, "use_rslora": True}, "bfloat16"),
     }
-    for backend, variant in params["cases"]:
+    for backend, variant, parallel in params["cases"]:
         folder = out / f"{backend}-{variant}"
         folder.mkdir(exist_ok=True)
         config, dtype = variants[variant]
@@ -1119,7 +1119,7 @@ def merged_save(rank, world, out: Path, params):
         wrapped, opt = wrap(model, backend)
         train(wrapped, opt, backend, rank)
         before = sharded_logits(wrapped)
-        shardsave.save_merged(wrapped, folder / "ours", max_shard_size="40KB")
+        shardsave.save_merged(wrapped, folder / "ours", max_shard_size="40KB", parallel_write=parallel)
         unchanged = torch.equal(sharded_logits(wrapped), before)
         state = full_state(wrapped, backend)
         train(wrapped, opt, backend, rank, steps=1)  # training goes on after the save
@@ -1131,35 +1131,39 @@ def merged_save(rank, world, out: Path, params):
             torch.save(logits(merged), folder / "logits.pt")
         (folder / f"unchanged-{rank}.json").write_text(json.dumps(unchanged))
         if params.get("disk_full") == [backend, variant]:
-            _merged_disk_full(wrapped, folder, rank)
+            _merged_disk_full(wrapped, folder, rank, parallel=False)
+            _merged_disk_full(wrapped, folder, rank, parallel=True)
         _destroy(wrapped)
     return {}
 
 
-def _merged_disk_full(wrapped, folder: Path, rank: int) -> None:
-    """The writer's disk fills up after the first file, while the other ranks are sending: every rank raises,
-    nothing is published, the previous folder stays as it was."""
+def _merged_disk_full(wrapped, folder: Path, rank: int, *, parallel: bool) -> None:
+    """A disk fills up mid-save: the writer's after its first file while the others send (`parallel` False), or
+    rank 1's while every rank writes its runs into the staged files. Every rank raises, nothing is published,
+    the previous folder stays as it was."""
     import errno
 
     from shardsave import merged_save
 
-    real, calls = merged_save.write_streaming, []
+    name = "pwrite" if parallel else "write_streaming"
+    owner = merged_save.os if parallel else merged_save
+    real, calls = getattr(owner, name), []
 
-    def full(path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) > 1:
+    def full(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1 and rank == (1 if parallel else 0):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    merged_save.write_streaming = full
+    setattr(owner, name, full)
     try:
-        shardsave.save_merged(wrapped, folder / "ours", max_shard_size="40KB", timeout=60)
+        shardsave.save_merged(wrapped, folder / "ours", max_shard_size="40KB", timeout=60, parallel_write=parallel)
         outcome = "returned"
     except Exception as exc:
         outcome = f"{type(exc).__name__}: {exc}"
     finally:
-        merged_save.write_streaming = real
-    (folder / f"disk-full-{rank}.txt").write_text(outcome)
+        setattr(owner, name, real)
+    (folder / f"disk-full-{'parallel' if parallel else 'writer'}-{rank}.txt").write_text(outcome)
 
 
 if __name__ == "__main__":

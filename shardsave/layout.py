@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .compat import PeftRules, check_peft, peft_rules
 from .names import canonical_name, is_under
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "find_peft_model",
     "build_layout",
     "resolve_save_embedding_layers",
+    "targets_embedding",
     "base_config_file",
 ]
 
@@ -102,6 +104,7 @@ def find_peft_model(model: nn.Module):
     """The `PeftModel` inside `model`, whatever wraps it (DDP, DeepSpeed, FSDP1, compile, checkpointing)."""
     from peft import PeftModel
 
+    check_peft()
     current = peel(model)
     for _ in range(16):
         if isinstance(current, PeftModel):
@@ -215,8 +218,11 @@ def _safe_call(obj, method: str):
         return None
 
 
-def embedding_is_targeted(target_modules, candidates: tuple[str, ...]) -> bool:
-    """Whether a LoRA config targets an embedding layer, by PEFT's rule."""
+def embedding_is_targeted(target_modules, candidates: tuple[str, ...], rules: PeftRules | None = None) -> bool:
+    """Whether a LoRA config targets an embedding layer, by the rule of the PEFT release `rules` describes."""
+    rules = rules or peft_rules()
+    if not rules.embedding_target_by_module:  # the names searched for in the string or collection as given
+        return bool(target_modules) and any(name in target_modules for name in EMBEDDING_LAYER_NAMES)
     if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
         return any(re.fullmatch(target_modules, name) for name in candidates)
     if target_modules:
@@ -224,8 +230,26 @@ def embedding_is_targeted(target_modules, candidates: tuple[str, ...]) -> bool:
     return False
 
 
-def resolve_save_embedding_layers(value, *, config, peft_model, candidates: tuple[str, ...]) -> tuple[bool, bool]:
-    """`(save_embeddings, embedding_targeted)` for one adapter, deciding `"auto"` as PEFT does.
+def _trainable_tokens(config, rules: PeftRules) -> bool:
+    return str(getattr(config, "peft_type", "")).endswith("TRAINABLE_TOKENS") or (
+        rules.embedding_target_by_module and getattr(config, "trainable_token_indices", None) is not None
+    )
+
+
+def targets_embedding(value, *, config, candidates: tuple[str, ...], rules: PeftRules) -> bool:
+    """Whether PEFT saves an embedding layer as targeted (its base layer's tensors, if valid) rather than whole
+    when `save_embedding_layers=value` saves embeddings: before 0.17 only an "auto" decided by the targets."""
+    targeted = embedding_is_targeted(getattr(config, "target_modules", None), candidates, rules)
+    if rules.embedding_target_by_module:
+        return targeted
+    return value == "auto" and targeted and not _trainable_tokens(config, rules)
+
+
+def resolve_save_embedding_layers(
+    value, *, config, peft_model, candidates: tuple[str, ...], rules: PeftRules | None = None
+) -> tuple[bool, bool]:
+    """`(save_embeddings, embedding_targeted)` for one adapter, deciding `"auto"` as the PEFT release `rules`
+    describes (default: the installed one) does.
 
     PEFT's vocab-size check compares with the base model's `config.json`, asking the Hub for it when the base
     is a Hub id. shardsave never leaves the machine: it reads that file from a local directory or from the
@@ -235,13 +259,11 @@ def resolve_save_embedding_layers(value, *, config, peft_model, candidates: tupl
     """
     if value not in ("auto", True, False):
         raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {value!r}.")
-    targeted = embedding_is_targeted(getattr(config, "target_modules", None), candidates)
+    rules = rules or peft_rules()
+    targeted = targets_embedding(value, config=config, candidates=candidates, rules=rules)
     if value != "auto":
         return bool(value), targeted
-    trainable_tokens = str(getattr(config, "peft_type", "")).endswith("TRAINABLE_TOKENS") or (
-        getattr(config, "trainable_token_indices", None) is not None
-    )
-    if targeted and not trainable_tokens:
+    if targeted and not _trainable_tokens(config, rules):
         warnings.warn(
             "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", stacklevel=3
         )
@@ -250,7 +272,7 @@ def resolve_save_embedding_layers(value, *, config, peft_model, candidates: tupl
     model_config = getattr(peft_model, "config", None)
     vocab_size = getattr(model_config, "vocab_size", None)
     model_id = getattr(config, "base_model_name_or_path", None)
-    if not model_id:
+    if model_id is None or (not model_id and rules.empty_base_name_is_none):
         return False, targeted
     found = base_config_file(model_id, revision=getattr(config, "revision", None))
     if found is None:
@@ -259,8 +281,8 @@ def resolve_save_embedding_layers(value, *, config, peft_model, candidates: tupl
             stacklevel=3,
         )
         return False, targeted
-    if not found:  # the cache records that the repository has no config.json: PEFT, online, finds none either
-        return False, targeted
+    if not found or not model_id:  # the cache records that the repository has no config.json: PEFT, online,
+        return False, targeted  # finds none either; an empty name (before 0.21) is looked up but not compared
     if vocab_size and vocab_size != type(model_config).from_pretrained(os.path.dirname(found)).vocab_size:
         warnings.warn(
             "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.",

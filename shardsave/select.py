@@ -7,10 +7,12 @@ rules can be tested without a model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .layout import Layout, resolve_save_embedding_layers
+from .compat import PeftRules, peft_rules
+from .layout import Layout, resolve_save_embedding_layers, targets_embedding
 from .names import is_under, strip_adapter_name
 
 __all__ = ["AdapterPlan", "select_adapter", "plan_choices", "decide_embeddings"]
@@ -37,8 +39,10 @@ def select_adapter(
     use_dora: bool = False,
     save_embeddings: bool = False,
     embedding_targeted: bool = False,
+    rules: PeftRules | None = None,
 ) -> AdapterPlan:
-    """Plan the checkpoint of `adapter_name` from the state-dict `names` (in state-dict order).
+    """Plan the checkpoint of `adapter_name` from the state-dict `names` (in state-dict order), as the PEFT
+    release `rules` describes (default: the installed one's).
 
     Selection is structural: a tensor belongs to the adapter because it sits in that adapter's slot of a
     tuner layer or auxiliary module, never because its name contains a string, so no adapter name (not even
@@ -65,10 +69,11 @@ def select_adapter(
             else:
                 tuner_prefixes.add(f"{t.path}.{member}")
     picked: dict[str, str] = {n: n for n in mine if is_under(n, tuner_prefixes)}
+    rules = rules or peft_rules()
 
     if bias == "all":
         picked.update({n: n for n in mine if n == "bias" or n.endswith(".bias")})
-    elif bias.endswith("_only"):
+    elif bias.endswith("_only") and rules.lora_only_saves_base_bias:
         for t in layout.tuners:
             name = f"{t.path}.base_layer.bias" if t.path else "base_layer.bias"
             if t.is_layer and name in present:
@@ -92,8 +97,10 @@ def select_adapter(
             if embedding_targeted and not e.has_valid_base:
                 continue
             module = e.base_name if embedding_targeted else e.name
-            if module:
+            if module and rules.embedding_keys_by_prefix:
                 picked.update({n: n for n in mine if n.startswith(f"{module}.")})
+            elif module:
+                picked.update({n: n for n in mine if module in n})
 
     return AdapterPlan(adapter_name, {strip_adapter_name(k, adapter_name): v for k, v in picked.items()})
 
@@ -102,14 +109,17 @@ def plan_choices(layout: Layout, peft_model, names: Sequence[str], selected: lis
     """Each adapter's plan for each embeddings decision `value` allows ("auto": both, decided by the writer).
     No file is read here."""
     choices: dict[str, dict[bool, AdapterPlan]] = {}
+    rules = peft_rules()
     for name in selected:
         config = peft_model.peft_config[name]
-        _, targeted = resolve_save_embedding_layers(
-            value if value != "auto" else True,
-            config=config,
-            peft_model=peft_model,
-            candidates=layout.embedding_candidates,
-        )
+        if str(getattr(config, "bias", "none")).endswith("_only") and not rules.lora_only_saves_base_bias:
+            warnings.warn(
+                f"Adapter {name!r} has bias={config.bias!r}, but the installed PEFT (before 0.21) saves no bias for "
+                f"it: neither its save_pretrained nor shardsave's (which writes what PEFT writes) holds the trained "
+                f"biases. Upgrade PEFT to 0.21 or later to save them.",
+                stacklevel=3,
+            )
+        targeted = targets_embedding(value, config=config, candidates=layout.embedding_candidates, rules=rules)
         options = (True, False) if value == "auto" else (bool(value),)
         choices[name] = {
             option: select_adapter(
@@ -120,6 +130,7 @@ def plan_choices(layout: Layout, peft_model, names: Sequence[str], selected: lis
                 use_dora=bool(getattr(config, "use_dora", False)),
                 save_embeddings=option,
                 embedding_targeted=targeted,
+                rules=rules,
             )
             for option in options
         }

@@ -15,13 +15,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .compat import peft_model_tags, peft_rules
 from .writer import CARD_NAME, adapter_dir, discard, stage_directory, write_config, write_files
 
 __all__ = ["Texts", "render_text_files", "render_texts", "render_in_background", "abandon"]
 
 
 def _base_name_or_path(peft_model) -> str | None:
-    return peft_model.base_model.model.__dict__.get("name_or_path", None) or None
+    """The name PEFT writes for a config that has none: null for an empty one from 0.21 on, "" before."""
+    name = peft_model.base_model.model.__dict__.get("name_or_path", None)
+    return (name or None) if peft_rules().empty_base_name_is_none else name
 
 
 def _auto_mapping(peft_model, config) -> dict | None:
@@ -66,7 +69,7 @@ def _texts_key(peft_model, adapter_names: Sequence[str], card: bytes | None) -> 
         f"{type(peft_model).__module__}.{type(peft_model).__qualname__}",
         f"{type(base).__module__}.{type(base).__qualname__}",
         tuple(sorted(getattr(base, "model_tags", None) or [])),
-        tuple(peft_model._get_peft_specific_model_tags()),
+        peft_model_tags(peft_model),
         getattr(getattr(base, "config", None), "_name_or_path", None),
         _base_name_or_path(peft_model),
         peft.__version__,

@@ -219,7 +219,7 @@ def write_config(directory: Path, config, *, base_model_name_or_path: str | None
     config = copy.copy(config)
     config.inference_mode = True
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = base_model_name_or_path or None
+        config.base_model_name_or_path = base_model_name_or_path
     config.save_pretrained(str(directory), auto_mapping_dict=auto_mapping)
     return directory / CONFIG_NAME
 

@@ -10,6 +10,7 @@ from peft import LoraConfig, TaskType
 from tiny import assert_same_files, load_and_compare, peft_model
 
 import shardsave
+from shardsave.compat import peft_rules
 
 QV = ["q_proj", "v_proj"]
 
@@ -32,7 +33,12 @@ VARIANTS = {
     "embed_targeted_tied": dict(lora=dict(target_modules=["embed_tokens", "q_proj"]), model=dict(tie=True)),
     "lm_head_targeted": dict(lora=dict(target_modules=["lm_head", "v_proj"])),
     "bias_all": dict(lora=dict(target_modules=QV, bias="all"), model=dict(bias=True)),
-    "bias_lora_only": dict(lora=dict(target_modules=QV, bias="lora_only"), model=dict(bias=True)),
+    # PEFT before 0.21 saves no bias for "lora_only" (shardsave warns), so its files do not give the trained model
+    "bias_lora_only": dict(
+        lora=dict(target_modules=QV, bias="lora_only"),
+        model=dict(bias=True),
+        load=peft_rules().lora_only_saves_base_bias,
+    ),
     "lora_bias": dict(lora=dict(target_modules=QV, lora_bias=True)),
     "trainable_tokens": dict(lora=dict(target_modules=QV, trainable_token_indices=[3, 5, 7])),
     "trainable_tokens_tied": dict(lora=dict(target_modules=QV, trainable_token_indices=[3, 5]), model=dict(tie=True)),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from shardsave.layout import AuxModule, EmbeddingLayer, Layout, TunerModule, embedding_is_targeted
+import pytest
+from peft import LoraConfig
+
+from shardsave.compat import peft_rules
+from shardsave.layout import AuxModule, EmbeddingLayer, Layout, TunerModule, embedding_is_targeted, targets_embedding
 from shardsave.names import canonical_name, strip_adapter_name
 from shardsave.select import select_adapter
 
@@ -58,11 +62,15 @@ def test_selection_is_structural_and_ordered():
     assert list(other.entries.values()) == ["m.q.lora_A.b.weight", "m.q.lora_B.b.weight"]
 
 
-def test_bias_rules():
-    all_bias = select_adapter(LAYOUT, NAMES, "a", bias="all").entries
+@pytest.mark.parametrize("peft", ["0.15.0", "0.20.0", "0.21.2"])
+def test_bias_rules(peft):
+    rules = peft_rules(peft)
+    all_bias = select_adapter(LAYOUT, NAMES, "a", bias="all", rules=rules).entries
     assert {"m.q.base_layer.bias", "m.norm.bias"} <= set(all_bias)
-    only = select_adapter(LAYOUT, NAMES, "a", bias="lora_only").entries
-    assert "m.q.base_layer.bias" in only and "m.norm.bias" not in only
+    only = select_adapter(LAYOUT, NAMES, "a", bias="lora_only", rules=rules).entries
+    assert "m.norm.bias" not in only
+    # PEFT before 0.21 looked for `m.q.bias`, which a LoRA layer does not have: it saved no bias
+    assert ("m.q.base_layer.bias" in only) == (peft >= "0.21")
 
 
 def test_embeddings_only_when_asked():
@@ -72,8 +80,32 @@ def test_embeddings_only_when_asked():
 
 def test_embedding_targeting_rule():
     cands = ("model.embed_tokens", "lm_head")
-    assert embedding_is_targeted(["embed_tokens", "q_proj"], cands)
-    assert not embedding_is_targeted(["q_proj"], cands)
-    assert not embedding_is_targeted("all-linear", cands)
-    assert embedding_is_targeted(r".*embed_tokens", cands)
-    assert not embedding_is_targeted(r".*q_proj", cands)
+    new, old = peft_rules("0.21.2"), peft_rules("0.16.0")
+    for rules in (new, old):
+        assert embedding_is_targeted(["embed_tokens", "q_proj"], cands, rules)
+        assert not embedding_is_targeted(["q_proj"], cands, rules)
+        assert not embedding_is_targeted("all-linear", cands, rules)
+        assert embedding_is_targeted(r".*embed_tokens", cands, rules)
+        assert not embedding_is_targeted(r".*q_proj", cands, rules)
+    # a regex: matched against module names from 0.17 on, searched for the names as text before
+    assert not embedding_is_targeted(r".*(embed_tokens)", ("model.other",), new)
+    assert embedding_is_targeted(r".*(embed_tokens)", ("model.other",), old)
+
+
+def test_embedding_keys_by_prefix_from_peft_0_21():
+    names = ["m.emb.weight", "m.emb_extra.weight", "m.q.lora_A.a.weight"]
+    layout = Layout((), (), (EmbeddingLayer("m.emb", None, False),), ("emb",))
+    new = select_adapter(layout, names, "a", save_embeddings=True, rules=peft_rules("0.21.0")).entries
+    old = select_adapter(layout, names, "a", save_embeddings=True, rules=peft_rules("0.20.0")).entries
+    assert list(new) == ["m.emb.weight"]
+    assert list(old) == ["m.emb.weight", "m.emb_extra.weight"]  # every name containing the module's
+
+
+def test_targets_embedding_before_and_after_peft_0_17():
+    config = LoraConfig(target_modules=["embed_tokens", "q_proj"], trainable_token_indices=[1])
+    cands = ("model.embed_tokens",)
+    for value in ("auto", True, False):
+        assert targets_embedding(value, config=config, candidates=cands, rules=peft_rules("0.17.0"))
+    old = peft_rules("0.16.0")
+    assert not targets_embedding(True, config=config, candidates=cands, rules=old)
+    assert targets_embedding("auto", config=config, candidates=cands, rules=old)  # indices did not count then

@@ -1,0 +1,109 @@
+"""Every difference between the library versions shardsave supports, in one place.
+
+shardsave reproduces PEFT's files byte for byte, so what PEFT writes is a function of PEFT's version. The rest of
+the package asks here (by feature, never by version number), and this module either looks the answer up in the
+installed PEFT or switches on its version. `check_peft` runs before the first save or load: a PEFT older than
+`PEFT_OLDEST` is refused, one newer than the newest tested release series gets a warning naming the tested range.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+from packaging.version import Version
+
+__all__ = [
+    "PEFT_OLDEST",
+    "PEFT_NEWEST_TESTED",
+    "UnsupportedVersionError",
+    "NewerThanTestedWarning",
+    "check_peft",
+    "peft_support",
+    "PeftRules",
+    "peft_rules",
+    "peft_model_tags",
+]
+
+PEFT_OLDEST = "0.15.0"  # pyproject.toml's floor: the oldest release whose files the parity tests reproduce
+PEFT_NEWEST_TESTED = "0.21.2"  # the newest release the parity tests ran against; its series (0.21.x) is tested
+
+
+class UnsupportedVersionError(ImportError):
+    """An installed library is older than shardsave supports."""
+
+
+class NewerThanTestedWarning(UserWarning):
+    """An installed library is newer than any release shardsave was tested with."""
+
+
+def peft_support(version: str) -> str | None:
+    """None for a PEFT `version` inside the tested range; else why not ("older" / "newer" and the range).
+    Pure, so the rule is testable without installing another PEFT."""
+    found = Version(version)
+    newest = Version(PEFT_NEWEST_TESTED)
+    tested = f"{PEFT_OLDEST} to {newest.major}.{newest.minor}.x"
+    if found < Version(PEFT_OLDEST):
+        return f"peft {version} is older than shardsave supports (tested: {tested})"
+    if found.release[:2] > newest.release[:2]:
+        return f"peft {version} is newer than shardsave was tested with (tested: {tested})"
+    return None
+
+
+@functools.cache
+def check_peft() -> None:
+    """Refuse a PEFT older than supported; warn once for one newer than tested (its files may differ from what
+    shardsave writes: tests/test_save_matches_peft.py tells)."""
+    import peft
+
+    problem = peft_support(peft.__version__)
+    if problem is None:
+        return
+    if Version(peft.__version__) < Version(PEFT_OLDEST):
+        raise UnsupportedVersionError(f"{problem}: upgrade it (pip install 'peft>={PEFT_OLDEST}').")
+    warnings.warn(
+        f"{problem}: its adapter files may differ from what shardsave writes. Run shardsave's "
+        f"tests/test_save_matches_peft.py to check, or pin 'peft<={PEFT_NEWEST_TESTED}'.",
+        NewerThanTestedWarning,
+        stacklevel=3,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PeftRules:
+    """How a PEFT release writes an adapter, where the supported releases differ (each field: the release that
+    changed it, and what it does from then on)."""
+
+    embedding_target_by_module: bool
+    """0.17: "embedding targeted" is decided for every `save_embedding_layers` (before: only for "auto"), a
+    regex `target_modules` is matched against the module names (before: searched for the names as text), and
+    LoRA's `trainable_token_indices` counts as trainable tokens (before: only the TRAINABLE_TOKENS type)."""
+    embedding_keys_by_prefix: bool
+    """0.21: an embedding layer's tensors are those under its module name (before: every name containing it)."""
+    lora_only_saves_base_bias: bool
+    """0.21: `bias="lora_only"` saves each LoRA layer's `base_layer.bias` (before: no bias at all)."""
+    empty_base_name_is_none: bool
+    """0.21: an empty base model name is written as null and skips the vocabulary check (before: "" is written
+    and looked up like any other name)."""
+
+
+def peft_rules(version: str | None = None) -> PeftRules:
+    """The rules of PEFT `version` (default: the installed one). Pure for a given version."""
+    if version is None:
+        import peft
+
+        version = peft.__version__
+    release = Version(version).release[:2]
+    return PeftRules(
+        embedding_target_by_module=release >= (0, 17),
+        embedding_keys_by_prefix=release >= (0, 21),
+        lora_only_saves_base_bias=release >= (0, 21),
+        empty_base_name_is_none=release >= (0, 21),
+    )
+
+
+def peft_model_tags(peft_model) -> tuple[str, ...]:
+    """The tags PEFT's model card adds for the tuner type (PEFT 0.16+; none before)."""
+    method = getattr(type(peft_model), "_get_peft_specific_model_tags", None)
+    return tuple(method(peft_model)) if method is not None else ()

@@ -24,6 +24,7 @@ __all__ = [
     "PeftRules",
     "peft_rules",
     "peft_model_tags",
+    "hf_saved_keys",
 ]
 
 PEFT_OLDEST = "0.15.0"  # pyproject.toml's floor: the oldest release whose files the parity tests reproduce
@@ -107,3 +108,20 @@ def peft_model_tags(peft_model) -> tuple[str, ...]:
     """The tags PEFT's model card adds for the tuner type (PEFT 0.16+; none before)."""
     method = getattr(type(peft_model), "_get_peft_specific_model_tags", None)
     return tuple(method(peft_model)) if method is not None else ()
+
+
+def hf_saved_keys(model) -> list[str]:
+    """The keys transformers' `save_pretrained` writes for `model` (a base model, e.g. on the meta device), in its
+    order: tied copies left out, its weight conversion reverted. Needs transformers 5 (where save_pretrained does
+    both); an older one is refused by name rather than guessed at."""
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict, revert_weight_conversion
+    except ImportError:
+        import transformers
+
+        raise UnsupportedVersionError(
+            f"writing merged weights reproduces transformers 5's save_pretrained; transformers "
+            f"{transformers.__version__} is installed. Install transformers>=5 for save_merged / merge --into."
+        ) from None
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return list(revert_weight_conversion(model, state))

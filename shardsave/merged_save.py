@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from .collect import Collector, TensorInfo, collector_for
 from .collect.sharded import ShardedCollector, Transfer, comm_device
+from .compat import hf_saved_keys
 from .layout import Layout, build_layout, find_peft_model, peel
 from .log import logger
 from .merge_math import PEFT_PREFIX, MergeRefused, Step, merge_tensor, plan_merge
@@ -101,16 +102,13 @@ def _live_config(config) -> dict:
 def _skeleton(hf_model):
     """The base model class on the meta device: its saved keys (tied copies left out, transformers' key conversion
     reverted) and parameter count, as `save_pretrained` of the merged model gives them."""
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict, revert_weight_conversion
-
     config = copy.deepcopy(hf_model.config)
     with torch.device("meta"):
         skeleton = type(hf_model)._from_config(config)
     conversions = getattr(hf_model, "_weight_conversions", None)
     if conversions is not None:
         skeleton._weight_conversions = conversions
-    state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
-    return skeleton, list(revert_weight_conversion(skeleton, state))
+    return skeleton, hf_saved_keys(skeleton)
 
 
 def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size, path: str, is_main: bool) -> _Merged:

@@ -126,3 +126,19 @@ def test_every_adapter_kind_merges_as_peft_merges(variant, dtype, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == names
     for name in names:
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
+
+
+def test_an_older_transformers_is_refused_by_name(monkeypatch, tmp_path):
+    """Merged writes reproduce transformers 5's save_pretrained (tied keys, reverted conversions): an older
+    transformers without those functions gets a clear error, not a guessed file."""
+    import transformers.modeling_utils
+    from peft import LoraConfig
+    from tiny import peft_model
+
+    import shardsave
+    from shardsave.compat import UnsupportedVersionError
+
+    monkeypatch.delattr(transformers.modeling_utils, "revert_weight_conversion")
+    with pytest.raises(UnsupportedVersionError, match="Install transformers>=5"):
+        shardsave.save_merged(peft_model(LoraConfig(target_modules=["q_proj"])), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import _TYPES
 
-__all__ = ["TensorSpec", "FileRange", "dtype_name", "dtype_from_name", "write_streaming", "read_header"]
+__all__ = ["TensorSpec", "FileRange", "dtype_name", "dtype_from_name", "file_order", "write_streaming", "read_header"]
 
 _NAME_OF = {dtype: name for name, dtype in _TYPES.items()}
 
@@ -129,7 +129,8 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise ValueError(f"unknown safetensors dtype {name!r}") from None
 
 
-def _order(specs: Mapping[str, TensorSpec]) -> list[str]:
+def file_order(specs: Mapping[str, TensorSpec]) -> list[str]:
+    """The order `write_streaming` lays the tensors out in, and so calls `produce` in (safetensors' own)."""
     unknown = {dtype_name(s.dtype) for s in specs.values()} - set(_RANK)
     if unknown:
         raise ValueError(f"streaming writer does not know the safetensors order of {sorted(unknown)}")
@@ -147,7 +148,7 @@ def write_streaming(
 ) -> None:
     """Write `path`; `produce(name)` is called once per tensor, in file order, and returns the tensor or the
     file ranges that hold its bytes in order. `digest` (a `hashlib` object) is updated with every byte."""
-    order = _order(specs)
+    order = file_order(specs)
     header: dict = {}
     if metadata:
         header["__metadata__"] = dict(metadata)

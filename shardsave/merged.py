@@ -311,12 +311,21 @@ def merge_into(
             steps = plan.get(key, [])
             return merge_tensor(tensor, specs[key].shape, steps, adapter_tensors) if steps else tensor
 
-        def cost(key: str) -> int:  # bytes held while computing: the tensor read, its new dtype, a delta
-            return files.specs[key].nbytes + specs[key].nbytes + (4 * math.prod(specs[key].shape) if key in plan else 0)
+        def cost(key: str) -> int:  # bytes held while computing: the tensor read, its new dtype, a delta (scaled)
+            converted = specs[key].nbytes if files.specs[key].dtype != specs[key].dtype else 0
+            return files.specs[key].nbytes + converted + (8 * math.prod(specs[key].shape) if key in plan else 0)
 
         order = [k for keys in split.filename_to_tensors.values() for k in file_order({k: specs[k] for k in keys})]
-        budget = 2 * max(max(s.nbytes for s in files.specs.values()), max(s.nbytes for s in specs.values()))
-        ahead = _Ahead([k for k in order if not copied(k)], compute, cost, lambda k: specs[k].nbytes, budget)
+        computed = [k for k in order if not copied(k)]
+        # within the bound of the issue (twice the largest tensor), and at most two tensors' work ahead
+        largest = max(s.nbytes for s in [*files.specs.values(), *specs.values()])
+        budget = min(2 * largest, 2 * max(map(cost, computed), default=0))
+        # one intra-op thread while merging (restored after): the arithmetic is a few memory-bound passes over one
+        # tensor, overlapped with the main thread's kernel copies; a thread pool on top made each op wait for a
+        # descheduled thread at its barrier (10x slower on a busy 2-core machine, benchmarks/README.md)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        ahead = _Ahead(computed, compute, cost, lambda k: specs[k].nbytes, budget)
 
         def produce(key: str) -> torch.Tensor | list[FileRange]:
             ahead.written()  # the previous tensor is in the file: its memory is free
@@ -344,6 +353,7 @@ def merge_into(
             publish(destination, fill)
         finally:
             ahead.close()
+            torch.set_num_threads(threads)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     changed = sum(1 for k in written if k in plan)

@@ -3,12 +3,15 @@
 
     python benchmarks/merged.py                    # the 220M base ("large" of bench_common.BASES), fp32: ~1 min
     python benchmarks/merged.py --base smoke       # tiny: a smoke run
+    python benchmarks/merged.py --repeat 5         # each method 5 times, interleaved: medians (a shared machine)
 
 The base (Llama-shaped, built from a config: nothing downloaded) is saved once with `save_pretrained`
 (max_shard_size 200MB, so several shards) and a LoRA adapter (q_proj, v_proj, lora_B randomised) beside it.
 Each method runs in a fresh interpreter after its imports and a gc.collect(); time is the call's wall time,
 memory the process's peak resident size during the call above its resident size just before it (VmHWM reset
-through /proc/self/clear_refs; glibc's mmap threshold fixed). Both outputs are compared tensor for tensor.
+through /proc/self/clear_refs; glibc's mmap threshold fixed). Dirty pages are flushed (`os.sync`) before each run, so
+neither method pays for writing back what the one before it left in the page cache (PEFT does not fsync). Both
+outputs are compared tensor for tensor.
 Goals (issue 16): >= 2x faster; peak extra memory <= 2x the largest tensor + the adapter.
 """
 
@@ -16,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +76,8 @@ def _prepare(work: Path, shape: dict) -> tuple[Path, Path, int, int]:
 
 def _run(method: str, base: Path, adapter: Path, out: Path) -> dict:
     code = CHILD.format(bench=str(Path(__file__).resolve().parent))
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
     done = subprocess.run(
         [sys.executable, "-c", code, method, str(base), str(adapter), str(out)],
         env=child_env(),
@@ -90,24 +98,35 @@ def _same(a: Path, b: Path) -> bool:
             if list(fa.keys()) != list(fb.keys()) or not all(torch.equal(fa.get_tensor(k), fb.get_tensor(k))
                                                              for k in fb.keys()):  # fmt: skip
                 return False
-    return (a / "model.safetensors.index.json").read_bytes() == (b / "model.safetensors.index.json").read_bytes()
+    index = "model.safetensors.index.json"  # none when unsharded (the smoke base)
+    return (b / index).is_file() == (a / index).is_file() and (
+        not (b / index).is_file() or (a / index).read_bytes() == (b / index).read_bytes()
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", default="default", choices=list(BASES))
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each method, interleaved; medians reported")
     args = parser.parse_args()
     name, shape = BASES[args.base][0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base, adapter, largest, adapter_bytes = _prepare(work, shape)
         size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-        peft = _run("peft", base, adapter, work / "peft")
-        ours = _run("shardsave", base, adapter, work / "ours")
-        same = _same(work / "ours", work / "peft")
+        runs: dict[str, list[dict]] = {"peft": [], "shardsave": []}
+        for _ in range(args.repeat):
+            for method, found in runs.items():
+                found.append(_run(method, base, adapter, work / method))
+        same = _same(work / "shardsave", work / "peft")
+    peft, ours = ({k: statistics.median(r[k] for r in found) for k in ("time", "peak")} for found in runs.values())
     mib = 1 << 20
     print(f"base {name} {shape}: {size / mib:.0f} MiB of weights, largest tensor {largest / mib:.0f} MiB, adapter "
           f"{adapter_bytes / mib:.1f} MiB; outputs identical: {same}")  # fmt: skip
+    if args.repeat > 1:
+        for method, found in runs.items():
+            times = " ".join(f"{r['time']:.2f}" for r in found)
+            print(f"{method} times (s): {times}")
     print(f"{'method':<28}{'time (s)':>10}{'peak extra (MiB)':>18}")
     print(f"{'PEFT load+merge+save':<28}{peft['time']:>10.2f}{peft['peak'] / mib:>18.0f}")
     print(f"{'shardsave merge --into':<28}{ours['time']:>10.2f}{ours['peak'] / mib:>18.0f}")

@@ -19,8 +19,9 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,8 @@ import torch
 from .adapter_files import AdapterFiles, AdapterFilesError, open_adapter
 from .log import logger
 from .merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
-from .stream import FileRange, TensorSpec, dtype_from_name, read_header, write_streaming
-from .writer import check_destination, publish
+from .stream import FileRange, TensorSpec, dtype_from_name, file_order, read_header, write_streaming
+from .writer import BackgroundSync, check_destination, publish
 
 __all__ = ["MergedError", "DTYPES", "merge_into"]
 
@@ -301,15 +302,36 @@ def merge_into(
         )
         adapter_tensors = _adapter_tensors(plan, owner, specs)
 
-        def produce(key: str) -> torch.Tensor | list[FileRange]:
-            steps = plan.get(key, [])
-            if not steps and key in files.offsets and files.specs[key].dtype == specs[key].dtype:
-                return [FileRange(files.files[key], files.offsets[key], specs[key].nbytes)]
+        def copied(key: str) -> bool:  # the bytes as stored, copied by the kernel
+            return not plan.get(key) and key in files.offsets and files.specs[key].dtype == specs[key].dtype
+
+        def compute(key: str) -> torch.Tensor:
             # a memory-mapped pickle's tensor is copied before it is changed in place
             tensor = files.read(key).to(specs[key].dtype, copy=files.files[key] in files.pickled)
-            if not steps:
-                return tensor
-            return merge_tensor(tensor, specs[key].shape, steps, adapter_tensors)
+            steps = plan.get(key, [])
+            return merge_tensor(tensor, specs[key].shape, steps, adapter_tensors) if steps else tensor
+
+        def cost(key: str) -> int:  # bytes held while computing: the tensor read, its new dtype, a delta (scaled)
+            converted = specs[key].nbytes if files.specs[key].dtype != specs[key].dtype else 0
+            return files.specs[key].nbytes + converted + (8 * math.prod(specs[key].shape) if key in plan else 0)
+
+        order = [k for keys in split.filename_to_tensors.values() for k in file_order({k: specs[k] for k in keys})]
+        computed = [k for k in order if not copied(k)]
+        # within the bound of the issue (twice the largest tensor), and at most two tensors' work ahead
+        largest = max(s.nbytes for s in [*files.specs.values(), *specs.values()])
+        budget = min(2 * largest, 2 * max(map(cost, computed), default=0))
+        # one intra-op thread while merging (restored after): the arithmetic is a few memory-bound passes over one
+        # tensor, overlapped with the main thread's kernel copies; a thread pool on top made each op wait for a
+        # descheduled thread at its barrier (10x slower on a busy 2-core machine, benchmarks/README.md)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        ahead = _Ahead(computed, compute, cost, lambda k: specs[k].nbytes, budget)
+
+        def produce(key: str) -> torch.Tensor | list[FileRange]:
+            ahead.written()  # the previous tensor is in the file: its memory is free
+            if copied(key):
+                return [FileRange(files.files[key], files.offsets[key], specs[key].nbytes)]
+            return ahead.take(key)
 
         def fill(tmp: Path) -> None:
             config = model.config
@@ -318,20 +340,89 @@ def merge_into(
             config.save_pretrained(str(tmp))
             if generation is not None:
                 generation.save_pretrained(str(tmp))
-            for filename, keys in split.filename_to_tensors.items():
-                write_streaming(tmp / filename, {k: specs[k] for k in keys}, produce, metadata={"format": "pt"})
+            with BackgroundSync() as sync:
+                for filename, keys in split.filename_to_tensors.items():
+                    write_streaming(tmp / filename, {k: specs[k] for k in keys}, produce, metadata={"format": "pt"})
+                    sync(tmp / filename)
             if split.is_sharded:
                 index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
                          "weight_map": split.tensor_to_filename}  # fmt: skip
                 (tmp / _SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-        publish(destination, fill)
+        try:
+            publish(destination, fill)
+        finally:
+            ahead.close()
+            torch.set_num_threads(threads)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     changed = sum(1 for k in written if k in plan)
     logger.info("merged %d adapter(s) into %d of %d tensors of %s into %s in %.2f s", len(adapters), changed,
                 len(written), base_path, destination, time.perf_counter() - started)  # fmt: skip
     return destination
+
+
+class _Ahead:
+    """Computes the tensors the writer needs in memory (merged or converted) on a worker thread, in the order the
+    writer asks for them, ahead of it: the arithmetic overlaps the kernel's copying of the unchanged tensors
+    (and the fsyncs). What is computed and not yet written stays within `budget` bytes (`cost` while a tensor
+    is computed, `kept` once done), so memory stays within twice the largest tensor; one tensor dearer than the
+    budget is computed alone."""
+
+    def __init__(self, keys: list[str], compute: Callable[[str], torch.Tensor], cost: Callable[[str], int],
+                 kept: Callable[[str], int], budget: int) -> None:  # fmt: skip
+        self._keys, self._compute, self._cost, self._kept, self._budget = keys, compute, cost, kept, budget
+        self._done: dict[str, torch.Tensor] = {}
+        self._held = 0
+        self._last: str | None = None  # handed to the writer, not yet written
+        self._error: BaseException | None = None
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="shardsave-merge", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for key in self._keys:
+                cost = self._cost(key)
+                with self._cond:
+                    self._cond.wait_for(lambda c=cost: self._stop or self._held == 0 or self._held + c <= self._budget)
+                    if self._stop:
+                        return
+                    self._held += cost
+                tensor = self._compute(key)
+                with self._cond:
+                    self._held += self._kept(key) - cost
+                    self._done[key] = tensor
+                    self._cond.notify_all()
+        except BaseException as exc:  # handed to the writer, which raises it
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def take(self, key: str) -> torch.Tensor:
+        """The tensor of `key` (the next one in order), once computed; raises what computing it raised."""
+        with self._cond:
+            self._cond.wait_for(lambda: key in self._done or self._error is not None)
+            if key not in self._done:
+                raise self._error
+            self._last = key
+            return self._done.pop(key)
+
+    def written(self) -> None:
+        """The tensor last taken is written: its bytes no longer count."""
+        with self._cond:
+            if self._last is not None:
+                self._held -= self._kept(self._last)
+                self._last = None
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._done.clear()
+            self._cond.notify_all()
+        self._thread.join()
 
 
 def _adapter_tensors(plan: dict[str, list[Step]], owner: dict[str, AdapterFiles], specs) -> dict:

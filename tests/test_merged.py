@@ -185,3 +185,58 @@ def test_full_disk_exits_1_and_publishes_nothing(tmp_path, capsys, monkeypatch):
     assert main([str(adapter_dir), "--into", str(base_dir), "-o", str(out)]) == 1
     assert "No space left" in capsys.readouterr().err and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_background_sync_raises_the_fsync_error_when_left(tmp_path):
+    from shardsave.writer import BackgroundSync
+
+    (tmp_path / "a").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError), BackgroundSync() as sync:
+        sync(tmp_path / "a")
+        sync(tmp_path / "missing")
+
+
+def test_tensors_computed_ahead_stay_within_the_budget():
+    import time
+
+    from shardsave.merged import _Ahead
+
+    keys = [f"t{i}" for i in range(12)]
+    seen, holder = [], []
+
+    def compute(key):
+        while not holder:  # the worker may start before the constructor returns
+            time.sleep(0.001)
+        seen.append(holder[0]._held)  # this tensor's cost included
+        time.sleep(0.002)
+        return torch.zeros(1)
+
+    ahead = _Ahead(keys, compute, cost=lambda k: 3, kept=lambda k: 1, budget=5)
+    holder.append(ahead)
+    try:
+        for key in keys:  # the writer: takes each in order, writes it, then asks for the next
+            ahead.written()
+            assert ahead.take(key).shape == (1,)
+            time.sleep(0.003)
+    finally:
+        ahead.close()
+    assert len(seen) == len(keys) and max(seen) <= 5 and not ahead._thread.is_alive()
+
+
+def test_a_failed_merge_publishes_nothing_and_restores_torch_threads(tmp_path, monkeypatch):
+    import shardsave.merged as merged_module
+
+    base_dir, adapter_dir = _setup(tmp_path, CASES["lora"][0])
+    threads = torch.get_num_threads()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("merge failed")
+
+    monkeypatch.setattr(merged_module, "merge_tensor", broken)
+    with pytest.raises(RuntimeError, match="merge failed"):
+        merge_into(adapter_dir, base_dir, tmp_path / "out", max_shard_size=SHARD)
+    assert torch.get_num_threads() == threads and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    merge_into(adapter_dir, base_dir, tmp_path / "out", max_shard_size=SHARD)
+    assert torch.get_num_threads() == threads

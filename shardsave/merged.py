@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .adapter_files import AdapterFiles, AdapterFilesError, open_adapter
+from .compat import hf_saved_keys
 from .log import logger
 from .merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
 from .stream import FileRange, TensorSpec, dtype_from_name, file_order, read_header, write_streaming
@@ -181,11 +182,8 @@ def _saved_keys(model) -> list[str]:
     """The keys `save_pretrained` writes for a model `from_pretrained` loaded from a checkpoint holding the model's
     own keys, in its order (which the sharding follows): tied copies left out, then transformers' reverse key
     conversion, which (with no conversion recorded, as from_pretrained records for such a checkpoint) reorders."""
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict, revert_weight_conversion
-
     model._weight_conversions = []  # what from_pretrained records when no conversion matched the checkpoint
-    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    return list(revert_weight_conversion(model, state))
+    return hf_saved_keys(model)
 
 
 def _check_fit(plan: dict[str, list[Step]], shapes: dict[str, tuple], tied: dict[str, str], adapters, owner) -> None:

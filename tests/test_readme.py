@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from multirank import free_port
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -45,8 +44,10 @@ def test_marked_block_runs_as_written(index, tmp_path):
     script.write_text(code + "\n")
     cmd = [sys.executable, script.name]
     if ranks:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-               str(free_port()), script.name]  # fmt: skip
+        # --standalone, as the README says: the launcher binds a free port itself (a port picked here and released
+        # could be taken by another job before torchrun binds it)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               script.name]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr

@@ -254,7 +254,8 @@ def lora_delta(
         else:
             b = b[rows[0] : rows[1]]
     product = b @ a
-    out = (product.T if transposed else product) * step.scaling
+    product.mul_(step.scaling)  # in place: the same bits as `* scaling`, one buffer of the weight's size fewer
+    out = product.T if transposed else product
     return out.to(reference.dtype) if cast else out
 
 

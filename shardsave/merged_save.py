@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .collect import Collector, TensorInfo, collector_for
+from .collect import Collector, TensorInfo, collector_for, describe_stage, staged_collector
 from .collect.sharded import ShardedCollector, Transfer, comm_device
 from .compat import hf_saved_keys
 from .layout import Layout, build_layout, find_peft_model, peel
@@ -67,11 +67,16 @@ class _Merged:
     decided: dict | None = None
 
     def view(self) -> dict:
-        raise NotImplementedError(
-            "shardsave.save_merged: the ranks hold different parts of the model (pipeline stages), which save_merged "
-            "does not put together yet; save the adapter with shardsave.save_pretrained, then merge it offline "
-            "(python -m shardsave.merge ADAPTER --into BASE -o OUT)."
-        )
+        """This rank's runs of every tensor it will write or read, for layouts whose groups the ranks cannot derive
+        alone (each rank holds every module, but only it knows its group): put together as for `save_pretrained`
+        (`shardsave.stages`). A pipeline stage never gets here: its keys are refused while planning."""
+        names = list(dict.fromkeys([*self.sources.values(), *self.factors.values()]))
+        return {"tensors": describe_stage(self.collector, names), "entries": {}}
+
+    def restage(self, union: dict, writer: int, ranks: Ranks) -> None:
+        self.collector = staged_collector(self.collector, union, ranks)
+        dora = [k for k, steps in self.steps.items() if any(step.dora for step in steps)]
+        self.whole_on_writer = {k for k in dora if not _rows_whole(self.collector, self.sources[k], self.specs[k])}
 
 
 def _merged_name(live: str) -> str:
@@ -162,9 +167,11 @@ def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size
             sources[key] = live[key]
         else:
             raise ValueError(
-                f"shardsave.save_merged: {type(hf_model).__name__}.save_pretrained writes {key}, which the live model "
-                f"does not hold under that name (transformers converts its weights on save?); merge offline instead "
-                f"(python -m shardsave.merge ADAPTER --into BASE -o OUT)."
+                f"shardsave.save_merged: {type(hf_model).__name__}.save_pretrained writes {key}, which this rank's "
+                f"model does not hold under that name: a pipeline stage holding only its own layers (save_merged does "
+                f"not put stages together yet), or a model whose save_pretrained converts its weights. Save the "
+                f"adapter with shardsave.save_pretrained, then merge it offline: python -m shardsave.merge ADAPTER "
+                f"--into BASE -o OUT."
             )
         for step in key_steps:
             for adapter_key in step.tensors.values():

@@ -1,6 +1,7 @@
 """Two-dimensional layouts on 4 gloo ranks (a 2 x 2 mesh): FSDP2 HSDP, tensor-parallel LoRA under FSDP2, FSDP1
 HYBRID_SHARD, ZeRO++ hpZ, and ZeRO-3 with CPU offload. Each save equals PEFT's own save of the natively gathered
-weights byte for byte, the shard set merges into the same files, PEFT loads it with the trained logits, and
+weights byte for byte, the shard set merges into the same files, save_merged writes PEFT's merged files, PEFT
+loads it with the trained logits, and
 load_pretrained restores them into a fresh model under the same layout (an lr=0 step keeps them); copies that
 drifted apart are refused on every rank."""
 
@@ -42,6 +43,10 @@ def test_layout_saves_what_peft_saves(saved, layout, tmp_path):
     trained = torch.load(folder / "logits.pt")
     loaded = PeftModel.from_pretrained(base_model(), str(folder / "ours")).eval()
     torch.testing.assert_close(logits(loaded), trained, atol=1e-5, rtol=1e-5)
+    names = sorted(p.name for p in (folder / "merged_theirs").iterdir())  # save_merged: PEFT's merged files
+    assert sorted(p.name for p in (folder / "merged").iterdir()) == names
+    for name in names:
+        assert (folder / "merged" / name).read_bytes() == (folder / "merged_theirs" / name).read_bytes(), name
     after = torch.load(folder / "after_load.pt")  # load_pretrained into a fresh model, then an lr=0 step
     torch.testing.assert_close(after["load"], trained, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after["step"], trained, atol=1e-5, rtol=1e-5)

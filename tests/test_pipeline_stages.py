@@ -50,6 +50,13 @@ def test_stages_save_their_union_as_peft_does(saved, layout, tmp_path):
     assert all(json.loads((folder / f"load-{r}.json").read_text()) == [] for r in range(4))
 
 
+def test_save_merged_refuses_stages_on_every_rank_and_says_what_to_do(saved):
+    for layout in LAYOUTS[:-1]:
+        outcomes = [(saved / layout / f"merged-{rank}.txt").read_text() for rank in range(4)]
+        assert all("pipeline stage" in o and "merge it offline" in o for o in outcomes), outcomes
+        assert not (saved / layout / "merged").exists()
+
+
 def test_stages_that_renumber_their_layers_are_refused_on_every_rank(saved):
     folder = saved / "pp_renumbered"
     errors = [(folder / f"error-{rank}.txt").read_text() for rank in range(4)]

@@ -190,3 +190,7 @@ def _same_as_peft(tmp_path) -> None:
     assert_same_files(tmp_path / "ours", tmp_path / "theirs", type("M", (), {"peft_config": {"default": config}})())
     loaded = PeftModel.from_pretrained(base_model(), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(logits(loaded), torch.load(tmp_path / "logits.pt"), atol=1e-4, rtol=1e-4)
+    names = sorted(p.name for p in (tmp_path / "merged_theirs").iterdir())  # save_merged: PEFT's merged files
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "merged_theirs" / name).read_bytes(), name

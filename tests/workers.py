@@ -737,6 +737,7 @@ def nd_save(rank, world, out: Path, params):
             _destroy(wrapped)
             continue
         shardsave.save_shards(wrapped, folder / "shards")
+        shardsave.save_merged(wrapped, folder / "merged", max_shard_size="40KB")
         state = _nd_full_state(wrapped, model, layout)
         trained = logits(wrapped)
         fresh = peft_model(lora)
@@ -751,6 +752,9 @@ def nd_save(rank, world, out: Path, params):
         if rank == 0:
             save_reference(lora, state, folder, trained)
             torch.save({"load": after_load, "step": after_step}, folder / "after_load.pt")
+            reference = peft_model(lora)
+            reference.load_state_dict(state, strict=False)
+            reference.merge_and_unload().save_pretrained(str(folder / "merged_theirs"), max_shard_size="40KB")
         _destroy(wrapped)
         _destroy(loaded)
     return {}
@@ -807,10 +811,14 @@ def zero3_group_save(rank, world, out: Path, params):
         engine.step()
     engine.eval()
     shardsave.save_pretrained(engine, out / "ours")
+    shardsave.save_merged(engine, out / "merged", max_shard_size="40KB")
     torch_logits = logits(engine)
     state = full_state(engine, "zero3")
     if rank == 0:
         save_reference(lora, state, out, torch_logits)
+        reference = peft_model(lora)
+        reference.load_state_dict(state, strict=False)
+        reference.merge_and_unload().save_pretrained(str(out / "merged_theirs"), max_shard_size="40KB")
     weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
     return {"partition_ranks": dist.get_process_group_ranks(weight.ds_process_group)}
 
@@ -1079,6 +1087,11 @@ def pp_save(rank, world, out: Path, params):
             (folder / f"error-{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
             continue
         shardsave.save_shards(model, folder / "shards")
+        try:
+            shardsave.save_merged(model, folder / "merged")
+            (folder / f"merged-{rank}.txt").write_text("returned")
+        except Exception as exc:
+            (folder / f"merged-{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
         gathered = shardsave.gather_state_dict(model)
         trained = _all_stages(_adapter_state(model, layout))
         ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))  # tiny.logits' input

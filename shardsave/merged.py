@@ -14,6 +14,7 @@ output is published atomically (`shardsave.writer.publish`).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from .merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merg
 from .stream import FileRange, TensorSpec, dtype_from_name, file_order, read_header, write_streaming
 from .writer import BackgroundSync, check_destination, publish
 
-__all__ = ["MergedError", "DTYPES", "merge_into"]
+__all__ = ["MergedError", "DTYPES", "merge_into", "split_files", "write_model_files"]
 
 #: `--dtype` choices: "auto" is what `from_pretrained` picks (the config's dtype, else the checkpoint's).
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -231,6 +232,36 @@ def _expected_shapes(step: Step, shape: tuple, given: dict[str, tuple]) -> dict[
     return {"A": (r, inner), "B": (out, r), **({"magnitude": (out,)} if step.dora else {})}
 
 
+def split_files(specs: dict[str, TensorSpec], max_shard_size: int | str, total_parameters: int):
+    """The shard files `save_pretrained` splits `specs` (in save order) into, `{file: [keys]}` (huggingface_hub's
+    split), and the index it writes beside them (None when unsharded)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(
+        {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()},
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    index = None
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": total_parameters, **split.metadata},
+                 "weight_map": split.tensor_to_filename}  # fmt: skip
+    return dict(split.filename_to_tensors), index
+
+
+def write_model_files(tmp: Path, config, *, dtype: torch.dtype, architecture: str, generation, index) -> None:
+    """config.json (its dtype and architecture as save_pretrained records them), generation_config.json and the
+    shards' index, as the merged model's `save_pretrained` writes them. `config` is not changed."""
+    config = copy.deepcopy(config)
+    config.dtype = str(dtype).split(".")[1]
+    config.architectures = [architecture]
+    config.save_pretrained(str(tmp))
+    if generation is not None:
+        generation.save_pretrained(str(tmp))
+    if index is not None:
+        (tmp / _SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def merge_into(
     source: str | os.PathLike,
     base: str | os.PathLike,
@@ -250,7 +281,6 @@ def merge_into(
     (default: the root one). `dtype`: "auto" or a dtype name, as `from_pretrained(dtype=)`. Raises
     `MergedError` (nothing written) for anything that does not fit; `OSError` when writing fails (nothing
     published)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
 
     started = time.perf_counter()
     if dtype not in DTYPES:
@@ -293,11 +323,7 @@ def merge_into(
         _check_fit(plan, shapes, tied, adapters, owner)
         specs = {k: TensorSpec(shapes[k], out_dtype if files.specs[k].dtype.is_floating_point else files.specs[k].dtype)
                  for k in written}  # fmt: skip
-        split = split_torch_state_dict_into_shards(
-            {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()},
-            filename_pattern="model{suffix}.safetensors",
-            max_shard_size=max_shard_size,
-        )
+        shards, index = split_files(specs, max_shard_size, model.num_parameters())
         adapter_tensors = _adapter_tensors(plan, owner, specs)
 
         def copied(key: str) -> bool:  # the bytes as stored, copied by the kernel
@@ -313,7 +339,7 @@ def merge_into(
             converted = specs[key].nbytes if files.specs[key].dtype != specs[key].dtype else 0
             return files.specs[key].nbytes + converted + (8 * math.prod(specs[key].shape) if key in plan else 0)
 
-        order = [k for keys in split.filename_to_tensors.values() for k in file_order({k: specs[k] for k in keys})]
+        order = [k for keys in shards.values() for k in file_order({k: specs[k] for k in keys})]
         computed = [k for k in order if not copied(k)]
         # within the bound of the issue (twice the largest tensor), and at most two tensors' work ahead
         largest = max(s.nbytes for s in [*files.specs.values(), *specs.values()])
@@ -332,20 +358,12 @@ def merge_into(
             return ahead.take(key)
 
         def fill(tmp: Path) -> None:
-            config = model.config
-            config.dtype = str(out_dtype).split(".")[1]
-            config.architectures = [type(model).__name__]
-            config.save_pretrained(str(tmp))
-            if generation is not None:
-                generation.save_pretrained(str(tmp))
+            write_model_files(tmp, model.config, dtype=out_dtype, architecture=type(model).__name__,
+                              generation=generation, index=index)  # fmt: skip
             with BackgroundSync() as sync:
-                for filename, keys in split.filename_to_tensors.items():
+                for filename, keys in shards.items():
                     write_streaming(tmp / filename, {k: specs[k] for k in keys}, produce, metadata={"format": "pt"})
                     sync(tmp / filename)
-            if split.is_sharded:
-                index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
-                         "weight_map": split.tensor_to_filename}  # fmt: skip
-                (tmp / _SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
         try:
             publish(destination, fill)

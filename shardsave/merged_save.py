@@ -4,8 +4,9 @@
 Every rank plans from metadata alone (the same collectors and key plan as `save_pretrained`, `merge_math`'s
 steps, the Hugging Face key list and file split from a meta-device skeleton). Only the LoRA factors (and token
 deltas) are gathered and broadcast; each rank merges the runs of the base weights it holds, on their device,
-into fresh buffers (the live model is never modified), and the merged runs stream to the writer one tensor at a
-time, which writes each safetensors file in order and publishes the folder atomically. A DoRA tensor whose
+into fresh buffers (the live model is never modified). Where every rank sees the folder the writer staged, each
+writes its merged runs into the files at their offsets; otherwise the runs stream to the writer one tensor at a
+time, which writes each safetensors file in order. The writer publishes the folder atomically. A DoRA tensor whose
 runs cut its rows (ZeRO-3, FSDP1 flat ranges) travels unmerged and is merged whole on the writer: its weight
 norm needs whole rows, and that keeps it bit-equal to PEFT's.
 """
@@ -33,6 +34,7 @@ from .compat import hf_saved_keys
 from .layout import Layout, build_layout, find_peft_model, peel
 from .log import logger
 from .merge_math import PEFT_PREFIX, MergeRefused, Step, merge_tensor, plan_merge
+from .merged import split_files, write_model_files
 from .plan import Slice
 from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from .save import agree_start, run_gather
@@ -42,7 +44,6 @@ from .writer import check_destination, check_path_argument, discard, publish, st
 
 __all__ = ["save_merged"]
 
-_SAFE_INDEX = "model.safetensors.index.json"
 _RUN_MARKER = ".shardsave-merged-run"  # in the staged folder while the ranks write into it
 _WRAPPERS = ("base_layer", "original_module", "token_adapter")  # PEFT's modules around a base module
 
@@ -63,8 +64,7 @@ class _Merged:
     architecture: str  # the merged model's class, as save_pretrained records it
     args: dict
     whole_on_writer: set[str] = field(default_factory=set)  # DoRA tensors whose runs cut rows: merged by the writer
-    replicas: dict = field(default_factory=dict)
-    decided: dict | None = None
+    decided: dict | None = None  # the writer's, shared in the agreement
 
     def view(self) -> dict:
         """This rank's runs of every tensor it will write or read, for layouts whose groups the ranks cannot derive
@@ -75,8 +75,7 @@ class _Merged:
 
     def restage(self, union: dict, writer: int, ranks: Ranks) -> None:
         self.collector = staged_collector(self.collector, union, ranks)
-        dora = [k for k, steps in self.steps.items() if any(step.dora for step in steps)]
-        self.whole_on_writer = {k for k in dora if not _rows_whole(self.collector, self.sources[k], self.specs[k])}
+        self.whole_on_writer = _split_rows(self)
 
 
 def _merged_name(live: str) -> str:
@@ -117,8 +116,6 @@ def _skeleton(hf_model):
 
 
 def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size, path: str, is_main: bool) -> _Merged:
-    from huggingface_hub import split_torch_state_dict_into_shards
-
     peft_model = find_peft_model(model)
     names = list(peft_model.peft_config) if selected is None else list(selected)
     unknown = [n for n in names if n not in peft_model.peft_config]
@@ -182,17 +179,7 @@ def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size
         info = infos[sources[key]]
         out = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
         specs[key] = TensorSpec(tuple(info.shape), out)
-    split = split_torch_state_dict_into_shards(
-        {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()},
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
-    )
-    index = None
-    if split.is_sharded:
-        index = {"metadata": {"total_parameters": skeleton.num_parameters(), **split.metadata},
-                 "weight_map": split.tensor_to_filename}  # fmt: skip
-    dora = [k for k, s in plan.items() if any(st.dora for st in s)]
-    whole = {k for k in dora if not _rows_whole(collector, sources[k], specs[k])}
+    files, index = split_files(specs, max_shard_size, skeleton.num_parameters())
     generation = hf_model.generation_config if hf_model.can_generate() else None
     layout_digest = [[k, sources[k], [[st.adapter, st.kind, dict(st.tensors)] for st in plan[k]],
                       [[p.rank, p.start, p.stop] for p in collector.slices(collector.primary(sources[k])) or ()]]
@@ -204,20 +191,26 @@ def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size
         "max_shard_size": str(max_shard_size),
         "plan": hashlib.sha256(json.dumps(layout_digest).encode()).hexdigest()[:16],
     }
-    merged = _Merged(collector, specs, sources, plan, factors, dict(split.filename_to_tensors), index,
-                     hf_model.config, generation, type(hf_model).__name__, args, whole)  # fmt: skip
+    merged = _Merged(collector, specs, sources, plan, factors, files, index, hf_model.config, generation,
+                     type(hf_model).__name__, args)  # fmt: skip
+    merged.whole_on_writer = _split_rows(merged)
     if is_main:
         merged.decided = {"destination": str(check_destination(path))}
     return merged
 
 
-def _rows_whole(collector: Collector, source: str, spec: TensorSpec) -> bool:
-    """Whether every run of `source` covers whole rows (FSDP2's Shard(0), or held whole)."""
-    slices = collector.slices(collector.primary(source))
-    if slices is None:
-        return True
-    cols = math.prod(spec.shape[1:]) if len(spec.shape) > 1 else 1
-    return all(s.start % cols == 0 and s.stop % cols == 0 for s in slices)
+def _split_rows(merged: _Merged) -> set[str]:
+    """The DoRA tensors some run of which cuts rows (not FSDP2's Shard(0), not held whole): merged by the writer."""
+    out = set()
+    for key, steps in merged.steps.items():
+        slices = merged.collector.slices(merged.collector.primary(merged.sources[key]))
+        if slices is None or not any(step.dora for step in steps):
+            continue
+        shape = merged.specs[key].shape
+        cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        if any(s.start % cols or s.stop % cols for s in slices):
+            out.add(key)
+    return out
 
 
 class _MergedRuns(ShardedCollector):
@@ -321,16 +314,9 @@ def _order(merged: _Merged) -> list[tuple[str, str]]:
 
 
 def _model_files(tmp: Path, merged: _Merged) -> None:
-    """config.json (and generation_config.json) as the merged model's `save_pretrained` writes them."""
-    config = copy.deepcopy(merged.config)
     first = next((s.dtype for s in merged.specs.values() if s.dtype.is_floating_point), torch.float32)
-    config.dtype = str(first).split(".")[1]
-    config.architectures = [merged.architecture]
-    config.save_pretrained(str(tmp))
-    if merged.generation is not None:
-        merged.generation.save_pretrained(str(tmp))
-    if merged.index is not None:
-        (tmp / _SAFE_INDEX).write_text(json.dumps(merged.index, indent=2, sort_keys=True) + "\n")
+    write_model_files(tmp, merged.config, dtype=first, architecture=merged.architecture,
+                      generation=merged.generation, index=merged.index)  # fmt: skip
 
 
 def save_merged(
@@ -372,7 +358,7 @@ def save_merged(
     merged, writer, decided = agree_start(rdv, ranks, prepare, is_main_process)
     if writer < 0:
         return
-    destination = Path(decided["destination"] if merged.decided is None else merged.decided["destination"])
+    destination = Path(decided["destination"])
     tensors = _factors(merged, writer, rdv)
     runs = _MergedRuns(merged, tensors, ranks.rank, ranks.world_size)
     order = _order(merged)

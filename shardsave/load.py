@@ -283,7 +283,8 @@ def _decide(statuses: dict[int, dict]) -> list[str]:
     check_same_args(statuses, op="load_pretrained", plan_means="another saved adapter or adapter config")
     unexpected = statuses[0]["unexpected"]
     for status in statuses.values():
-        unexpected = [k for k in unexpected if k in set(status["unexpected"])]
+        theirs = set(status["unexpected"])
+        unexpected = [k for k in unexpected if k in theirs]
     if unexpected and statuses[0]["args"]["strict"]:
         raise _keys_error(statuses[0]["path"], statuses[0]["args"]["adapter_name"], [], unexpected)
     return unexpected

@@ -3,8 +3,11 @@ kernel's peak-memory counters, and the environment of their child processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +80,22 @@ def child_env(**extra: str) -> dict:
     env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
+
+
+def run_ranks(script: Path, args: list[str], world: int, what: str) -> list[dict]:
+    """`script args` as `world` gloo ranks on loopback (one CPU thread each, DeepSpeed on its CPU accelerator), as
+    torchrun would start them; each rank's last stdout line, parsed as JSON. Exits naming `what` (with every
+    rank's output) if any rank failed."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        where = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world, "MASTER_PORT": port}
+        env = child_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
+                        **{k: str(v) for k, v in where.items()})  # fmt: skip
+        cmd = [sys.executable, str(script), *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        for rank, (stdout, stderr) in enumerate(outs):
+            print(f"--- rank {rank} (exit {procs[rank].returncode})\n{stdout[-2000:]}\n{stderr[-4000:]}")
+        sys.exit(f"{what} failed")
+    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outs]

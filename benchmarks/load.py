@@ -61,8 +61,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from bench_common import BASES, child_env, free_port, llama_config, proc_status, reset_peak  # noqa: E402
+from bench_common import BASES, child_env, llama_config, proc_status, reset_peak  # noqa: E402
 from bench_common import lora_model as bench_lora  # noqa: E402
+from bench_common import run_ranks as spawn_ranks  # noqa: E402
 
 WORLD = 2
 OURS = "shardsave"
@@ -336,19 +337,8 @@ def rank_env() -> dict:
 
 
 def run_ranks(backend: str, shape: dict, folder: Path, repeat: int) -> list[dict]:
-    port, procs = free_port(), []
-    for rank in range(WORLD):
-        env = rank_env()
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))  # fmt: skip
-        cmd = [sys.executable, str(HERE), "--child-rank", backend, json.dumps(shape), str(folder), str(repeat)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate() for p in procs]
-    if any(p.returncode for p in procs):
-        for rank, (stdout, stderr) in enumerate(outs):
-            print(f"--- rank {rank} (exit {procs[rank].returncode})\n{stdout[-2000:]}\n{stderr[-4000:]}")
-        sys.exit(f"{backend} on {folder} failed")
-    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outs]
+    args = ["--child-rank", backend, json.dumps(shape), str(folder), str(repeat)]
+    return spawn_ranks(HERE, args, WORLD, f"{backend} on {folder}")
 
 
 def combine(ranks: list[dict], name: str) -> dict:

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from bench_common import BASES, child_env, free_port, llama_config, lora_model, proc_status, reset_peak  # noqa: E402
+from bench_common import BASES, llama_config, lora_model, proc_status, reset_peak, run_ranks  # noqa: E402
 
 WORLD = 2
 BACKENDS = ("fsdp2", "zero3")
@@ -117,19 +116,7 @@ def rank_main(backend: str, shape: dict, folder: Path, repeat: int) -> dict:
 
 
 def run(backend: str, shape: dict, folder: Path, repeat: int) -> list[dict]:
-    port, procs = free_port(), []
-    for rank in range(WORLD):
-        where = {"RANK": rank, "WORLD_SIZE": WORLD, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": WORLD, "MASTER_PORT": port}
-        env = child_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
-                        **{k: str(v) for k, v in where.items()})  # fmt: skip
-        cmd = [sys.executable, str(HERE), "--child", backend, json.dumps(shape), str(folder), str(repeat)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate() for p in procs]
-    if any(p.returncode for p in procs):
-        for rank, (stdout, stderr) in enumerate(outs):
-            print(f"--- rank {rank}\n{stdout[-2000:]}\n{stderr[-4000:]}")
-        sys.exit(f"{backend} failed")
-    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outs]
+    return run_ranks(HERE, ["--child", backend, json.dumps(shape), str(folder), str(repeat)], WORLD, backend)
 
 
 def main() -> None:

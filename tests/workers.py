@@ -1179,5 +1179,15 @@ def _merged_disk_full(wrapped, folder: Path, rank: int, *, parallel: bool) -> No
     (folder / f"disk-full-{'parallel' if parallel else 'writer'}-{rank}.txt").write_text(outcome)
 
 
+def _load_scenario_modules() -> None:
+    """Scenarios of one topic may live in `tests/scenarios_<topic>.py` (they register with `workers.scenario`)."""
+    import importlib
+
+    sys.modules.setdefault("workers", sys.modules[__name__])
+    for path in sorted(Path(__file__).parent.glob("scenarios_*.py")):
+        importlib.import_module(path.stem)
+
+
 if __name__ == "__main__":
+    _load_scenario_modules()
     main()

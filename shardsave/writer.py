@@ -3,10 +3,12 @@
 Runs on the writing rank only and knows nothing of ranks or sharding. `publish` builds the new directory
 as a hidden sibling, fsyncs it, and swaps it into place (one atomic exchange on Linux), so readers see the
 old adapter or the new one, never a mix; files in an existing directory that are not part of the adapter
-are carried over by hard link. Modes are those PEFT's own save gives: new directories and files get the
-process umask's defaults (the kernel applies it), and whatever the new adapter replaces keeps its mode, as
-a file overwritten in place would. Hidden siblings carry their writer's owner tag (`shardsave.owner`), so
-that what a writer that provably died left behind is removed later (`remove_stale`).
+are carried over by hard link, except the previous save's weights that the new ones supersede
+(`superseded_weights`: in a model folder every weights file and index the new save does not write, as a stale
+`model.safetensors` would load before a new index). Modes are those PEFT's own save gives: new directories
+and files get the process umask's defaults (the kernel applies it), and whatever the new adapter replaces
+keeps its mode, as a file overwritten in place would. Hidden siblings carry their writer's owner tag
+(`shardsave.owner`), so that what a writer that provably died left behind is removed later (`remove_stale`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import shutil
 import stat
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ __all__ = [
     "discard",
     "atomic_file",
     "replace_adapter_files",
+    "superseded_weights",
     "check_destination",
     "check_path_argument",
     "adapter_dir",
@@ -279,10 +282,44 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
+#: The weights files and indexes transformers reads from a model folder, variants (`model.fp16.safetensors`,
+#: `model.safetensors.index.fp16.json`) and shards (`model-00001-of-00002.safetensors`) included.
+_MODEL_WEIGHTS = re.compile(
+    r"(?:model|pytorch_model)(?:\..+?)?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)"
+    r"|(?:model\.safetensors|pytorch_model\.bin)\.index(?:\..+?)?\.json"
+)
+
+
+def _is_model_folder(new: Path) -> bool:
+    """The new save is a model's weights (a merged model), not an adapter: it writes them at its top level."""
+    return any(_MODEL_WEIGHTS.fullmatch(name) for name in os.listdir(new))
+
+
+def superseded_weights(new: Path, old_names: Iterable[str]) -> list[str]:
+    """The names of the previous save's files (`old_names`, one level of the old directory) that the new save
+    in `new` supersedes, to be removed rather than kept beside it.
+
+    A model folder (see `_is_model_folder`) drops every weights file and index it does not write, and an
+    adapter's files: transformers loads `model.safetensors` before `model.safetensors.index.json` and
+    `pytorch_model.bin` where the safetensors are missing, and a folder with `adapter_config.json` as the base
+    plus that adapter, so any of them left over would load the previous model. This is what transformers' own
+    `save_pretrained` means by cleaning the folder, for every pattern rather than only its sharded files. An
+    adapter folder (holding `adapter_config.json`) drops the weights file of the other format. Anything else
+    (tokenizer, README, other folders) is kept."""
+    if _is_model_folder(new):
+        stale = lambda name: _MODEL_WEIGHTS.fullmatch(name) or name in _ADAPTER_FILES  # noqa: E731
+    elif (new / CONFIG_NAME).exists():
+        stale = _ADAPTER_FILES.__contains__
+    else:
+        return []
+    return [name for name in old_names if stale(name) and not os.path.lexists(new / name)]
+
+
 def _carry_over(old: Path, new: Path) -> None:
     """Bring into `new` what `old` holds and the new adapter does not replace; what it replaces keeps its mode."""
-    adapter_dir = (new / CONFIG_NAME).exists()
-    for entry in os.scandir(old):
+    entries = list(os.scandir(old))
+    superseded = set(superseded_weights(new, [e.name for e in entries if not e.is_dir(follow_symlinks=False)]))
+    for entry in entries:
         target = new / entry.name
         if entry.is_dir(follow_symlinks=False):
             if target.is_dir() and not target.is_symlink():
@@ -292,8 +329,8 @@ def _carry_over(old: Path, new: Path) -> None:
                 shutil.copytree(entry.path, target, symlinks=True, copy_function=_link_or_copy)
         elif os.path.lexists(target):
             _keep_mode(entry.path, target)  # replaced
-        elif adapter_dir and entry.name in _ADAPTER_FILES:
-            continue  # a stale weights file of the other format
+        elif entry.name in superseded:
+            continue  # the previous save's weights: they would load instead of the new ones
         else:
             _link_or_copy(entry.path, str(target))
 
@@ -385,11 +422,16 @@ def _replace_in_place(tmp: Path, dest: Path) -> None:
     """Fallback when `dest` itself cannot be renamed (a mount point, or the working directory): each file
     is replaced atomically, weights last, so a crash leaves at worst a new config beside old weights."""
     files = [Path(d) / f for d, _, fs in os.walk(tmp) for f in fs]
-    files.sort(key=lambda p: p.name in (SAFETENSORS_NAME, BIN_NAME))
+    files.sort(key=lambda p: p.name in (SAFETENSORS_NAME, BIN_NAME) or bool(_MODEL_WEIGHTS.fullmatch(p.name)))
+    model_folder = _is_model_folder(tmp)
+    superseded = superseded_weights(tmp, os.listdir(dest)) if model_folder else []
     for src in files:
         target = dest / src.relative_to(tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, target)
+    for name in superseded:  # after the new weights are in place: a crash in between leaves both, never neither
+        if not (dest / name).is_dir():
+            (dest / name).unlink(missing_ok=True)
     stale_of = {SAFETENSORS_NAME: BIN_NAME, BIN_NAME: SAFETENSORS_NAME}
     for src in files:
         if src.name in stale_of:

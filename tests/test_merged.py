@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from shardsave import merge_math
 from shardsave.merge import main
 from shardsave.merged import merge_into
-from tests.tiny import base_model, files_under, logits, peft_model
+from tests.tiny import base_model, files_under, logits, peft_model, randomize_trainable
 
 SHARD = "40KB"  # several shard files for the tiny model
 
@@ -240,3 +240,36 @@ def test_a_failed_merge_publishes_nothing_and_restores_torch_threads(tmp_path, m
     monkeypatch.undo()
     merge_into(adapter_dir, base_dir, tmp_path / "out", max_shard_size=SHARD)
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["swap", "in-place"])
+def test_resave_into_an_older_save_leaves_only_the_new_weights(tmp_path, monkeypatch, in_place):
+    """`--overwrite` over a previous merged save with another shard size: the folder holds exactly what a save
+    into an empty folder writes (no stale model.safetensors, shards, index, pytorch_model.bin or adapter files,
+    which transformers would load instead), plus the user's other files; and it loads the new weights."""
+    config = CASES["lora"][0]
+    base_dir, first = _setup(tmp_path, config)
+    second = tmp_path / "second"
+    model = peft_model(config)
+    randomize_trainable(model, seed=7)
+    model.save_pretrained(str(second))
+    merged = _reference(base_dir, second, tmp_path / "theirs")
+    fresh = {size: merge_into(second, base_dir, tmp_path / f"fresh-{size}", max_shard_size=size)
+             for size in ("1GB", SHARD)}  # fmt: skip
+    assert len(files_under(fresh[SHARD])) > 3 and "model.safetensors" in files_under(fresh["1GB"])
+
+    out = tmp_path / "out"
+    merge_into(first, base_dir, out, max_shard_size="1GB")
+    torch.save({"lm_head.weight": torch.zeros(1)}, out / "pytorch_model.bin")  # an older .bin save
+    (out / "adapter_config.json").write_text((first / "adapter_config.json").read_text())
+    (out / "tokenizer.json").write_text("{}")  # the user's: kept
+    if in_place:  # the working directory inside the output: files replaced one by one
+        monkeypatch.chdir(out)
+    for size in (SHARD, "1GB", SHARD):  # single -> sharded -> single -> sharded
+        cli = [str(second), "--into", str(base_dir), "-o", str(out), "--max-shard-size", size, "--overwrite"]
+        assert main(cli) == 0
+        assert files_under(out) == sorted([*files_under(fresh[size]), "tokenizer.json"]), size
+        for rel in files_under(fresh[size]):
+            assert (out / rel).read_bytes() == (fresh[size] / rel).read_bytes(), (size, rel)
+        loaded = AutoModelForCausalLM.from_pretrained(str(out))
+        torch.testing.assert_close(logits(loaded), logits(merged), atol=0, rtol=0)

@@ -77,6 +77,35 @@ def test_existing_adapter_replaced_whole_other_files_kept(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+
+def test_model_folder_publish_drops_every_weights_file_of_the_previous_save(tmp_path):
+    """A model folder (merged weights) keeps no weights file or index of the previous save beside the new ones,
+    whichever way it was sharded; an adapter folder keeps its rule (only its other format goes)."""
+    dest = tmp_path / "model"
+    old = ["model.safetensors", "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors",
+           "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model-00001-of-00002.bin",
+           "pytorch_model.bin.index.json", "model.fp16.safetensors", "adapter_model.safetensors",
+           "adapter_config.json", "config.json", "tokenizer.json", "README.md", "sub/model.safetensors"]  # fmt: skip
+    for name in old:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_text("old")
+    new = {"config.json": "new", "model-00001-of-00002.safetensors": "new", "model-00002-of-00002.safetensors": "new",
+           "model.safetensors.index.json": "new"}  # fmt: skip
+    writer.publish(dest, lambda tmp: [(tmp / k).write_text(v) for k, v in new.items()])
+    kept = {"tokenizer.json": "old", "README.md": "old", "sub/model.safetensors": "old"}
+    assert snapshot(dest) == {k: v.encode() for k, v in {**new, **kept}.items()}
+    writer.publish(dest, lambda tmp: [(tmp / k).write_text("single") for k in ("config.json", "model.safetensors")])
+    assert sorted(snapshot(dest)) == sorted(["config.json", "model.safetensors", *kept])
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_model.bin", "model.safetensors", "config.json"):
+        (adapter / name).write_text("old")
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    writer.publish(adapter, lambda tmp: [(tmp / k).write_text("new") for k in files])
+    assert sorted(snapshot(adapter)) == sorted(["config.json", "model.safetensors", *files])
+    assert leftovers(tmp_path) == []
+
 def test_existing_readme_is_updated_not_replaced(tmp_path):
     model = peft_model(LoraConfig(target_modules=QV))
     dest, theirs = tmp_path / "ours", tmp_path / "theirs"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .names import path_component
 from .plan import read_items
 from .stream import TensorSpec, dtype_from_name, read_header
 from .writer import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
@@ -78,6 +79,9 @@ class AdapterFiles:
 def _adapter_folder(path: Path, adapter_name: str) -> Path | None:
     """The folder holding the adapter's config: `path/<adapter_name>` (PEFT's layout for a non-default adapter
     saved beside others) when there is one, else `path` itself (a folder of that adapter alone)."""
+    if adapter_name != "default":  # the folder PEFT would read it from: `path/<adapter_name>`
+        fix = "Pass the name of an adapter saved in that folder (adapter_name, --selected-adapters)."
+        path_component(adapter_name, source=path, error=AdapterFilesError, fix=fix)
     if adapter_name != "default" and (path / adapter_name / CONFIG_NAME).is_file():
         return path / adapter_name
     if (path / CONFIG_NAME).is_file():

@@ -36,6 +36,7 @@ from .convert import (
     read_initial_adapter,
 )
 from .log import logger
+from .names import path_component
 from .shards import FORMAT, MANIFEST_NAME, SHARD_PATTERN, sha256_of
 from .stream import FileRange, TensorSpec, dtype_from_name, read_header, write_streaming
 from .verify import verify_adapter, warn_findings
@@ -116,6 +117,9 @@ def _load_manifest(folders: list[Path]) -> tuple[Path, dict]:
     if ranks != list(range(world)):
         missing = sorted(set(range(world)) - set(ranks))
         raise ShardSetError(f"{path}: lists ranks {ranks} for a world of {world}; missing rank(s) {missing}.")
+    for f in files:  # each joined to the shard folders: a name from the file must not reach outside them
+        path_component(f.get("name"), source=path, what="shard file name", error=ShardSetError,
+                       fix="The manifest is damaged or was not written by shardsave.save_shards.")  # fmt: skip
     listed = {f["name"] for f in files}
     for directory in folders:
         pickles = sorted(
@@ -180,6 +184,9 @@ def read_shard_set(shards_directory, *, verify_checksums: bool = True) -> ShardS
                 f"{item['rank']} of {world}."
             )
         adapters = json.loads(meta["adapters"])
+        for name in adapters:  # each becomes the output's `<name>/` folder
+            fix = "The shard's header is damaged or was not written by shardsave.save_shards."
+            path_component(name, source=path, error=ShardSetError, fix=fix)
         if shard_set is None:
             shard_set = ShardSet(directory, run_id, world, meta["card"], adapters)
         elif adapters != shard_set.adapters or meta["card"] != shard_set.card:

@@ -32,6 +32,7 @@ from .adapter_files import AdapterFiles, AdapterFilesError, open_adapter
 from .compat import hf_saved_keys
 from .log import logger
 from .merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
+from .names import path_component
 from .stream import FileRange, TensorSpec, dtype_from_name, file_order, read_header, write_streaming
 from .writer import BackgroundSync, check_destination, publish
 
@@ -80,6 +81,9 @@ def _base_files(folder: Path, allow_pickle: bool) -> _Base:
             except (ValueError, KeyError, TypeError) as exc:
                 raise MergedError(f"{folder / index_name}: not a weights index ({exc}).") from None
             names = list(dict.fromkeys(weight_map.values()))
+            for name in names:  # each joined to the base folder: none may reach outside it
+                path_component(name, source=folder / index_name, what="weights file name", error=MergedError,
+                               fix="The index is damaged; download or copy the base model again.")  # fmt: skip
         elif (folder / single).is_file():
             weight_map, names = None, [single]
         else:

@@ -1,15 +1,26 @@
-"""Parameter names: wrapper prefixes off, and PEFT's rule for dropping the adapter name.
+"""Parameter names: wrapper prefixes off, PEFT's rule for dropping the adapter name, and names that become paths.
 
 Pure string functions, no torch. Every place that needs a model-independent name goes through
 `canonical_name`, so a wrapper added by FSDP1, activation checkpointing or `torch.compile` never leaks
-into a saved key.
+into a saved key. Every name that is joined to a directory (an adapter's folder, a shard file a manifest
+lists, a weights file an index names) goes through `path_component`, so that a name read from a file cannot
+write or read outside that directory.
 """
 
 from __future__ import annotations
 
+import ntpath
 import re
 
-__all__ = ["WRAPPER_COMPONENTS", "canonical_name", "is_under", "strip_adapter_name", "check_adapter_name"]
+__all__ = [
+    "WRAPPER_COMPONENTS",
+    "canonical_name",
+    "is_under",
+    "strip_adapter_name",
+    "is_path_component",
+    "path_component",
+    "check_adapter_name",
+]
 
 #: Name components that wrappers insert between a module and its children. They never belong to a
 #: saved key: FSDP1 (`FullyShardedDataParallel`), activation checkpointing (`CheckpointWrapper`) and
@@ -56,18 +67,41 @@ def strip_adapter_name(key: str, adapter_name: str) -> str:
 _BAD_NAME = re.compile(r"[/\\\x00]")
 
 
+def is_path_component(name: object) -> bool:
+    """`name` is one plain path component: a non-empty string, not `.` or `..`, without `/`, `\\` or NUL and
+    without a drive (`C:`), so that `directory / name` is always an entry of `directory` itself."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and _BAD_NAME.search(name) is None
+        and not ntpath.splitdrive(name)[0]
+    )
+
+
+def path_component(
+    name: object, *, source: object, what: str = "adapter name", fix: str = "", error: type[ValueError] = ValueError
+) -> str:
+    """`name`, checked to be one plain path component (`is_path_component`), or `error` naming `source` (the
+    file the name was read from, or the argument that gave it), the name and `fix`.
+
+    Called wherever a name is joined to a directory: a name read from a file written elsewhere (`../x`, an
+    absolute path) would otherwise write or read outside it."""
+    if is_path_component(name):
+        return name  # type: ignore[return-value]
+    raise error(
+        f"{source}: the {what} {name!r} cannot name a file or folder: it is joined to a directory, so it must be "
+        f"one plain path component (not empty, '.' or '..', no '/', '\\', NUL or drive), or it would reach "
+        f"outside that directory. Nothing was read or written for it. {fix or 'Rename it where it was set.'}"
+    )
+
+
 def check_adapter_name(adapter_name: str) -> None:
     """Raise `ValueError` if `adapter_name` cannot safely be a directory under the save directory.
 
     Non-default adapters are written to `save_directory/<adapter_name>/`; a name with a path separator or
     a `..` would write outside it.
     """
-    if (
-        not isinstance(adapter_name, str)
-        or not adapter_name
-        or adapter_name in (".", "..")
-        or _BAD_NAME.search(adapter_name)
-    ):
+    if not is_path_component(adapter_name):
         raise ValueError(
             f"Adapter name {adapter_name!r} cannot be saved: non-default adapters are written to "
             f"save_directory/<adapter name>/, so the name must be a plain directory name without '/', '\\', "

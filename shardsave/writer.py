@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .names import path_component
 from .owner import Owner
 
 __all__ = [
@@ -154,8 +155,12 @@ def remove_stale(dest: Path) -> list[str]:
 
 
 def adapter_dir(root: Path, adapter_name: str) -> Path:
-    """Where PEFT puts an adapter: the root for `default`, a subdirectory named after it otherwise."""
-    return root if adapter_name == "default" else root / adapter_name
+    """Where PEFT puts an adapter: the root for `default`, a subdirectory named after it otherwise; `ValueError`
+    for a name that is not one plain path component (`names.path_component`): every adapter written goes
+    through here, whatever file its name came from, so none lands outside `root`."""
+    if adapter_name == "default":
+        return root
+    return root / path_component(adapter_name, source=root, fix="Rename the adapter; nothing was written.")
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:

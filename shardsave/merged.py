@@ -352,8 +352,7 @@ def merge_into(
         # tensor, overlapped with the main thread's kernel copies; a thread pool on top made each op wait for a
         # descheduled thread at its barrier (10x slower on a busy 2-core machine, benchmarks/README.md)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        ahead = _Ahead(computed, compute, cost, lambda k: specs[k].nbytes, budget)
+        ahead: _Ahead | None = None
 
         def produce(key: str) -> torch.Tensor | list[FileRange]:
             ahead.written()  # the previous tensor is in the file: its memory is free
@@ -369,10 +368,13 @@ def merge_into(
                     write_streaming(tmp / filename, {k: specs[k] for k in keys}, produce, metadata={"format": "pt"})
                     sync(tmp / filename)
 
-        try:
+        try:  # the thread count is restored whatever fails, starting the worker included
+            torch.set_num_threads(1)
+            ahead = _Ahead(computed, compute, cost, lambda k: specs[k].nbytes, budget)
             publish(destination, fill)
         finally:
-            ahead.close()
+            if ahead is not None:
+                ahead.close()
             torch.set_num_threads(threads)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

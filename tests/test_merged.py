@@ -238,6 +238,15 @@ def test_a_failed_merge_publishes_nothing_and_restores_torch_threads(tmp_path, m
     assert torch.get_num_threads() == threads and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     monkeypatch.undo()
+
+    def no_thread(*args, **kwargs):  # as under a process limit: "can't start new thread"
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(merged_module, "_Ahead", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        merge_into(adapter_dir, base_dir, tmp_path / "out", max_shard_size=SHARD)
+    assert torch.get_num_threads() == threads and not (tmp_path / "out").exists()
+    monkeypatch.undo()
     merge_into(adapter_dir, base_dir, tmp_path / "out", max_shard_size=SHARD)
     assert torch.get_num_threads() == threads
 

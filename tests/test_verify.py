@@ -323,6 +323,37 @@ def test_merge_of_a_sliced_and_an_untrained_adapter_warns_and_publishes(caplog, 
     assert (out / SAFETENSORS_NAME).is_file() and (out / "untrained" / SAFETENSORS_NAME).is_file()
 
 
+def test_checks_run_on_one_thread_and_restore_the_callers_thread_count(saved, model, tmp_path):
+    """The checks set one intra-op thread while they run and give the caller its own count back afterwards,
+    also when reading fails partway; the CLI too."""
+    from peft import get_peft_model_state_dict
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # not the default: restored means the caller's value, not the machine's
+    try:
+        seen = []
+        tensors = get_peft_model_state_dict(model)
+
+        def pairs(fail: bool):
+            for i, item in enumerate(tensors.items()):
+                seen.append(torch.get_num_threads())
+                if fail and i == 2:
+                    raise VerifyError("corrupt partway")
+                yield item
+
+        assert check_tensors("default", model.peft_config["default"].to_dict(), pairs(False)) == []
+        assert set(seen) == {1} and torch.get_num_threads() == 3
+        with pytest.raises(VerifyError, match="corrupt partway"):
+            check_tensors("default", model.peft_config["default"].to_dict(), pairs(True))
+        assert torch.get_num_threads() == 3
+        assert verify_adapter(saved).sound and torch.get_num_threads() == 3
+        adapter = _copy(saved, tmp_path)
+        os.truncate(adapter / SAFETENSORS_NAME, (adapter / SAFETENSORS_NAME).stat().st_size - 10)
+        assert main([str(adapter)]) == 2 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- unreadable: exit 2 ----------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .names import canonical_name
+from .names import canonical_name, path_component
 
 __all__ = [
     "LATEST_NAME",
@@ -188,11 +188,11 @@ def checkpoint_dir(folder: str | os.PathLike, tag: str | None = None) -> Path:
                 f"save folder. Tags present: {_tags(folder) or 'none'}; pass one as the tag, or the tag's folder."
             )
         tag = latest.read_text().strip()
-        where = f"named by {latest}"
+        source, where = latest, f"named by {latest}"
     else:
-        where = "asked for"
-    if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
-        raise DeepSpeedCheckpointError(f"{folder}: the tag {tag!r} ({where}) is not a folder name.")
+        source, where = folder, "asked for"
+    fix = f"Pass one of the tags present: {_tags(folder) or 'none'}."
+    path_component(tag, source=source, what=f"DeepSpeed tag ({where})", error=DeepSpeedCheckpointError, fix=fix)
     path = folder / tag
     if not _is_tag_dir(path):
         raise DeepSpeedCheckpointError(

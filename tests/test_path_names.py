@@ -150,3 +150,16 @@ def test_every_adapter_written_is_a_folder_of_the_output(tmp_path, name):
     assert writer.adapter_dir(tmp_path, "default") == tmp_path
     assert writer.adapter_dir(tmp_path, "other") == tmp_path / "other"
     assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("tag", ["../elsewhere", "ABS", "..", "a\x00b"])
+def test_deepspeed_tag_named_by_latest_is_one_folder_of_the_save(tmp_path, tag):
+    from shardsave.deepspeed_source import DeepSpeedCheckpointError, checkpoint_dir
+
+    tag = str(tmp_path / "elsewhere") if tag == "ABS" else tag
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "latest").write_text(tag)
+    with pytest.raises(DeepSpeedCheckpointError, match="DeepSpeed tag") as error:
+        checkpoint_dir(save)
+    assert str(save / "latest") in str(error.value) and repr(tag) in str(error.value)

@@ -484,7 +484,7 @@ def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes
     present = _adapter_names_in(checkpoint.tensors) if fmt == "model" else set(peft_configs)
     if fmt is None:
         held = set(mapping.values())
-        if held and held == set(checkpoint.tensors):  # the adapter's other tensors alone, in PEFT's format
+        if held == set(checkpoint.tensors):  # the adapter's other tensors alone (or none), in PEFT's format
             raise RescueError(_lora_gap(checkpoint, plans, mapping))
         raise RescueError(
             f"{where}: holds no adapter tensor (no lora_A / lora_B / modules_to_save among its "
@@ -544,22 +544,25 @@ def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes
 _FSDP1_CAUSE = (
     "accelerate's save_fsdp_model(..., adapter_only=True), which Trainer calls for FSDP checkpoints, writes this "
     "under FSDP1: it passes the FSDP1 wrapper to PEFT's get_peft_model_state_dict, which then finds no LoRA "
-    "weights (only the modules_to_save ones)"
+    "weights (only the modules_to_save ones, if any)"
 )
 
 
 def _checkpoint_folder(source: Source) -> Path:
-    """The Trainer `checkpoint-N/` the framework's files are in."""
-    return source.given if source.path == source.given or source.kind == "fsdp" else source.path.parent
+    """The Trainer `checkpoint-N/` the framework's files are in (`pytorch_model_fsdp_0/` may be passed itself)."""
+    return source.given.parent if FSDP_MODEL_DIR.match(source.given.name) else source.given
 
 
 def _lora_gap(checkpoint: _Checkpoint, plans: list[AdapterPlan], mapping: Mapping[str, str]) -> str:
     keys = [key for plan in plans for key in plan.entries]
     lost = [key for plan in plans for key, src in plan.entries.items() if src not in mapping]
     held = sorted(set(mapping.values()))
+    what = f"{len(held)} of the adapter's {len(keys)} tensors, {held[:3]} (in PEFT's key format)," if held else (
+        "no tensor at all:"
+    )  # fmt: skip
     return (
-        f"{checkpoint.source.path}: holds {len(held)} of the adapter's {len(keys)} tensors, {held[:3]} (in PEFT's "
-        f"key format), and none of its {len(lost)} LoRA tensors (e.g. {lost[:3]}). {_FSDP1_CAUSE}. The LoRA weights "
+        f"{checkpoint.source.path}: holds {what} none of its {len(lost)} LoRA tensors (e.g. {lost[:3]}). "
+        f"{_FSDP1_CAUSE}. The LoRA weights "
         f"are not in this checkpoint (resumed with Trainer alone, it restores none of them), so the adapter cannot "
         f"be rescued from it. {callback_adapter(_checkpoint_folder(checkpoint.source))}"
     )
@@ -619,7 +622,7 @@ def fsdp1_lora_gap(folder: str | os.PathLike) -> str | None:
             return None
     except ValueError:
         return None
-    if not names or key_format(names) is not None or not all(n.startswith("base_model.model.") for n in names):
+    if key_format(names) is not None or not all(n.startswith("base_model.model.") for n in names):
         return None
     try:
         targets = json.loads((Path(folder) / CONFIG_NAME).read_text()).get("target_modules")
@@ -627,9 +630,10 @@ def fsdp1_lora_gap(folder: str | os.PathLike) -> str | None:
         targets = None
     if not targets:
         return None
+    what = f"{len(names)} tensor(s), {sorted(names)[:3]} (in PEFT's key format), and" if names else "no tensor:"
     return (
-        f"{source.path}: accelerate's FSDP checkpoint of the adapter holds {len(names)} tensor(s), {sorted(names)[:3]} "
-        f"(in PEFT's key format), and no LoRA tensor of its target_modules {targets}. {_FSDP1_CAUSE}. Resumed with "
+        f"{source.path}: accelerate's FSDP checkpoint of the adapter holds {what} no LoRA tensor of its "
+        f"target_modules {targets}. {_FSDP1_CAUSE}. Resumed with "
         f"Trainer alone, this checkpoint restores none of the LoRA weights, and `python -m shardsave.merge` cannot "
         f"rescue the adapter from it."
     )

@@ -52,6 +52,11 @@ def accelerate_fsdp_save(rank, world, out: Path, params):
         full = FullyShardedDataParallelPlugin(fsdp_version=version, state_dict_type="FULL_STATE_DICT")
         save_fsdp_model(full, accelerator, wrapped, str(out / "full"), adapter_only=True)
     shardsave.save_pretrained(wrapped, out / "reference")
+    if version == 1:  # a LoRA without modules_to_save: accelerate's FSDP1 save then holds no tensor at all
+        lora_only, _ = wrap(lora_model({"lora": {**LORA, "modules_to_save": None}}), backend)
+        save_fsdp_model(plugin, accelerator, lora_only, str(out / "lora_only"), adapter_only=True)
+        if rank == 0:
+            lora_only.peft_config["default"].save_pretrained(str(out / "lora_only"))
     state = full_state(wrapped, backend)
     if rank == 0:
         torch.save({k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}, out / "lora.pt")

@@ -86,6 +86,9 @@ def test_fsdp1_checkpoint_lacks_lora_and_says_so(tmp_path, capsys):
     assert code == 2 and not out.exists(), err
     assert "holds FSDP1 ShardedTensors" in err and "get_peft_model_state_dict" in err, err
     assert "No adapter ShardSaveCallback wrote is in" in err, err
+    # a LoRA without modules_to_save: the checkpoint holds no tensor (not "a full fine-tune")
+    code, err = rescue(tmp_path / "lora_only", "-o", out, "--base", base)
+    assert code == 2 and "holds no tensor at all: none of its 8 LoRA tensors" in err, err
 
 
 def test_key_format_rule():

@@ -200,7 +200,7 @@ def _configs_in(folder: Path, present: set[str] | None) -> dict[str, Path]:
 
 
 def _find_configs(
-    source: Source, adapter_config: str | os.PathLike | None, present: set[str] | None
+    source: Source, adapter_config: str | os.PathLike | None, present: set[str] | None, hint: str = ""
 ) -> dict[str, Path]:
     if adapter_config is not None:
         given = Path(adapter_config)
@@ -218,9 +218,27 @@ def _find_configs(
     raise RescueError(
         f"{source.given}: no {CONFIG_NAME} found in {[str(p) for p in searched]}; the checkpoint holds the weights "
         f"but not the adapter's configuration. Pass --adapter-config with the config the training used "
-        f"(Trainer writes it into each checkpoint-N/ folder; peft_model.peft_config['default'].save_pretrained(dir) "
-        f"writes it)."
+        f"({hint or 'Trainer writes it into each checkpoint-N/ folder; '}"
+        f"peft_model.peft_config['default'].save_pretrained(dir) writes it)."
     )
+
+
+def _no_config_hint(checkpoint: _Checkpoint) -> str:
+    """Why a framework checkpoint may come without the adapter's config, for the message that asks for it."""
+    source = checkpoint.source
+    if source.kind != "fsdp" and not FSDP_MODEL_DIR.match(source.path.name):
+        return ""
+    names = list(checkpoint.tensors)
+    hint = (
+        "under FSDP's SHARDED_STATE_DICT Trainer writes no adapter file and no config into checkpoint-N/, only "
+        "accelerate's FSDP checkpoint; shardsave's ShardSaveCallback writes both; "
+    )
+    if key_format(names) is None and all(n.startswith("base_model.model.") for n in names):
+        hint += (
+            f"and this checkpoint holds no LoRA tensor, only {len(names)} in PEFT's key format ({sorted(names)[:3]}): "
+            f"{_FSDP1_CAUSE}; "
+        )
+    return hint
 
 
 def _load_config(path: Path):
@@ -689,7 +707,8 @@ def rescue_adapter(
         )
     checkpoint = _open_checkpoint(found, tag=tag, allow_pickle=allow_pickle)
     fmt = key_format(checkpoint.tensors)
-    configs = _find_configs(found, adapter_config, _adapter_names_in(checkpoint.tensors) if fmt == "model" else None)
+    present = _adapter_names_in(checkpoint.tensors) if fmt == "model" else None
+    configs = _find_configs(found, adapter_config, present, _no_config_hint(checkpoint))
     plan = _plan_for(checkpoint, configs, None if base is None else os.fspath(base), fmt)
     try:
         tensors = checkpoint.read(list(dict.fromkeys(plan.sources[n] for p in plan.plans for n in p.sources)))

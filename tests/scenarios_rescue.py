@@ -65,3 +65,49 @@ def accelerate_fsdp_save(rank, world, out: Path, params):
         llama_config().save_pretrained(str(out / "base"))
     dist.barrier()
     return {"files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "result-" not in p.name)}
+
+
+@scenario
+def trainer_fsdp(rank, world, out: Path, params):
+    """transformers.Trainer with FSDP2 trains a LoRA model and writes checkpoint-2/ (accelerate's FSDP state is
+    forced on CPU, where accelerate enables FSDP only for accelerators; FSDP1 then fails in accelerate's prepare:
+    "Inconsistent compute device and `device_id`: cpu vs cpu:0"); then shardsave.save_pretrained of the live
+    model (`reference/`) and the base model's config (`base/`)."""
+    import accelerate
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+    from datasets_free import token_dataset
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from tiny import llama_config
+    from transformers import Trainer, TrainingArguments
+
+    version = int(params.get("fsdp_version", 2))
+    model = lora_model({"lora": LORA})
+    inner = model.get_base_model()
+    inner.name_or_path = inner.config._name_or_path = str(out / "base")
+    model.peft_config["default"].base_model_name_or_path = str(out / "base")
+    model.train()
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=version,
+        state_dict_type="SHARDED_STATE_DICT",
+        auto_wrap_policy=fsdp_auto_wrap_policy(model) if version == 1 else "transformer_based_wrap",
+        transformer_cls_names_to_wrap=None if version == 1 else ["LlamaDecoderLayer"],
+        use_orig_params=True if version == 1 else None,
+    )
+    state = accelerate.Accelerator(fsdp_plugin=plugin, cpu=True).state
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    args = TrainingArguments(
+        output_dir=str(out / "run"), max_steps=2, save_steps=2, per_device_train_batch_size=2, report_to=[],
+        learning_rate=1e-2, accelerator_config={"use_configured_state": True},
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(rank))
+    state = trainer.accelerator.state
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin  # Trainer's Accelerator reset it
+    trainer.train()
+    shardsave.save_pretrained(trainer.model_wrapped, out / "reference")
+    if rank == 0:
+        llama_config().save_pretrained(str(out / "base"))
+    return {
+        "fsdp": trainer.is_fsdp_enabled,
+        "files": sorted(str(p.relative_to(out)) for p in (out / "run").rglob("*") if p.is_file()),
+    }

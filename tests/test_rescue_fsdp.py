@@ -91,6 +91,27 @@ def test_fsdp1_checkpoint_lacks_lora_and_says_so(tmp_path, capsys):
     assert code == 2 and "holds no tensor at all: none of its 8 LoRA tensors" in err, err
 
 
+@pytest.mark.multirank
+def test_trainer_fsdp2_checkpoint_rescued(tmp_path):
+    """transformers.Trainer itself under FSDP2 on 2 gloo ranks: its checkpoint-2/ holds accelerate's FSDP
+    checkpoint and no adapter file or config; the rescue asks for the config, saying why, and with it writes what
+    shardsave.save_pretrained wrote from the live model."""
+    from multirank import check_ok, run_ranks
+
+    results = run_ranks("trainer_fsdp", tmp_path, limit=500)
+    check_ok(results)
+    assert results[0].result["fsdp"]
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file()
+    assert not list(checkpoint.glob("adapter_*"))  # Trainer's save_model writes nothing here under SHARDED
+    out = tmp_path / "out"
+    code, err = rescue(checkpoint, "-o", out)
+    assert code == 2 and "Trainer writes no adapter file and no config into checkpoint-N/" in err, err
+    code, err = rescue(checkpoint, "-o", out, "--adapter-config", tmp_path / "reference")
+    assert code == 0, err
+    same_files(tmp_path / "reference", out)
+
+
 def test_key_format_rule():
     """A pure check of which names are PEFT's saved keys and which the PeftModel's parameter names."""
     model = [

@@ -202,11 +202,11 @@ def open_fsdp_files(folder: str | os.PathLike) -> FSDPFiles:
         if set(other) != set(tensors):
             diff = sorted(set(other) ^ set(tensors))
             raise FSDPFileError(f"{path}: its keys differ from {files[0].name}'s (e.g. {diff[:3]}): two saves' files?")
-        if ranks:
-            mesh = getattr(next(iter(other.values()), None), "device_mesh", None)
-            if mesh is not None and mesh.mesh.numel() != len(files):
-                raise FSDPFileError(
-                    f"{folder}: the tensors are sharded over {mesh.mesh.numel()} ranks, but {len(files)} rank "
-                    f"files are here; copy every rank's file."
-                )
+    for value in loaded[0].values() if ranks else ():
+        mesh = getattr(value, "device_mesh", None)
+        if mesh is not None and int(mesh.mesh.max()) >= len(files):
+            raise FSDPFileError(
+                f"{folder}: the tensors are sharded over ranks up to {int(mesh.mesh.max())}, but only {len(files)} "
+                f"rank files are here (ranks 0..{len(files) - 1}); copy every rank's file."
+            )
     return FSDPFiles(folder, files, tensors, loaded)

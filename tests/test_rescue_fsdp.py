@@ -39,6 +39,12 @@ def test_fsdp2_checkpoints_rescued_as_saved_from_the_live_model(tmp_path, caplog
         assert code == 0, (source, err)
         same_files(tmp_path / "reference", out)
     assert "rescued as adapter 'default'" in caplog.text  # the rank files: PEFT's keys, as DTensors
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("adapter_config.json", "pytorch_model_fsdp_0_rank0.bin"):
+        (partial / name).write_bytes((tmp_path / "per_rank" / name).read_bytes())
+    code, err = rescue(partial, "-o", tmp_path / "out-partial", "--base", base)
+    assert code == 2 and "only 1 rank files are here (ranks 0..0); copy every rank's file" in err, err
     # the recipe: verify finds the broken adapter, the merge rewrites it in place from pytorch_model_fsdp_0/
     adapter = checkpoint / "adapter_model.safetensors"
     save_file({k: torch.empty(0) for k in load_file(adapter)}, str(adapter), metadata={"format": "pt"})
@@ -110,6 +116,21 @@ def test_trainer_fsdp2_checkpoint_rescued(tmp_path):
     code, err = rescue(checkpoint, "-o", out, "--adapter-config", tmp_path / "reference")
     assert code == 0, err
     same_files(tmp_path / "reference", out)
+
+
+def test_fsdp_file_that_would_run_code_is_refused_unrun(tmp_path):
+    """A pytorch_model_fsdp.bin whose pickle names a function is refused by torch.load(weights_only=True): exit 2
+    naming the file; nothing is called."""
+    import os
+
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    torch.save({"base_model.model.lm_head.weight": torch.ones(2), "x": (os.mkdir, str(marker))},
+               folder / "pytorch_model_fsdp.bin")  # fmt: skip
+    code, err = rescue(folder, "-o", tmp_path / "out")
+    assert code == 2 and "pytorch_model_fsdp.bin: not readable with torch.load(weights_only=True)" in err, err
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_key_format_rule():

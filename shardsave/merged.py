@@ -133,9 +133,11 @@ def _read_file(base: _Base, path: Path, pickled: bool) -> None:
         base.specs[key] = TensorSpec(shape, dtype)
 
 
-def _adapters(source: Path, selected: Sequence[str] | None, allow_pickle: bool, scratch: Path) -> list[AdapterFiles]:
+def _adapters(
+    source: Path, selected: Sequence[str] | None, allow_pickle: bool, scratch: Path, base: Path
+) -> list[AdapterFiles]:
     """The adapters to merge, in order: from an adapter folder or shard set directly, from a framework checkpoint
-    through the rescue (into `scratch`)."""
+    through the rescue (into `scratch`), whose structure checks are made on `base`, the model merged into."""
     from .rescue import RescueError, detect_source, rescue_adapter
 
     try:
@@ -144,7 +146,7 @@ def _adapters(source: Path, selected: Sequence[str] | None, allow_pickle: bool, 
         found = None  # an adapter folder (or nothing usable: open_adapter says what)
     if found is not None and found.kind != "shards":
         try:
-            rescue_adapter(found.given, scratch / "adapter", allow_pickle=allow_pickle)
+            rescue_adapter(found.given, scratch / "adapter", base=base, allow_pickle=allow_pickle)
         except RescueError as exc:
             raise MergedError(str(exc)) from None
         source = scratch / "adapter"
@@ -317,7 +319,7 @@ def merge_into(
     scratch = Path(tempfile.mkdtemp(prefix=".shardsave-merge-", dir=destination.parent if destination.parent.is_dir()
                                     else None))  # fmt: skip
     try:
-        adapters = _adapters(source_path, selected_adapters, allow_pickle, scratch)
+        adapters = _adapters(source_path, selected_adapters, allow_pickle, scratch, base_path)
         names = list(selected_adapters) if selected_adapters else ["default"]
         try:
             plan = plan_merge([(n, a.config, list(a.specs)) for n, a in zip(names, adapters, strict=True)])

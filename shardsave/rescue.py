@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,17 @@ from .writer import (
     write_weights,
 )
 
-__all__ = ["RescueError", "Source", "DTYPES", "detect_source", "align_names", "rescue_adapter"]
+__all__ = [
+    "RescueError",
+    "Source",
+    "DTYPES",
+    "detect_source",
+    "align_names",
+    "key_format",
+    "fsdp1_lora_gap",
+    "callback_adapter",
+    "rescue_adapter",
+]
 
 #: `--dtype` choices: "auto" writes each tensor in the dtype the model trained it in.
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,6 +68,11 @@ _ADAPTER_PART = re.compile(
     r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save|"
     r"trainable_tokens_delta)(\.|$)"
 )
+#: A key as PEFT saves it (`get_peft_model_state_dict`): the adapter's slot with no adapter name after it.
+_PEFT_KEY = re.compile(
+    r"\.(lora_A|lora_B)\.(weight|bias)$|\.(lora_embedding_A|lora_embedding_B|lora_magnitude_vector|"
+    r"trainable_tokens_delta)$"
+)
 
 
 class RescueError(ValueError):
@@ -69,7 +84,7 @@ class RescueError(ValueError):
 class Source:
     """What `python -m shardsave.merge` was pointed at, and where its data is."""
 
-    kind: str  # "shards" | "deepspeed" | "dcp"
+    kind: str  # "shards" | "deepspeed" | "dcp" | "fsdp" (accelerate's pytorch_model_fsdp*.bin)
     given: Path  # the path as passed
     path: Path  # the folder holding the data: the shard set, the DeepSpeed tag folder, the DCP folder
 
@@ -78,7 +93,13 @@ class Source:
             "shards": "a shardsave shard set",
             "deepspeed": "a DeepSpeed ZeRO checkpoint",
             "dcp": "a torch.distributed.checkpoint (DCP) folder",
+            "fsdp": "accelerate's FSDP model file(s)",
         }[self.kind]
+        if self.kind == "fsdp":
+            from .fsdp_source import fsdp_files
+
+            files = [p.name for p in fsdp_files(self.path)]
+            return f"{what} ({files[0]}{f' .. {files[-1]}' if len(files) > 1 else ''})"
         return what if self.path == self.given else f"{what} ({self.path.relative_to(self.given)})"
 
 
@@ -91,9 +112,11 @@ def _is_deepspeed(folder: Path) -> bool:
 
 def detect_source(path: str | os.PathLike, *, tag: str | None = None) -> Source:
     """Recognise `path` from its files: a shard set (`manifest.json`), a DCP folder (`.metadata`), a DeepSpeed
-    save (`latest`, or a tag folder of `*_model_states.pt`), or a Trainer / accelerate `checkpoint-N/` holding
-    one of those (never its `adapter_model.*`, which may be the broken file being rescued)."""
+    save (`latest`, or a tag folder of `*_model_states.pt`), accelerate's FSDP model files
+    (`pytorch_model_fsdp.bin`, `pytorch_model_fsdp_0_rank<N>.bin`), or a Trainer / accelerate `checkpoint-N/`
+    holding one of those (never its `adapter_model.*`, which may be the broken file being rescued)."""
     from .deepspeed_source import checkpoint_dir
+    from .fsdp_source import fsdp_files
     from .shards import MANIFEST_NAME, SHARD_PATTERN
 
     given = Path(os.path.abspath(os.fspath(path)))
@@ -118,6 +141,8 @@ def detect_source(path: str | os.PathLike, *, tag: str | None = None) -> Source:
             raise RescueError(
                 f"{given}: holds several DCP checkpoints ({[p.name for p in dcp]}); pass the one of the model."
             )
+        elif fsdp_files(given):
+            kind, data = "fsdp", given
         else:
             raise RescueError(_not_a_source(given))
     if tag is not None and kind != "deepspeed":
@@ -161,19 +186,22 @@ def _not_a_source(folder: Path) -> str:
 # --- the adapter config -----------------------------------------------------------------------------------------
 
 
-def _configs_in(folder: Path, present: set[str]) -> dict[str, Path]:
+def _configs_in(folder: Path, present: set[str] | None) -> dict[str, Path]:
     """Adapter name -> folder of its adapter_config.json, as PEFT lays adapters out: `default` at the root,
     others in subfolders named after them; a subfolder counts only when the checkpoint holds an adapter of its
-    name (a copy of an adapter saved next to the checkpoint is not one of its adapters)."""
+    name (a copy of an adapter saved next to the checkpoint is not one of its adapters). `present` None: the
+    checkpoint's keys name no adapter (PEFT's key format), every subfolder counts."""
     found = {"default": folder} if (folder / CONFIG_NAME).is_file() else {}
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
-            if p.name in present and p.is_dir() and (p / CONFIG_NAME).is_file():
+            if (present is None or p.name in present) and p.is_dir() and (p / CONFIG_NAME).is_file():
                 found.setdefault(p.name, p)
     return found
 
 
-def _find_configs(source: Source, adapter_config: str | os.PathLike | None, present: set[str]) -> dict[str, Path]:
+def _find_configs(
+    source: Source, adapter_config: str | os.PathLike | None, present: set[str] | None, hint: str = ""
+) -> dict[str, Path]:
     if adapter_config is not None:
         given = Path(adapter_config)
         if given.is_file():
@@ -190,9 +218,27 @@ def _find_configs(source: Source, adapter_config: str | os.PathLike | None, pres
     raise RescueError(
         f"{source.given}: no {CONFIG_NAME} found in {[str(p) for p in searched]}; the checkpoint holds the weights "
         f"but not the adapter's configuration. Pass --adapter-config with the config the training used "
-        f"(Trainer writes it into each checkpoint-N/ folder; peft_model.peft_config['default'].save_pretrained(dir) "
-        f"writes it)."
+        f"({hint or 'Trainer writes it into each checkpoint-N/ folder; '}"
+        f"peft_model.peft_config['default'].save_pretrained(dir) writes it)."
     )
+
+
+def _no_config_hint(checkpoint: _Checkpoint) -> str:
+    """Why a framework checkpoint may come without the adapter's config, for the message that asks for it."""
+    source = checkpoint.source
+    if source.kind != "fsdp" and not FSDP_MODEL_DIR.match(source.path.name):
+        return ""
+    names = list(checkpoint.tensors)
+    hint = (
+        "under FSDP's SHARDED_STATE_DICT Trainer writes no adapter file and no config into checkpoint-N/, only "
+        "accelerate's FSDP checkpoint; shardsave's ShardSaveCallback writes both; "
+    )
+    if key_format(names) is None and all(n.startswith("base_model.model.") for n in names):
+        hint += (
+            f"and this checkpoint holds no LoRA tensor, only {len(names)} in PEFT's key format ({sorted(names)[:3]}): "
+            f"{_FSDP1_CAUSE}; "
+        )
+    return hint
 
 
 def _load_config(path: Path):
@@ -248,6 +294,31 @@ def _open_checkpoint(source: Source, *, tag: str | None, allow_pickle: bool) -> 
             lambda wanted: read_tensors(source.path, wanted, tensors=entries),
             "the checkpoint was saved from an adapter-only state dict",
         )
+    if source.kind == "fsdp":
+        from .dcp_source import canonical_keys
+        from .fsdp_source import ShardedTensorFileError, open_fsdp_files
+
+        try:
+            files = open_fsdp_files(source.path)
+            names = canonical_keys(files.tensors)
+        except ShardedTensorFileError as exc:
+            gap = exc.keys and key_format(exc.keys) is None  # FSDP1 adapter_only: modules_to_save alone
+            why = f" Nor does it hold the LoRA weights: {_FSDP1_CAUSE}. {callback_adapter(source.given)}" if gap else ""
+            raise RescueError(f"{exc}{why}") from None
+        except ValueError as exc:
+            raise RescueError(str(exc)) from None
+        saved = {name: key for key, name in names.items()}
+
+        def read_files(wanted: list[str]) -> dict[str, torch.Tensor]:
+            got = files.read([saved[n] for n in wanted])
+            return {n: got[saved[n]] for n in wanted}
+
+        return _Checkpoint(
+            source,
+            {names[k]: v for k, v in files.tensors.items()},
+            read_files,
+            "the checkpoint was saved from an adapter-only state dict",
+        )
     from .deepspeed_source import read_checkpoint, read_frozen, read_tensors
 
     try:
@@ -293,6 +364,21 @@ def align_names(needed: list[str], available: Mapping[str, object]) -> dict[str,
     drop, add = max(votes, key=lambda r: (votes[r], -len(r[0]) - len(r[1])))
     mapped = {n: add + n[len(drop) :] for n in needed if n.startswith(drop)}
     return {n: a for n, a in mapped.items() if a in available}
+
+
+def key_format(names: Iterable[str]) -> str | None:
+    """How a checkpoint names its adapter tensors (a pure function of the names): "model" (the PeftModel's
+    parameter names, `...lora_A.<adapter>.weight`: DeepSpeed, DCP of the model's state dict, accelerate's FSDP2
+    FULL_STATE_DICT), "peft" (PEFT's saved keys, `...lora_A.weight`, no adapter name, one adapter: what
+    accelerate's `save_fsdp_model(..., adapter_only=True)` writes under SHARDED_STATE_DICT), or None when no name
+    shows a LoRA slot (a full fine-tune, or PEFT-format `modules_to_save` tensors alone)."""
+    model = peft = False
+    for n in names:
+        if _PEFT_KEY.search(n):
+            peft = True
+        elif _ADAPTER_PART.search(n):
+            model = True
+    return "model" if model else "peft" if peft else None
 
 
 def _adapter_names_in(names) -> set[str]:
@@ -342,7 +428,28 @@ def _resized(peft_model, checkpoint: _Checkpoint, mapping: Mapping[str, str]) ->
     return None
 
 
-def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None) -> _Plan:
+def _plan_for(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None, fmt: str | None) -> _Plan:
+    """The plan for the checkpoint's adapters. PEFT's key format names no adapter: the checkpoint holds one
+    (accelerate saves the active one), taken to be the root config's (`default`) if that fits, else the first
+    adapter folder whose config fits; which one is logged."""
+    if fmt == "model":
+        return _plan(checkpoint, configs, base, fmt)
+    errors = []
+    for name, path in sorted(configs.items(), key=lambda item: item[0] != "default"):
+        try:
+            plan = _plan(checkpoint, {name: path}, base, fmt)
+        except RescueError as exc:
+            errors.append(exc)
+            continue
+        logger.info(
+            "%s names no adapter (PEFT's key format: accelerate's adapter_only save of the active adapter); "
+            "rescued as adapter %r, whose config (%s) fits it", checkpoint.source.path, name, path,
+        )  # fmt: skip
+        return plan
+    raise errors[0]
+
+
+def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None, fmt: str | None) -> _Plan:
     from .collect.walk import state_entries
     from .skeleton import SkeletonError, base_config
 
@@ -377,19 +484,26 @@ def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None) -
     decided = decide_embeddings(layout, peft_model, selected, "auto")
     plans = [choices[name][decided[name]] for name in selected]
     needed = list(dict.fromkeys(src for plan in plans for src in plan.sources))
-    mapping = align_names(needed, checkpoint.tensors)
-    _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes)
+    if fmt == "model":
+        mapping = align_names(needed, checkpoint.tensors)
+    else:  # the checkpoint's names are the adapter file's keys
+        saved = align_names([key for plan in plans for key in plan.entries], checkpoint.tensors)
+        mapping = {src: saved[key] for plan in plans for key, src in plan.entries.items() if key in saved}
+    _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes, fmt)
     folder = next(iter(configs.values())).parent
     card = folder / CARD_NAME if "default" in configs and (folder / CARD_NAME).is_file() else None
     return _Plan(peft_model, plans, mapping, card)
 
 
-def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes) -> None:
+def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes, fmt) -> None:
     """The config describes exactly the adapter the checkpoint holds: every tensor there, of the right shape, and
     no adapter tensor of the checkpoint left out."""
     where = checkpoint.source.path
-    present = _adapter_names_in(checkpoint.tensors)
-    if not present:
+    present = _adapter_names_in(checkpoint.tensors) if fmt == "model" else set(peft_configs)
+    if fmt is None:
+        held = set(mapping.values())
+        if held == set(checkpoint.tensors):  # the adapter's other tensors alone (or none), in PEFT's format
+            raise RescueError(_lora_gap(checkpoint, plans, mapping))
         raise RescueError(
             f"{where}: holds no adapter tensor (no lora_A / lora_B / modules_to_save among its "
             f"{len(checkpoint.tensors)} tensors, e.g. {sorted(checkpoint.tensors)[:3]}): a full fine-tune, or a "
@@ -429,8 +543,9 @@ def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes
     planned = {mapping[n] for n in needed}
     ours = set(peft_configs)
     extra = sorted(
-        n for n in checkpoint.tensors if _ADAPTER_PART.search(n) and n not in planned and _adapter_names_in([n]) & ours
-    )
+        n for n in checkpoint.tensors
+        if n not in planned and (fmt == "peft" or _ADAPTER_PART.search(n) and _adapter_names_in([n]) & ours)
+    )  # fmt: skip
     if extra:
         raise RescueError(
             f"{config_files}: does not fit the checkpoint {where}: the checkpoint holds adapter tensors the config "
@@ -442,6 +557,104 @@ def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes
             "%s also holds adapter(s) %s, for which no config was found; they are not written (pass "
             "--adapter-config with a folder holding their configs in subfolders named after them).", where, unknown
         )  # fmt: skip
+
+
+_FSDP1_CAUSE = (
+    "accelerate's save_fsdp_model(..., adapter_only=True), which Trainer calls for FSDP checkpoints, writes this "
+    "under FSDP1: it passes the FSDP1 wrapper to PEFT's get_peft_model_state_dict, which then finds no LoRA "
+    "weights (only the modules_to_save ones, if any)"
+)
+
+
+def _checkpoint_folder(source: Source) -> Path:
+    """The Trainer `checkpoint-N/` the framework's files are in (`pytorch_model_fsdp_0/` may be passed itself)."""
+    return source.given.parent if FSDP_MODEL_DIR.match(source.given.name) else source.given
+
+
+def _lora_gap(checkpoint: _Checkpoint, plans: list[AdapterPlan], mapping: Mapping[str, str]) -> str:
+    keys = [key for plan in plans for key in plan.entries]
+    lost = [key for plan in plans for key, src in plan.entries.items() if src not in mapping]
+    held = sorted(set(mapping.values()))
+    what = f"{len(held)} of the adapter's {len(keys)} tensors, {held[:3]} (in PEFT's key format)," if held else (
+        "no tensor at all:"
+    )  # fmt: skip
+    return (
+        f"{checkpoint.source.path}: holds {what} none of its {len(lost)} LoRA tensors (e.g. {lost[:3]}). "
+        f"{_FSDP1_CAUSE}. The LoRA weights "
+        f"are not in this checkpoint (resumed with Trainer alone, it restores none of them), so the adapter cannot "
+        f"be rescued from it. {callback_adapter(_checkpoint_folder(checkpoint.source))}"
+    )
+
+
+def callback_adapter(folder: Path, sound: bool | None = None) -> str:
+    """Where in Trainer's `folder` (a checkpoint-N/) the adapter shardsave's ShardSaveCallback writes is, and
+    what to do with it; `sound`: what verify found in the folder's own adapter, if known."""
+    from .shards import MANIFEST_NAME
+
+    out = []
+    weights = next((folder / n for n in (SAFETENSORS_NAME, BIN_NAME) if (folder / n).is_file()), None)
+    if weights is not None and (folder / CONFIG_NAME).is_file():
+        if sound is None:
+            from .verify import VerifyError, verify_adapter
+
+            try:
+                sound = verify_adapter(folder, checkpoint_notes=False).sound
+            except VerifyError:
+                sound = False
+        out.append(
+            f"The adapter file {weights} is what shardsave's ShardSaveCallback writes there, if it ran: "
+            + ("`python -m shardsave.verify` finds it sound; use it as it is." if sound else
+               f"`python -m shardsave.verify {folder}` finds problems in it (not ShardSaveCallback's, then).")
+        )  # fmt: skip
+    shards = folder / "adapter_shards"
+    if (shards / MANIFEST_NAME).is_file():
+        out.append(
+            f"ShardSaveCallback(shards=True) wrote the adapter's shards to {shards}: write the adapter from them "
+            f"with `python -m shardsave.merge {shards} -o OUT`."
+        )
+    elif not sound:
+        out.append(
+            f"No adapter ShardSaveCallback wrote is in {folder}: the LoRA weights of this training are lost. Add "
+            f"shardsave.integrations.ShardSaveCallback() to the Trainer's callbacks (it writes a correct adapter "
+            f"into every checkpoint-N/ and restores it on resume), or train with FSDP2 (fsdp_version: 2)."
+        )
+    return " ".join(out)
+
+
+def fsdp1_lora_gap(folder: str | os.PathLike) -> str | None:
+    """What accelerate's FSDP1 adapter-only checkpoint in Trainer's `folder` (a checkpoint-N/) lacks, and why;
+    None when the folder holds no such checkpoint. From the checkpoint's metadata and names alone (no base
+    model needed): such a checkpoint names only PEFT-format `modules_to_save` tensors and no LoRA slot."""
+    from .fsdp_source import ShardedTensorFileError, open_fsdp_files
+
+    try:
+        source = detect_source(folder)
+        if source.kind == "fsdp":
+            try:
+                names = list(open_fsdp_files(source.path).tensors)
+            except ShardedTensorFileError as exc:
+                names = exc.keys
+        elif source.kind == "dcp":
+            names = list(_open_checkpoint(source, tag=None, allow_pickle=False).tensors)
+        else:
+            return None
+    except ValueError:
+        return None
+    if key_format(names) is not None or not all(n.startswith("base_model.model.") for n in names):
+        return None
+    try:
+        targets = json.loads((Path(folder) / CONFIG_NAME).read_text()).get("target_modules")
+    except (OSError, ValueError, AttributeError):
+        targets = None
+    if not targets:
+        return None
+    what = f"{len(names)} tensor(s), {sorted(names)[:3]} (in PEFT's key format), and" if names else "no tensor:"
+    return (
+        f"{source.path}: accelerate's FSDP checkpoint of the adapter holds {what} no LoRA tensor of its "
+        f"target_modules {targets}. {_FSDP1_CAUSE}. Resumed with "
+        f"Trainer alone, this checkpoint restores none of the LoRA weights, and `python -m shardsave.merge` cannot "
+        f"rescue the adapter from it."
+    )
 
 
 def _r_of(peft_configs: dict, name: str) -> object:
@@ -482,7 +695,7 @@ def rescue_adapter(
         raise RescueError(f"{found.given}: a shardsave shard set; merge it with shardsave.merge_shards.")
     destination = check_destination(output)
     # into the checkpoint-N/ folder itself: its adapter files alone are replaced (the broken ones being rescued)
-    in_place = destination == found.given and found.path != found.given
+    in_place = destination == found.given and (found.path != found.given or found.kind == "fsdp")
     if destination.exists() and not overwrite:
         raise RescueError(
             f"{destination}: already exists; pass overwrite=True (--overwrite) to replace "
@@ -493,8 +706,10 @@ def rescue_adapter(
             f"{destination}: would replace the checkpoint {found.path} itself; write the adapter elsewhere."
         )
     checkpoint = _open_checkpoint(found, tag=tag, allow_pickle=allow_pickle)
-    configs = _find_configs(found, adapter_config, _adapter_names_in(checkpoint.tensors))
-    plan = _plan(checkpoint, configs, None if base is None else os.fspath(base))
+    fmt = key_format(checkpoint.tensors)
+    present = _adapter_names_in(checkpoint.tensors) if fmt == "model" else None
+    configs = _find_configs(found, adapter_config, present, _no_config_hint(checkpoint))
+    plan = _plan_for(checkpoint, configs, None if base is None else os.fspath(base), fmt)
     try:
         tensors = checkpoint.read(list(dict.fromkeys(plan.sources[n] for p in plan.plans for n in p.sources)))
     except ValueError as exc:
@@ -525,7 +740,7 @@ def rescue_adapter(
         destination,
     )
     logger.info(
-        "rescued %d adapter(s), %d tensors, from %s (%s) into %s in %.2f s", len(plan.plans),
+        "rescued %d adapter(s) %s, %d tensors, from %s (%s) into %s in %.2f s", len(plan.plans), list(by_adapter),
         sum(len(a) for a in by_adapter.values()), found.given, found.describe(), destination,
         time.perf_counter() - started,
     )  # fmt: skip

@@ -100,19 +100,22 @@ class Report:
     base: str | None = None
     adapters: list[AdapterSummary] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    #: What the framework checkpoint beside the adapter (Trainer's checkpoint-N/) lacks; not the adapter's problem
+    notes: list[str] = field(default_factory=list)
 
     @property
     def sound(self) -> bool:
         return not self.findings
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "path": self.path,
             "base": self.base,
             "sound": self.sound,
             "adapters": [asdict(a) for a in self.adapters],
             "findings": [asdict(f) for f in self.findings],
         }
+        return out | ({"notes": self.notes} if self.notes else {})
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -518,11 +521,15 @@ def _base_findings(name: str, path: Path, expected: dict, known: set[str], allow
 # --- entry points ------------------------------------------------------------------------------------------
 
 
-def verify_adapter(path: str | os.PathLike, *, base: str | None = None, allow_pickle: bool = False) -> Report:
+def verify_adapter(
+    path: str | os.PathLike, *, base: str | None = None, allow_pickle: bool = False, checkpoint_notes: bool = True
+) -> Report:
     """Check every adapter under `path` (the folder `save_pretrained` wrote); `base` (a local folder with
     config.json, or a Hub id in the local cache) adds the check against the base model's structure.
 
     Raises `VerifyError` when an adapter cannot be read at all; problems in readable adapters are findings.
+    With `checkpoint_notes`, `path` being Trainer's checkpoint-N/ whose FSDP checkpoint lacks the LoRA weights
+    (accelerate's FSDP1 adapter-only save) adds a note saying so and which adapter to use.
     """
     root = Path(os.fspath(path))
     report = Report(str(root), base)
@@ -540,6 +547,12 @@ def verify_adapter(path: str | os.PathLike, *, base: str | None = None, allow_pi
             ]
         report.adapters.append(summary)
         report.findings += findings
+    if checkpoint_notes and any(p.name.startswith("pytorch_model_fsdp") for p in root.iterdir()):
+        from .rescue import callback_adapter, fsdp1_lora_gap
+
+        gap = fsdp1_lora_gap(root)
+        if gap is not None:
+            report.notes.append(f"{gap} {callback_adapter(root, sound=report.sound)}")
     return report
 
 
@@ -578,6 +591,8 @@ def _print_text(report: Report) -> None:
         print(f"{where}: adapter {adapter.name!r}, {adapter.tensors} tensors: {state}")
         for f in findings:
             print(f"  [{f.kind}] {f.key or '(adapter)'}: {f.message}")
+    for note in report.notes:
+        print(f"note: {note}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

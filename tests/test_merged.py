@@ -282,3 +282,25 @@ def test_resave_into_an_older_save_leaves_only_the_new_weights(tmp_path, monkeyp
             assert (out / rel).read_bytes() == (fresh[size] / rel).read_bytes(), (size, rel)
         loaded = AutoModelForCausalLM.from_pretrained(str(out))
         torch.testing.assert_close(logits(loaded), logits(merged), atol=0, rtol=0)
+
+
+def test_into_a_base_rescues_a_checkpoint_with_that_base(tmp_path):
+    """`--into BASE` from a framework checkpoint whose adapter config names no reachable base: the rescue step
+    builds the structure on BASE (as `--base`), so the merge equals the merge of the adapter saved directly."""
+    import torch.distributed.checkpoint as dcp
+
+    from tests.tiny import randomize_trainable
+
+    model = peft_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_trainable(model)
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "moved-away")  # the training's path
+    base_model().save_pretrained(str(tmp_path / "base"), max_shard_size=SHARD)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    checkpoint = tmp_path / "checkpoint-5"
+    dcp.save(model.state_dict(), checkpoint_id=str(checkpoint / "pytorch_model_fsdp_0"))
+    model.peft_config["default"].save_pretrained(str(checkpoint))
+    merge_into(tmp_path / "adapter", tmp_path / "base", tmp_path / "theirs", max_shard_size=SHARD)
+    code = main([str(checkpoint), "--into", str(tmp_path / "base"), "-o", str(tmp_path / "ours"),
+                 "--max-shard-size", SHARD, "--no-progress"])  # fmt: skip
+    assert code == 0
+    _assert_same(tmp_path / "ours", tmp_path / "theirs")

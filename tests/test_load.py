@@ -160,7 +160,13 @@ def test_zero3_master_is_the_read_itself_when_unpadded():
     files = SimpleNamespace(read=lambda key, start, stop: torch.arange(start, stop, dtype=torch.float32))
     for numel, padded in ((8, 8), (7, 8)):
         collector = SimpleNamespace(slices=lambda name: [], partition=lambda name, numel=numel: (0, numel))
-        param = SimpleNamespace(ds_id=0, ds_numel=numel, ds_tensor=torch.zeros(padded), data=torch.empty(0))
+        param = SimpleNamespace(
+            ds_id=0, ds_numel=numel, ds_tensor=torch.zeros(padded), data=torch.empty(0), requires_grad=True,
+            _z3_optimizer=object(),
+        )  # fmt: skip
         (write,) = load_module._zero3_writes(collector, "w", param, files, "w")
         assert write.master.tolist() == [*range(numel), *[0.0] * (padded - numel)]
         assert (write.master.data_ptr() == write.value.data_ptr()) == (numel == padded)
+        del param._z3_optimizer  # an engine without an optimizer: its partition only
+        (write,) = load_module._zero3_writes(collector, "w", param, files, "w")
+        assert write.master is None and write.value.tolist() == list(range(numel))

@@ -15,7 +15,6 @@ from peft import LoraConfig
 from tiny import peft_model, randomize_trainable
 
 import shardsave
-from shardsave.adapter_files import AdapterFilesError, open_adapter, open_indexed, shard_index
 
 LORA = LoraConfig(target_modules=["q_proj", "v_proj"])
 
@@ -49,6 +48,8 @@ def test_a_load_opens_the_weights_file_once_for_its_header_and_once_for_every_re
 
 
 def test_a_shard_set_read_through_another_ranks_index(tmp_path):
+    from shardsave.adapter_files import AdapterFilesError, open_adapter, open_indexed, shard_index
+
     shardsave.save_shards(trained(), tmp_path / "shards")  # one process: one shard
     verifier = open_adapter(tmp_path / "shards")
     index = json.loads(json.dumps(shard_index(verifier)))  # what travels through the store

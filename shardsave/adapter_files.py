@@ -262,7 +262,7 @@ def _manifest(directory: Path) -> tuple[bytes, dict]:
     try:
         raw = path.read_bytes()
         manifest = json.loads(raw)
-        files = [(int(f["rank"]), str(f["name"]), str(f["sha256"])) for f in manifest["files"]]
+        files = [(int(f["rank"]), str(f["name"]), int(f["size"]), str(f["sha256"])) for f in manifest["files"]]
         return raw, {"run_id": str(manifest["run_id"]), "world_size": int(manifest["world_size"]), "files": files}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AdapterFilesError(f"{path}: not a readable shardsave manifest ({exc}).") from None
@@ -273,10 +273,9 @@ def _open_shards(directory: Path, adapter_name: str) -> AdapterFiles:
 
     raw, manifest = _manifest(directory)
     stats = {}  # taken before the checksums: a file changed after them shows a later mtime to the other ranks
-    for _, name, _ in manifest["files"]:
+    for _, name, _, _ in manifest["files"]:
         try:
-            stat = (directory / name).stat()
-            stats[directory / name] = (stat.st_size, stat.st_mtime_ns)
+            stats[directory / name] = (directory / name).stat().st_mtime_ns
         except OSError:
             pass  # read_shard_set names the missing file
     try:
@@ -304,10 +303,10 @@ def _open_shards(directory: Path, adapter_name: str) -> AdapterFiles:
             entries.setdefault(r.path, set()).add((key, r.start, r.stop))
     verified = {
         directory / file: _Verified(
-            rank, *stats[directory / file], sha256, manifest["run_id"], manifest["world_size"],
+            rank, size, stats[directory / file], sha256, manifest["run_id"], manifest["world_size"],
             frozenset(entries.get(directory / file, ())),
         )
-        for rank, file, sha256 in manifest["files"]
+        for rank, file, size, sha256 in manifest["files"]
     }  # fmt: skip
     digest = hashlib.sha256(raw).hexdigest()
     return AdapterFiles(directory, "shards", config, specs, runs, verified=verified, manifest_sha256=digest)
@@ -341,9 +340,10 @@ def _unpack(text: str, width: int) -> list[tuple[int, ...]]:
 
 
 def shard_index(files: AdapterFiles) -> dict:
-    """What another rank needs to read a shard set this rank verified (`open_adapter`): the config, shapes, which
-    file holds which run, and each file as verified (size, mtime). JSON-able; its size grows with the runs, not
-    with the bytes, and a regular layout's runs compress to almost nothing (`benchmarks/scale_ranks.py`)."""
+    """What another rank needs to read a shard set this rank verified (`open_adapter`): the manifest's digest, the
+    config, shapes, which file holds which run, and each file's mtime as verified. JSON-able; its size grows with
+    the tensors and runs, not with the bytes, and a regular layout's runs compress to almost nothing
+    (`benchmarks/scale_ranks.py --parts load`)."""
     if files.kind != "shards":
         raise ValueError(f"{files.path}: not a shard set")
     order = list(files.verified)
@@ -352,12 +352,12 @@ def shard_index(files: AdapterFiles) -> dict:
     rows = sorted(
         (k, number[r.path], r.start, r.stop) for k, key in enumerate(keys) for r in files.runs[key]
     )  # fmt: skip
+    specs = [[key, list(files.specs[key].shape), dtype_name(files.specs[key].dtype)] for key in keys]
     return {
-        "manifest": files.manifest_sha256,
+        "manifest": files.manifest_sha256,  # names, ranks, sizes and checksums: from the manifest on each rank
         "config": files.config,
-        "specs": [[key, list(files.specs[key].shape), dtype_name(files.specs[key].dtype)] for key in keys],
-        "files": [[p.name, v.rank, v.size, v.mtime_ns, v.sha256] for p, v in files.verified.items()],
-        "run": [next(iter(files.verified.values())).run_id, next(iter(files.verified.values())).world_size],
+        "specs": base64.b64encode(lzma.compress(json.dumps(specs).encode(), preset=1)).decode(),
+        "mtimes": _pack([(v.mtime_ns,) for v in files.verified.values()], 1),
         "runs": _pack(rows, 4),
     }
 
@@ -366,24 +366,25 @@ def open_indexed(path: str | os.PathLike, index: dict) -> AdapterFiles:
     """The shard set at `path` as another rank verified it (`shard_index`): one read of the manifest here (it must
     be the one verified), no other file opened until `AdapterFiles.read` needs it, and each then checked once."""
     root = Path(os.path.abspath(os.fspath(path)))
-    raw, _ = _manifest(root)
+    raw, manifest = _manifest(root)
     if hashlib.sha256(raw).hexdigest() != index["manifest"]:
         raise AdapterFilesError(
             f"{root}: its manifest differs from the one rank 0 verified: this rank sees another shard set (a node-"
             f"local folder holding another save, or a save rewrote it meanwhile)."
         )
-    keys = [key for key, _, _ in index["specs"]]
-    specs = {key: TensorSpec(tuple(shape), dtype_from_name(dtype)) for key, shape, dtype in index["specs"]}
-    paths = [root / name for name, *_ in index["files"]]
+    listed = json.loads(lzma.decompress(base64.b64decode(index["specs"])))
+    keys = [key for key, _, _ in listed]
+    specs = {key: TensorSpec(tuple(shape), dtype_from_name(dtype)) for key, shape, dtype in listed}
+    paths = [root / name for _, name, _, _ in manifest["files"]]
     runs: dict[str, list[_Run]] = {key: [] for key in keys}
     entries: dict[Path, set] = {p: set() for p in paths}
     for k, f, start, stop in _unpack(index["runs"], 4):
         runs[keys[k]].append(_Run(start, stop, paths[f], -1))
         entries[paths[f]].add((keys[k], start, stop))
-    run_id, world = index["run"]
+    mtimes = [mtime for (mtime,) in _unpack(index["mtimes"], 1)]
     verified = {
-        p: _Verified(rank, size, mtime, sha256, run_id, world, frozenset(entries[p]))
-        for p, (_, rank, size, mtime, sha256) in zip(paths, index["files"], strict=True)
+        p: _Verified(rank, size, mtime, sha256, manifest["run_id"], manifest["world_size"], frozenset(entries[p]))
+        for p, (rank, _, size, sha256), mtime in zip(paths, manifest["files"], mtimes, strict=True)
     }
     return AdapterFiles(
         root, "shards", index["config"], specs, runs, verified=verified, manifest_sha256=index["manifest"],

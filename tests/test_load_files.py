@@ -66,7 +66,7 @@ def test_a_shard_set_read_through_another_ranks_index(tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the last tensor: same size, a later mtime, another checksum
     shard.write_bytes(bytes(data))
-    key = next(iter(index["specs"]))[0]
+    key = next(iter(verifier.specs))
     with pytest.raises(AdapterFilesError, match="checksum differs from the manifest"):
         open_indexed(tmp_path / "shards", index).read(key, 0, 1)
     shard.write_bytes(bytes(data[:-4]))

@@ -249,9 +249,10 @@ def _writes_of(collector, name: str, param, files, key: str, copies: _Fp32Copies
 
 def _zero3_writes(collector, name: str, param, files, key: str) -> list[_Write]:
     """ZeRO-3: the rank's partition `ds_tensor` (member k of its partition group holds `[k*P, (k+1)*P)`,
-    zero-padded at the end) with the optimizer's fp32 copy of it; and the full tensor too where the parameter
-    is kept gathered (persistent, below `stage3_param_persistence_threshold`)."""
-    problem = zero3_unwritable(param)
+    zero-padded at the end) with the optimizer's fp32 copy of it where there is an optimizer; and the full tensor
+    too where the parameter is gathered now (persistent, below `stage3_param_persistence_threshold`, or inside a
+    `GatheredParameters` / kept by the prefetcher). Refused first where such a write would not load it."""
+    problem = _zero3_unwritable(param)
     if problem is not None:
         raise RuntimeError(f"{name}: {problem}; nothing was loaded.")
     numel = int(param.ds_numel)
@@ -272,7 +273,7 @@ def _zero3_writes(collector, name: str, param, files, key: str) -> list[_Write]:
     return writes
 
 
-def zero3_unwritable(param) -> str | None:
+def _zero3_unwritable(param) -> str | None:
     """Why writing a ZeRO-3 parameter's partition in place would not load it, or `None` (a pure predicate over
     DeepSpeed's attributes): its partition lives on NVMe (`offload_param.device: nvme`; what memory holds is a
     placeholder or a swap buffer that is released without being written back), or its gather is in flight (the

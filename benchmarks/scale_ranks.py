@@ -410,8 +410,9 @@ def index_bytes(saved: Mapping[str, list[Slice]], n: int) -> int:
     specs = {peft_key(name): TensorSpec((max(s.stop for s in sl),), _BF16) for name, sl in saved.items()}
     runs = {peft_key(name): [_Run(s.start, s.stop, paths[s.rank], 0) for s in sl if s.stop > s.start]
             for name, sl in saved.items()}  # fmt: skip
-    verified = {p: _Verified(k, 10**6, 1733300000 * 10**9 + k, "0" * 64, "0" * 32, n, frozenset()) for k, p in
-                enumerate(paths)}  # fmt: skip
+    mtime = 1733300000 * 10**9
+    verified = {p: _Verified(k, 10**6, mtime + k, "0" * 64, "0" * 32, n, "default", frozenset())
+                for k, p in enumerate(paths)}  # fmt: skip
     files = AdapterFiles(root, "shards", {"r": 16}, specs, runs, verified=verified, manifest_sha256="0" * 64)
     return len(json.dumps(shard_index(files)))
 

@@ -58,6 +58,7 @@ class _Verified:
     sha256: str
     run_id: str
     world_size: int
+    adapter: str  # the adapter read (a set may hold several, under the same keys)
     entries: frozenset  # (key, start, stop) of the adapter's runs in this file
 
 
@@ -162,14 +163,18 @@ def _check_shard(fd: int, path: Path, verified: _Verified) -> dict[tuple[str, in
     if int(meta.get("rank", -1)) != verified.rank or int(meta.get("world_size", -1)) != verified.world_size:
         raise AdapterFilesError(f"{path}: written as rank {meta.get('rank')}, the manifest expects {verified.rank}.")
     offsets, entries = {}, set()
-    for e in json.loads(meta.get("entries", "[]")):
-        if (e["key"], int(e["start"]), int(e["stop"])) not in verified.entries:
-            continue  # another adapter's run, or a key of no interest: checked below by count
-        dtype, offset, nbytes, _ = stored.get(e["tensor"], (None, 0, -1, ()))
-        if dtype != e["dtype"] or nbytes != (int(e["stop"]) - int(e["start"])) * dtype_from_name(dtype).itemsize:
-            raise AdapterFilesError(f"{path}: tensor {e['tensor']!r} does not match its entry; the file is corrupt.")
-        entries.add((e["key"], int(e["start"]), int(e["stop"])))
-        offsets[(e["key"], int(e["start"]))] = offset
+    try:
+        for e in json.loads(meta.get("entries", "[]")):
+            if e["adapter"] != verified.adapter:
+                continue  # another adapter's run
+            start, stop = int(e["start"]), int(e["stop"])
+            dtype, offset, nbytes, _ = stored.get(e["tensor"], (None, 0, -1, ()))
+            if dtype != e["dtype"] or nbytes != (stop - start) * dtype_from_name(dtype).itemsize:
+                raise ValueError(f"tensor {e['tensor']!r} does not match its entry")
+            entries.add((e["key"], start, stop))
+            offsets[(e["key"], start)] = offset
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AdapterFilesError(f"{path}: unreadable shard entries ({exc}); the file is corrupt.") from None
     if entries != verified.entries:
         raise AdapterFilesError(f"{path}: its runs differ from those rank 0 verified in it; the file was rewritten.")
     return offsets
@@ -303,7 +308,7 @@ def _open_shards(directory: Path, adapter_name: str) -> AdapterFiles:
             entries.setdefault(r.path, set()).add((key, r.start, r.stop))
     verified = {
         directory / file: _Verified(
-            rank, size, stats[directory / file], sha256, manifest["run_id"], manifest["world_size"],
+            rank, size, stats[directory / file], sha256, manifest["run_id"], manifest["world_size"], name,
             frozenset(entries.get(directory / file, ())),
         )
         for rank, file, size, sha256 in manifest["files"]
@@ -356,6 +361,7 @@ def shard_index(files: AdapterFiles) -> dict:
     return {
         "manifest": files.manifest_sha256,  # names, ranks, sizes and checksums: from the manifest on each rank
         "config": files.config,
+        "adapter": next(iter(files.verified.values())).adapter,
         "specs": base64.b64encode(lzma.compress(json.dumps(specs).encode(), preset=1)).decode(),
         "mtimes": _pack([(v.mtime_ns,) for v in files.verified.values()], 1),
         "runs": _pack(rows, 4),
@@ -382,8 +388,9 @@ def open_indexed(path: str | os.PathLike, index: dict) -> AdapterFiles:
         runs[keys[k]].append(_Run(start, stop, paths[f], -1))
         entries[paths[f]].add((keys[k], start, stop))
     mtimes = [mtime for (mtime,) in _unpack(index["mtimes"], 1)]
+    run_id, world, adapter = manifest["run_id"], manifest["world_size"], index["adapter"]
     verified = {
-        p: _Verified(rank, size, mtime, sha256, manifest["run_id"], manifest["world_size"], frozenset(entries[p]))
+        p: _Verified(rank, size, mtime, sha256, run_id, world, adapter, frozenset(entries[p]))
         for p, (rank, _, size, sha256), mtime in zip(paths, manifest["files"], mtimes, strict=True)
     }
     return AdapterFiles(

@@ -86,3 +86,20 @@ def test_the_index_of_a_regular_layout_stays_small():
     packed = adapter_files._pack(rows, 4)
     assert adapter_files._unpack(packed, 4) == rows
     assert len(packed) < 16 * 1024, len(packed)
+
+
+def test_the_index_reads_the_adapter_it_names_when_a_set_holds_two_under_the_same_keys(tmp_path):
+    from shardsave.adapter_files import open_adapter, open_indexed, shard_index
+
+    model = peft_model(LORA, adapters=[("other", LORA)])
+    randomize_trainable(model, seed=5)
+    shardsave.save_shards(model, tmp_path / "shards")
+    for name in ("default", "other"):
+        verifier = open_adapter(tmp_path / "shards", name)
+        reader = open_indexed(tmp_path / "shards", json.loads(json.dumps(shard_index(verifier))))
+        live = {k: v for k, v in model.named_parameters() if f".{name}." in k}
+        for key, spec in verifier.specs.items():
+            numel = spec.nbytes // spec.dtype.itemsize
+            got = reader.read(key, 0, numel)
+            assert torch.equal(got, verifier.read(key, 0, numel)), (name, key)
+            assert torch.equal(got, live[key.replace(".weight", f".{name}.weight")].reshape(-1)), (name, key)

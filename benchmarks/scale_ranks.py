@@ -13,6 +13,11 @@ at 2, 4 and 8.
    against the previous agreement, where every rank read every rank's key (counted analytically).
 3. real: `benchmarks/gathered_save.py --paths shardsave` under torchrun with 2, 4 and 8 gloo ranks, FSDP2 and
    ZeRO-3: median save time and the writer's peak extra resident memory (a separate call).
+4. load: `load_pretrained` of the same adapter at N ranks, from a shard set saved by ZeRO-3 at N ranks and from a
+   save_pretrained folder: files opened and bytes read per rank and in all, counted over metadata (which runs
+   each rank's range meets, the shard headers' sizes, the real index `shard_index` posts), against the reader
+   before it verified once and kept descriptors open (495454e), modelled below.
+   `python benchmarks/scale_ranks.py --parts load` (about a minute).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import tempfile
 import threading
 import time
 import zlib
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -40,11 +46,13 @@ import shardsave.ranks as ranks_module  # noqa: E402
 from shardsave.collect.zero3 import partition_slices  # noqa: E402
 from shardsave.plan import Slice, chunk_ranges, plan_transfer  # noqa: E402
 from shardsave.ranks import Ranks, Rendezvous, status_of  # noqa: E402
+from shardsave.stream import TensorSpec  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MIB = 2**20
 ITEMSIZE = 2  # bf16
 SIMULATED = (64, 128, 256, 512, 1024)
+_BF16 = __import__("torch").bfloat16
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # -- the adapter and how each backend lays it out ------------------------------------------------------------
@@ -314,6 +322,126 @@ def old_agreement_ops(n: int) -> int:
     return n * (n + 2) + 1 + 2 * (n - 1)
 
 
+# -- load: files opened and bytes read -------------------------------------------------------------------
+
+CONFIG_BYTES, CARD_BYTES = 900, 5000  # an adapter_config.json and a model card, as PEFT writes them (measured here)
+
+
+def peft_key(name: str) -> str:
+    return f"base_model.model.model.{name}.weight"
+
+
+def shard_header_bytes(layout: Mapping[str, list[Slice]], n: int) -> list[int]:
+    """Each shard file's header size (8 + JSON) as save_shards writes it: the tensors' entries, the metadata's
+    `entries` list, and the `adapters` object (config and every key) and card that every shard repeats."""
+    keys = json.dumps([peft_key(name) for name in layout])
+    fixed = 8 + len(keys) + CONFIG_BYTES + CARD_BYTES + 200
+    sizes = [fixed] * n
+    for name, slices in layout.items():
+        key = peft_key(name)
+        for s in slices:
+            if s.stop > s.start:
+                tensor = f"default/{key}@{s.start}"
+                entry = {"tensor": tensor, "adapter": "default", "key": key, "shape": [1, 1], "dtype": "BF16",
+                         "start": s.start, "stop": s.stop}  # fmt: skip
+                head = {tensor: {"dtype": "BF16", "shape": [s.stop - s.start], "data_offsets": [10**8, 10**8]}}
+                sizes[s.rank] += len(json.dumps(entry)) + 2 + len(json.dumps(head))
+    return sizes
+
+
+def runs_met(starts: Sequence[int], start: int, stop: int) -> range:
+    """Indices of the sorted runs (by start, tiling the tensor) that elements `[start, stop)` meet: what
+    `shardsave.plan.read_items` returns, found by bisection."""
+    if stop <= start:
+        return range(0)
+    return range(bisect_right(starts, start) - 1, bisect_left(starts, stop))
+
+
+def load_counts(saved: Mapping[str, list[Slice]], wanted: Mapping[str, list[Slice]], n: int) -> dict:
+    """Per rank, before and after: opens and bytes read of one load_pretrained from the shard set `saved` (file k
+    holds rank k's runs) into ranks holding `wanted`; and from a save_pretrained folder (one file)."""
+    headers = shard_header_bytes(saved, n)
+    set_bytes = sum(headers) + sum((s.stop - s.start) * ITEMSIZE for sl in saved.values() for s in sl)
+    items = [0] * n  # read items (an open each, before)
+    files: list[set] = [set() for _ in range(n)]
+    data = [0] * n
+    for name, slices in saved.items():
+        runs = sorted((s for s in slices if s.stop > s.start), key=lambda s: s.start)
+        starts = [s.start for s in runs]
+        for piece in wanted[name]:
+            met = runs_met(starts, piece.start, piece.stop)
+            items[piece.rank] += len(met)
+            files[piece.rank].update(runs[i].rank for i in met)
+            data[piece.rank] += (piece.stop - piece.start) * ITEMSIZE
+    # before: every rank read the manifest twice, each shard's header twice (safe_open, then open) and hashed
+    # it (3 opens), and opened the file again for every read item
+    before = [2 + 3 * n + items[r] for r in range(n)]
+    before_bytes = [set_bytes + sum(headers) + data[r] for r in range(n)]
+    # after: rank 0 verifies as before (manifest 4 reads: its own, read_shard_set's two, the re-check) and keeps
+    # one descriptor per file it reads; the others read the manifest once and open, once, the files holding
+    # their ranges, reading each one's header once
+    after = [1 + len(files[r]) for r in range(n)]
+    after[0] = 4 + 3 * n + len(files[0])
+    after_bytes = [sum(headers[f] for f in files[r]) + data[r] for r in range(n)]
+    after_bytes[0] = set_bytes + sum(headers) + data[0]
+    return {
+        "set_bytes": set_bytes, "before": before, "before_bytes": before_bytes, "after": after,
+        "after_bytes": after_bytes, "folder_before": [2 + items_folder for items_folder in _folder_items(wanted, n)],
+        "folder_after": [3] * n, "data": data,
+    }  # fmt: skip
+
+
+def _folder_items(wanted: Mapping[str, list[Slice]], n: int) -> list[int]:
+    """Read items from a folder's one safetensors file: one per tensor a rank holds a part of (one run each)."""
+    count = [0] * n
+    for slices in wanted.values():
+        for piece in slices:
+            if piece.stop > piece.start:
+                count[piece.rank] += 1
+    return count
+
+
+def index_bytes(saved: Mapping[str, list[Slice]], n: int) -> int:
+    """The JSON size of the real `shard_index` of the set: what rank 0 posts and every other rank gets."""
+    from shardsave.adapter_files import AdapterFiles, _Run, _Verified, shard_index
+
+    root = Path("/shards")
+    paths = [root / f"shard-{k:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    specs = {peft_key(name): TensorSpec((max(s.stop for s in sl),), _BF16) for name, sl in saved.items()}
+    runs = {peft_key(name): [_Run(s.start, s.stop, paths[s.rank], 0) for s in sl if s.stop > s.start]
+            for name, sl in saved.items()}  # fmt: skip
+    mtime = 1733300000 * 10**9
+    verified = {p: _Verified(k, 10**6, mtime + k, "0" * 64, "0" * 32, n, "default", frozenset())
+                for k, p in enumerate(paths)}  # fmt: skip
+    files = AdapterFiles(root, "shards", {"r": 16}, specs, runs, verified=verified, manifest_sha256="0" * 64)
+    return len(json.dumps(shard_index(files)))
+
+
+def load_table(ns: Sequence[int]) -> list[dict]:
+    shapes = lora_shapes()
+    rows = []
+    print("\n## Load: files opened and bytes read per load_pretrained (Llama-7B LoRA r=16, bf16, 76 MiB)\n")
+    print("Shard set saved by ZeRO-3 at N ranks; loaded at N ranks under ZeRO-3 (resume) or FSDP2 (resharded).\n")
+    print("| load | N | before: opens per rank | before: opens in all | before: read in all / adapter | "
+          "after: rank 0 opens | after: other ranks' opens (max) | after: opens in all | after: read in all / "
+          "adapter | index from the store per rank | folder: opens in all, before -> after |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in ns:
+        saved = zero3_layout(shapes, n)
+        adapter = sum(r * c for r, c in shapes.values()) * ITEMSIZE
+        index = index_bytes(saved, n)
+        for load, wanted in (("ZeRO-3", saved), ("FSDP2", fsdp2_layout(shapes, n))):
+            c = load_counts(saved, wanted, n)
+            row = {"load": load, "n": n, "adapter_bytes": adapter, "index_bytes": index, **c}
+            rows.append(row)
+            print(f"| {load} | {n} | {max(c['before'])} | {sum(c['before'])} | "
+                  f"{sum(c['before_bytes']) / adapter:.1f} | "
+                  f"{c['after'][0]} | {max(c['after'][1:])} | {sum(c['after'])} | "
+                  f"{sum(c['after_bytes']) / adapter:.2f} | {index / 1024:.1f} KiB | "
+                  f"{sum(c['folder_before'])} -> {sum(c['folder_after'])} |")  # fmt: skip
+    return rows
+
+
 # -- real ranks ---------------------------------------------------------------------------------------------
 
 
@@ -411,7 +539,7 @@ def real_table(backends: Sequence[str], ns: Sequence[int], model: dict, repeat: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="plan,agree,real", help="subset of plan,agree,real")
+    parser.add_argument("--parts", default="plan,agree,real", help="subset of plan,agree,real,load")
     parser.add_argument("--quick", action="store_true", help="smaller real model, fewer repeats and world sizes")
     parser.add_argument("--ranks", default=",".join(map(str, SIMULATED)), help="simulated world sizes")
     parser.add_argument("--real-ranks", help="real world sizes (2,4,8; --quick 2,8)")
@@ -428,6 +556,8 @@ def main() -> None:
         print(f"\n(planned in {time.perf_counter() - started:.1f} s)")
     if "agree" in parts:
         results["agree"] = agreement_table(ns)
+    if "load" in parts:
+        results["load"] = load_table([n for n in ns if n != 128])
     if "real" in parts:
         model = REAL_MODELS["quick" if args.quick else "full"]
         repeat = args.repeat or (3 if args.quick else 5)

@@ -15,13 +15,41 @@ Public API::
 
 from __future__ import annotations
 
-from .load import LoadResult, load_pretrained
-from .log import enable_logging
-from .merged_save import save_merged
-from .ranks import MissingRanksError, RemoteError, SaveError
-from .save import gather_state_dict, save_pretrained
-from .shards import save_shards
+from importlib import import_module
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from .load import LoadResult, load_pretrained
+    from .log import enable_logging
+    from .merge import ShardSetError, merge_shards
+    from .merged import MergedError, merge_into
+    from .merged_save import save_merged
+    from .ranks import MissingRanksError, RemoteError, SaveError
+    from .rescue import RescueError, rescue_adapter
+    from .save import gather_state_dict, save_pretrained
+    from .shards import save_shards
+
+# each public name -> the module that defines it. Imported on first use (PEP 562), so that `import shardsave` imports no
+# module that `python -m shardsave.verify` / `python -m shardsave.merge` then runs as `__main__` (runpy warns, and
+# the module would exist twice).
+_PUBLIC = {
+    "save_pretrained": "save",
+    "load_pretrained": "load",
+    "LoadResult": "load",
+    "gather_state_dict": "save",
+    "save_shards": "shards",
+    "merge_shards": "merge",
+    "ShardSetError": "merge",
+    "rescue_adapter": "rescue",
+    "RescueError": "rescue",
+    "save_merged": "merged_save",
+    "merge_into": "merged",
+    "MergedError": "merged",
+    "SaveError": "ranks",
+    "MissingRanksError": "ranks",
+    "RemoteError": "ranks",
+    "enable_logging": "log",
+}
 __all__ = [
     "save_pretrained",
     "load_pretrained",
@@ -44,17 +72,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # imported lazily so that `python -m shardsave.merge` does not find the module already imported
-    if name in ("merge_shards", "ShardSetError"):
-        from . import merge
-
-        return getattr(merge, name)
-    if name in ("rescue_adapter", "RescueError"):
-        from . import rescue
-
-        return getattr(rescue, name)
-    if name in ("merge_into", "MergedError"):
-        from . import merged
-
-        return getattr(merged, name)
+    if name in _PUBLIC:
+        value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'shardsave' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

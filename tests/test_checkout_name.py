@@ -3,11 +3,16 @@
 Without `package-dir = {"" = "."}` in pyproject.toml, setuptools makes a flat-layout editable install an import
 hook that runs after Python's path search: the checkout folder (no `__init__.py`) was then imported as an empty
 namespace package and `shardsave.save_pretrained` did not exist. The test installs the checkout editable into a
-throwaway virtual environment (no download, no build: about 2 s) and runs such a script."""
+throwaway virtual environment (no download, no build: about 2 s) and runs such a script.
+
+The throwaway environment sees the packages of the environment running the tests (pip, setuptools, wheel: the `test`
+extra), not those of the base interpreter: under a virtual environment, `venv --system-site-packages` would give it
+the base Python's, which on a fresh machine is a setuptools without `wheel` (`invalid command 'bdist_wheel'`)."""
 
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_script_beside_a_checkout_named_shardsave_imports_the_package(tmp_path):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    # after the checkout's own `__editable__.*.pth` (sorted before it), so the checkout comes first on sys.path
+    sites = "; ".join(f"site.addsitedir({d!r})" for d in site.getsitepackages())
+    (Path(purelib) / "_running_environment.pth").write_text(f"import site; {sites}\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e"]
     proc = subprocess.run([*install, str(ROOT)], env=env, capture_output=True, text=True, timeout=300)

@@ -31,14 +31,15 @@ def marked_blocks() -> list[tuple[str, int, str]]:
 
 
 def test_readme_marks_its_examples():
-    assert [ranks for _, ranks, _ in marked_blocks()] == [2, 2]  # the FSDP2 and the DeepSpeed first script
+    # the FSDP2 and the DeepSpeed first script, Trainer + ZeRO-3 on CPU
+    assert [ranks for _, ranks, _ in marked_blocks()] == [2, 2, 2]
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("index", range(len(marked_blocks())))
 def test_marked_block_runs_as_written(index, tmp_path):
     _, ranks, code = marked_blocks()[index]
-    if "import deepspeed" in code:
+    if "import deepspeed" in code or "deepspeed=" in code:  # DeepSpeed itself, or through Trainer
         pytest.importorskip("deepspeed")
     script = tmp_path / "example.py"
     script.write_text(code + "\n")
@@ -97,6 +98,42 @@ def test_versions_table_says_what_pyproject_says():
         for pinned in found[name]:
             assert pinned == spec, f"{name}: README says {spec}, pyproject.toml says {pinned}: update the table"
         assert tested in spec, f"{name}: the tested version {tested} is outside the supported range {spec}"
+
+
+def ci_pins(name: str) -> dict[str, str]:
+    """package -> version of each `package==version` line of .ci/<name>.txt (what .ci/setup installs)."""
+    pins = {}
+    for line in (ROOT / ".ci" / f"{name}.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            (version,) = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+            pins[requirement.name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_tested_column_is_what_ci_setup_installs():
+    """The "tested" versions are the newest set's pins (.ci/newest.txt, and .ci/setup's torch) then the oldest set's
+    (.ci/oldest.txt), so the table cannot drift from what `bash .ci/setup` installs (pip holds those pins, and
+    `pip check` the rest). Python is whatever the machine has: not checked."""
+    rows = re.findall(
+        r"^\| `?([\w-]+)`? \| `[^`]+`[^|]* \| ([^|]+) \|$",
+        section("Two commands (fresh machine, Python 3.10+)"),
+        re.MULTILINE,
+    )
+    newest, oldest = ci_pins("newest"), ci_pins("oldest")
+    (torch,) = re.findall(r"^TORCH=([\d.]+)$", (ROOT / ".ci" / "setup").read_text(), re.MULTILINE)
+    newest["torch"] = oldest["torch"] = torch
+    checked = []
+    for name, cell in rows:
+        if name.lower() == "python":
+            continue
+        tested = re.findall(r"\d+(?:\.\d+)+", cell)
+        sets = [newest] if len(tested) == 1 else [newest, oldest]
+        expected = [pins.get(name.lower()) for pins in sets]
+        assert tested == expected, f"README's versions table says {name} {tested} was tested; .ci installs {expected}"
+        checked.append(name.lower())
+    assert checked == ["torch", "peft", "transformers", "accelerate", "deepspeed", "triton"], checked
+    assert set(newest) - {"torch"} <= set(checked) and set(checked) - {"triton"} <= set(oldest)
 
 
 def listed_modules() -> set[str]:

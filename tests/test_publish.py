@@ -77,7 +77,6 @@ def test_existing_adapter_replaced_whole_other_files_kept(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-
 def test_model_folder_publish_drops_every_weights_file_of_the_previous_save(tmp_path):
     """A model folder (merged weights) keeps no weights file or index of the previous save beside the new ones,
     whichever way it was sharded; an adapter folder keeps its rule (only its other format goes)."""
@@ -105,6 +104,7 @@ def test_model_folder_publish_drops_every_weights_file_of_the_previous_save(tmp_
     writer.publish(adapter, lambda tmp: [(tmp / k).write_text("new") for k in files])
     assert sorted(snapshot(adapter)) == sorted(["config.json", "model.safetensors", *files])
     assert leftovers(tmp_path) == []
+
 
 def test_existing_readme_is_updated_not_replaced(tmp_path):
     model = peft_model(LoraConfig(target_modules=QV))

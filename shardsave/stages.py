@@ -15,7 +15,7 @@ import re
 import zlib
 from collections.abc import Mapping, Sequence
 
-__all__ = ["StageError", "union_views", "merge_orders", "sender_of"]
+__all__ = ["StageError", "union_views", "merge_orders", "sender_of", "pack_union", "unpack_union"]
 
 
 class StageError(ValueError):
@@ -153,3 +153,21 @@ def _union_entries(views: Mapping[int, Mapping]) -> dict:
             keys = merge_orders([[key for key, _ in pairs] for _, pairs in lists])
             out[adapter][option] = [[key, source[key][1]] for key in keys]
     return out
+
+
+def pack_union(union: Mapping) -> dict:
+    """`union` as every rank reads it from the store: each distinct list of holders once (the data-parallel ranks
+    of a stage hold every one of its tensors: listed once, not once per run), runs naming theirs by position."""
+    lists: dict[tuple[int, ...], int] = {}
+    runs = {
+        name: [[a, b, lists.setdefault(tuple(holders), len(lists))] for a, b, holders in held]
+        for name, held in union["runs"].items()
+    }
+    return {**union, "runs": runs, "holders": [list(h) for h in lists]}
+
+
+def unpack_union(packed: Mapping) -> dict:
+    """`pack_union`'s inverse."""
+    lists = packed["holders"]
+    runs = {name: [[a, b, lists[i]] for a, b, i in held] for name, held in packed["runs"].items()}
+    return {k: v for k, v in packed.items() if k != "holders"} | {"runs": runs}

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -21,6 +22,7 @@ __all__ = ["fingerprints", "diverging", "held_prints", "group_id", "digests", "t
 
 #: The replica group of tensors that every rank holds whole.
 ALL_RANKS = "all"
+K = TypeVar("K", bound=Hashable)
 
 _CHUNK = 1 << 22  # elements per step: bounds the temporaries of the weighted sum
 
@@ -48,9 +50,9 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def fingerprints(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+def fingerprints(tensors: Mapping[K, torch.Tensor]) -> dict[K, str]:
     """A short fingerprint of each tensor's bytes (one synchronisation for all of them)."""
-    by_device: dict[torch.device, list[str]] = {}
+    by_device: dict[torch.device, list[K]] = {}
     for name, t in tensors.items():
         by_device.setdefault(t.device, []).append(name)
     out = {}

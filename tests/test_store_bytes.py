@@ -71,9 +71,12 @@ def test_pipeline_union_is_every_part_put_together_and_leaves_the_store_when_rea
         assert row["read0"] < 2 * bench.STAGES * one_view
 
 
-def test_packed_union_lists_each_set_of_holders_once():
+def test_packed_union_lists_each_set_of_holders_and_each_list_of_entries_once():
     runs = {"a": [[0, 2, [0, 1]], [2, 4, [2, 3]]], "b": [[0, 4, [0, 1]]]}
-    union = {"tensors": {"a": [[4], "float32", True]}, "runs": runs, "entries": {}}
+    pairs = [["a.lora_A.weight", "a"], ["b.lora_B.weight", "b"]]
+    entries = {"default": {"0": pairs, "1": list(pairs)}, "other": {"0": pairs, "1": pairs[:1]}}
+    union = {"tensors": {"a": [[4], "float32", True]}, "runs": runs, "entries": entries}
     packed = pack_union(union)
     assert packed["holders"] == [[0, 1], [2, 3]] and packed["runs"]["b"] == [[0, 4, 0]]
+    assert packed["entries"] == {"default": {"0": pairs, "1": "0"}, "other": {"0": pairs, "1": pairs[:1]}}
     assert unpack_union(packed) == union

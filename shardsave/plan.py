@@ -26,10 +26,17 @@ __all__ = [
     "read_items",
     "prefer_holder",
     "MAX_ROUND_BYTES",
+    "MAX_ROUND_PEERS",
+    "peer_groups",
 ]
 
 ALIGN = 16  # bytes; each tensor starts aligned in the packed output so that it can be viewed as its dtype
 MAX_ROUND_BYTES = 256 * 2**20  # the destination never receives more than this in one round
+#: The destination never receives from more than this many ranks in one round. Each receive in flight uses a
+#: per-peer buffer of the communicator (NCCL: a few MB per peer and channel), so an all-to-one gather from 511
+#: peers at once needs GBs on the writer's GPU together; in groups of 64, at most 64 peers' worth at a time. (NCCL
+#: may keep a connection's buffers once it is set up; bounding those too needs a two-level gather per node.)
+MAX_ROUND_PEERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +123,12 @@ def round_budget(moved_bytes: int) -> int:
     return max(1, min(-(-moved_bytes // 2), MAX_ROUND_BYTES))
 
 
+def peer_groups(senders: Sequence[int], most: int) -> dict[int, int]:
+    """Each sender's group: consecutive ranks, `most` to a group, in rank order (the ranks of a node together,
+    where ranks are numbered by node)."""
+    return {rank: i // most for i, rank in enumerate(sorted(set(senders)))}
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
@@ -127,11 +140,18 @@ def plan_transfer(
     dst: int,
     *,
     budget: int | None = None,
+    peers: int | None = None,
 ) -> TransferPlan:
     """The plan for moving the tensors of `layout` (name -> its slices, or `None` when every rank holds it
     whole) to rank `dst`. Tensors keep `layout`'s order in the output; slices move in order, split at the
     round budget (in whole elements), so a round never carries more than `budget` bytes (`round_budget` by
-    default). Pure: every rank gets the same plan from the same metadata."""
+    default), and from at most `peers` senders (`MAX_ROUND_PEERS` by default): senders are taken in groups of
+    `peers` consecutive ranks (`peer_groups`), each group's slices in rounds of its own. Pure: every rank gets
+    the same plan from the same metadata.
+
+    What the peer bound costs: at least `ceil(senders / peers)` rounds instead of 2 (16 at 1024 ranks), each a
+    synchronisation of the writer with the slowest sender of its group; the bytes moved, the messages per
+    sender and the writer's memory (output + one round) are unchanged. At 64 senders or fewer it changes nothing."""
     offsets, total = {}, 0
     for name in layout:
         offsets[name] = total
@@ -151,6 +171,8 @@ def plan_transfer(
                 remote.append((name, s))
     moved = sum((s.stop - s.start) * itemsizes[name] for name, s in remote)
     budget = round_budget(moved) if budget is None else budget
+    group = peer_groups([s.rank for _, s in remote], MAX_ROUND_PEERS if peers is None else peers)
+    remote.sort(key=lambda item: group[item[1].rank])  # stable: each group's slices in layout order
     rounds: list[Round] = []
     pieces: list[Piece] = []
     sizes: dict[int, int] = {}
@@ -162,7 +184,11 @@ def plan_transfer(
             rounds.append(Round(tuple(pieces), sizes))
         pieces, sizes, room = [], {}, budget
 
+    current = None
     for name, s in remote:
+        if group[s.rank] != current:  # a new group of senders: a new round
+            close()
+            current = group[s.rank]
         item = itemsizes[name]
         start = s.start
         while start < s.stop:

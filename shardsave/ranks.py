@@ -282,6 +282,24 @@ class Rendezvous:
         self._mine.append(key)
         return Heartbeat(self._store, key, self.timeout)
 
+    def release(self, phase: str) -> None:
+        """Delete what the agreement on `phase` left in the store as soon as it is read, for agreements whose
+        payloads are large: this rank's own status now (rank 0 read it before it posted the verdict this rank
+        has read), and the verdict once every rank has read it (the last reader deletes it). Called by every rank
+        right after `agree(phase, ...)` returned; what a failure leaves is deleted at the next call as usual."""
+        if self._store is None:
+            return
+        count = self._key(phase, "read")
+        self._mine.append(count)
+        try:
+            if self.ranks.rank != 0:
+                self._store.delete_key(self._key(phase, self.ranks.rank))
+            if self._store.add(count, 1) == self.ranks.world_size:
+                self._store.delete_key(self._key(phase, "verdict"))
+                self._store.delete_key(count)
+        except (RuntimeError, dist.DistError):
+            pass  # the store is gone: the next step reports it
+
     def forget_previous(self) -> None:
         """Delete the keys this rank set in its previous call. Safe once this call's first agreement is
         done: every rank has then left the previous call."""

@@ -2,15 +2,27 @@
 writes each from one rank only, so copies that drifted apart (ranks not in sync) would be mixed into an
 adapter that no rank ever had. Each rank fingerprints its copies where they are (no device-to-host copy),
 and rank 0 compares before it vouches for the set.
+
+What goes through the store stays small at any number of ranks: each rank posts one digest per replica group (the
+ranks that hold the same runs as it does, from metadata) instead of a fingerprint per run. Rank 0 compares the
+digests of each group (`to_ask`); only where they differ does it ask, in a second round, one rank per distinct
+digest for its fingerprints of that group, to name the tensor that differs (`diverging`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import hashlib
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 
-__all__ = ["fingerprints", "diverging", "held_prints"]
+__all__ = ["fingerprints", "diverging", "held_prints", "group_id", "digests", "to_ask", "members", "ALL_RANKS"]
+
+#: The replica group of tensors that every rank holds whole.
+ALL_RANKS = "all"
+K = TypeVar("K", bound=Hashable)
 
 _CHUNK = 1 << 22  # elements per step: bounds the temporaries of the weighted sum
 
@@ -38,9 +50,9 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def fingerprints(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+def fingerprints(tensors: Mapping[K, torch.Tensor]) -> dict[K, str]:
     """A short fingerprint of each tensor's bytes (one synchronisation for all of them)."""
-    by_device: dict[torch.device, list[str]] = {}
+    by_device: dict[torch.device, list[K]] = {}
     for name, t in tensors.items():
         by_device.setdefault(t.device, []).append(name)
     out = {}
@@ -60,14 +72,61 @@ def diverging(by_rank: Mapping[int, Mapping[str, str]]) -> list[str]:
     return sorted(name for name, values in names.items() if len(values) > 1)
 
 
-def held_prints(collector, names, rank: int) -> dict[str, str]:
+@functools.lru_cache(maxsize=1024)
+def group_id(holders: tuple[int, ...]) -> str:
+    """A short id of a replica group (the same on every member): ranks that report it are its members."""
+    return hashlib.sha256(",".join(map(str, holders)).encode()).hexdigest()[:16]
+
+
+def held_prints(collector, names, rank: int) -> dict[str, dict[str, str]]:
     """Fingerprints of the runs this rank holds of sharded tensors that other ranks hold too (HSDP's replicate
     dimension, a parameter on a data-parallel sub-mesh, ZeRO-3 partition groups smaller than the world), as
-    `name@start`: only one copy of each run is gathered or written, so copies that drifted apart must be found
-    before, not mixed silently. Ranks reporting the same key hold the same run."""
-    runs = {}
+    `name@start`, by replica group (`group_id` of the ranks holding the same runs, `collector.holders`): only one
+    copy of each run is gathered or written, so copies that drifted apart must be found before, not mixed
+    silently. Ranks reporting the same key hold the same run."""
+    runs: dict[str, dict[str, torch.Tensor]] = {}
     for name in dict.fromkeys(collector.primary(n) for n in names):
         if collector.slices(name) is not None and collector.replicated(name):
             for run in collector.own(name):
-                runs[f"{name}@{run.start}"] = collector.local(name, run)
-    return fingerprints(runs) if runs else {}
+                group = group_id(collector.holders(name, run))
+                runs.setdefault(group, {})[f"{name}@{run.start}"] = collector.local(name, run)
+    flat = fingerprints({(group, key): t for group, held in runs.items() for key, t in held.items()})
+    out: dict[str, dict[str, str]] = {}
+    for (group, key), value in flat.items():
+        out.setdefault(group, {})[key] = value
+    return out
+
+
+def digests(grouped: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """One short digest of each group's fingerprints (`held_prints`): what a rank posts."""
+    out = {}
+    for group, prints in grouped.items():
+        text = "\n".join(f"{key}={value}" for key, value in sorted(prints.items()))
+        out[group] = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return out
+
+
+def to_ask(by_rank: Mapping[int, Mapping[str, str]]) -> dict[int, list[str]]:
+    """Rank 0's check of every rank's `digests`: for each group whose members posted different digests, one rank
+    per distinct digest (the lowest), with the groups to send the fingerprints of. Empty when every group agrees
+    (then nothing more is asked)."""
+    seen: dict[str, dict[str, int]] = {}
+    for rank, posted in sorted(by_rank.items()):
+        for group, digest in posted.items():
+            seen.setdefault(group, {}).setdefault(digest, rank)
+    ask: dict[int, list[str]] = {}
+    for group, first in sorted(seen.items()):
+        if len(first) > 1:
+            for rank in first.values():
+                ask.setdefault(rank, []).append(group)
+    return ask
+
+
+def members(by_rank: Mapping[int, Mapping[str, str]], groups: Sequence[str]) -> dict[str, list[int]]:
+    """The ranks that posted a digest for each of `groups`: its members."""
+    wanted = set(groups)
+    out: dict[str, list[int]] = {g: [] for g in groups}
+    for rank, posted in sorted(by_rank.items()):
+        for group in wanted.intersection(posted):
+            out[group].append(rank)
+    return out

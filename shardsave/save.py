@@ -36,10 +36,10 @@ from .ranks import (
     resolve_timeout,
     status_of,
 )
-from .replicas import diverging, held_prints
+from .replicas import digests, diverging, held_prints, members, to_ask
 from .reuse import PlanCache
 from .select import AdapterPlan, decide_embeddings, plan_choices
-from .stages import union_views
+from .stages import pack_union, union_views, unpack_union
 from .texts import Texts, abandon, render_in_background
 from .verify import check_tensors, warn_findings
 from .writer import (
@@ -73,7 +73,7 @@ class _SaveRequest:
     safe: bool
     args: dict
     decided: dict | None = None  # set on the main process while planning, on every rank by the agreement
-    replicas: dict[str, str] = field(default_factory=dict)  # fingerprints of the replicated runs this rank holds
+    replicas: dict[str, dict[str, str]] = field(default_factory=dict)  # this rank's replicated runs' fingerprints
     initial: dict[str, torch.Tensor] | None = None  # PiSSA/CorDA/OLoRA initial adapter, by checkpoint key (writer)
     transfer: object | None = None  # the writer's prepared gather
     texts: Future | None = None  # the writer's card and configs, rendering in a thread
@@ -291,19 +291,45 @@ def _pick_writer(statuses: dict[int, dict]) -> int:
     return writers[0]
 
 
-def _agree_on_replicas(statuses: dict[int, dict]) -> None:
+def _replicas_to_check(statuses: dict[int, dict]) -> dict | None:
+    """Rank 0's comparison of every rank's digest per replica group; where a group's digests differ, which ranks
+    to ask for their fingerprints (one per distinct digest) and the group's members (for the message)."""
     by_rank = {rank: status.get("replicas") or {} for rank, status in statuses.items()}
+    ask = to_ask(by_rank)
+    if not ask:
+        return None
+    groups = sorted({g for wanted in ask.values() for g in wanted})
+    return {"ask": {str(rank): wanted for rank, wanted in ask.items()}, "members": members(by_rank, groups)}
+
+
+def _recheck_replicas(rdv: Rendezvous, request, recheck: dict) -> None:
+    """The second round, only when some replica group's digests differ: the ranks asked post their fingerprints
+    of those groups, and rank 0 names the run that differs; raises `ValueError` on every rank."""
+    wanted = recheck["ask"].get(str(rdv.ranks.rank), [])
+    prints = {group: request.replicas[group] for group in wanted}
+    rdv.agree("replicas", {"prints": prints}, decide=lambda statuses: _replicas_differ(statuses, recheck["members"]))
+
+
+def _replicas_differ(statuses: dict[int, dict], groups: dict[str, list[int]]) -> None:
+    by_rank = {rank: {k: v for p in s["prints"].values() for k, v in p.items()} for rank, s in statuses.items()}
     differ = diverging(by_rank)
-    if differ:
-        name, _, start = differ[0].rpartition("@")
-        holders = sorted(rank for rank, prints in by_rank.items() if differ[0] in prints)
+    if not differ:  # the members hold the same runs by their metadata but report other ones
+        keys = {rank: sorted(prints)[:4] for rank, prints in by_rank.items() if prints}
         raise ValueError(
-            f"{len(differ)} run(s) of sharded tensors differ between the ranks that hold copies of them, e.g. "
-            f"{name} from element {start} on ranks {holders}: the copies drifted apart during training (e.g. a "
-            f"LoRA tensor replicated across tensor-parallel ranks whose gradients are not all-reduced there), so "
-            f"any one of them would be a silent choice. Keep replicas in sync (shard such tensors over that "
-            f"dimension too), then save."
+            f"ranks {sorted(keys)} hold copies of the same runs of sharded tensors by their layout, but report "
+            f"different runs ({keys}): the ranks' layouts disagree. Save from one model wrapped the same way on "
+            f"every rank."
         )
+    name, _, start = differ[0].rpartition("@")
+    group = next(g for s in statuses.values() for g, prints in s["prints"].items() if differ[0] in prints)
+    holders = groups[group]
+    raise ValueError(
+        f"{len(differ)} run(s) of sharded tensors differ between the ranks that hold copies of them, e.g. "
+        f"{name} from element {start} on ranks {holders}: the copies drifted apart during training (e.g. a "
+        f"LoRA tensor replicated across tensor-parallel ranks whose gradients are not all-reduced there), so "
+        f"any one of them would be a silent choice. Keep replicas in sync (shard such tensors over that "
+        f"dimension too), then save."
+    )
 
 
 def _decide_start(statuses: dict[int, dict]) -> dict:
@@ -312,10 +338,9 @@ def _decide_start(statuses: dict[int, dict]) -> dict:
     args = {rank: {"args": {k: v for k, v in s["args"].items() if k != "plan"}} for rank, s in statuses.items()}
     check_same_args(args, op="save", plan_means="model or adapter layout")
     staged = len({status["args"].get("plan") for status in statuses.values()}) > 1
-    if not staged:
-        _agree_on_replicas(statuses)
+    recheck = None if staged else _replicas_to_check(statuses)
     writer = _pick_writer(statuses)
-    return {"writer": writer, "decided": statuses[writer].get("decided"), "staged": staged}
+    return {"writer": writer, "decided": statuses[writer].get("decided"), "staged": staged, "recheck": recheck}
 
 
 def agree_start(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object], main: bool | None):
@@ -328,12 +353,14 @@ def agree_start(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object]
     except Exception as exc:  # shared with the other ranks below, then re-raised
         error = exc
     payload = {"main": is_main, "args": getattr(result, "args", {}), "decided": getattr(result, "decided", None),
-               "replicas": getattr(result, "replicas", {})}  # fmt: skip
+               "replicas": digests(getattr(result, "replicas", {}))}  # fmt: skip
     try:
         if not ranks.distributed:
             rdv.agree("start", payload, own=error)
             return result, (ranks.rank if is_main else -1), payload["decided"]
         verdict = rdv.agree("start", payload, own=error, decide=_decide_start)
+        if verdict.get("recheck"):
+            _recheck_replicas(rdv, result, verdict["recheck"])
     except BaseException:
         abandon(getattr(result, "texts", None))
         raise
@@ -343,21 +370,44 @@ def agree_start(rdv: Rendezvous, ranks: Ranks, prepare: Callable[[bool], object]
     return result, verdict["writer"], verdict["decided"]
 
 
-def _union(statuses: dict[int, dict]) -> dict:
-    return union_views({rank: status["view"] for rank, status in statuses.items()})
+def _view_digest(view: dict | None) -> str | None:
+    return None if view is None else hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _pick_views(statuses: dict[int, dict], seen: dict) -> dict:
+    """Rank 0, first round: one rank per distinct view digest is asked for its view (data-parallel replicas of a
+    stage hold the same view); `seen` keeps every rank's digest for the second round, on rank 0 only."""
+    seen.update({rank: status["view"] for rank, status in statuses.items()})
+    first: dict[str, int] = {}
+    for rank, digest in sorted(seen.items()):
+        first.setdefault(digest, rank)
+    return {"ask": sorted(first.values())}
+
+
+def _union(statuses: dict[int, dict], seen: dict[int, str]) -> dict:
+    """Rank 0, second round: the union of every rank's view, each rank's being that of the rank asked for its
+    digest (`shardsave.stages.union_views`, which refuses parts that do not add up)."""
+    posted = {seen[rank]: status["view"] for rank, status in statuses.items() if "view" in status}
+    return pack_union(union_views({rank: posted[digest] for rank, digest in seen.items()}))
 
 
 def _restage(rdv: Rendezvous, request, writer: int) -> None:
     """The ranks hold different parts of the model (pipeline stages): each reports its part, rank 0 puts them
-    together (`shardsave.stages.union_views`, which refuses parts that do not add up), every rank follows that
-    plan. Costs one more agreement, only for such models."""
+    together (`shardsave.stages.union_views`), every rank follows that plan. Each rank first posts a digest of its
+    part and only one rank per distinct digest the part itself; the union, read by every rank, is deleted once all
+    have read it. Costs two more agreements, only for such models."""
     view, error = None, None
     try:
         view = request.view()
     except Exception as exc:
         error = exc
+    seen: dict[int, str] = {}  # rank 0: each rank's digest
     try:
-        union = rdv.agree("stages", {"view": view}, own=error, decide=_union)
+        digest = _view_digest(view)
+        asked = rdv.agree("stages", {"view": digest}, own=error, decide=lambda s: _pick_views(s, seen))
+        mine = {"view": view} if rdv.ranks.rank in asked["ask"] else {}
+        union = unpack_union(rdv.agree("views", mine, decide=lambda statuses: _union(statuses, seen)))
+        rdv.release("views")
         request.restage(union, writer, rdv.ranks)
     except BaseException:
         abandon(getattr(request, "texts", None))
@@ -552,7 +602,7 @@ class _Gather:
     names: list[str]
     args: dict
     transfer: object | None
-    replicas: dict[str, str]
+    replicas: dict[str, dict[str, str]]
 
     def view(self) -> dict:
         return {"tensors": describe_stage(self.collector, self.names), "entries": {}}

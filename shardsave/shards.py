@@ -32,7 +32,7 @@ import torch
 from .host import to_host
 from .log import logger
 from .ranks import MissingRanksError, Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
-from .replicas import diverging, fingerprints
+from .replicas import ALL_RANKS, digests, diverging, fingerprints, to_ask
 from .save import start_save
 from .stream import TensorSpec, dtype_name, write_streaming
 from .texts import render_texts
@@ -107,14 +107,17 @@ def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tens
 
 
 def _check_replicas(statuses: dict[int, dict]) -> None:
-    differ = diverging({rank: status.get("replicas", {}) for rank, status in statuses.items()})
-    if differ:
-        raise SaveError(
-            f"shardsave.save_shards: {len(differ)} tensor(s) that every rank holds whole differ between ranks "
-            f"(e.g. {differ[:3]}); the set would mix them, so no manifest was written. The ranks' copies are "
-            f"out of sync (gradients not all-reduced, or weights changed on some ranks only): save from a "
-            f"synchronised model, or use shardsave.save_pretrained, which writes the main process's copy."
-        )
+    """The second round, only when the ranks' digests of their whole tensors differ: the ranks asked (one per
+    distinct digest) posted their fingerprints; name what differs."""
+    by_rank = {rank: status["prints"] for rank, status in statuses.items()}
+    names = [set(prints) for prints in by_rank.values()]
+    differ = diverging(by_rank) or sorted(set.union(*names) - set.intersection(*names))  # (or: named differently)
+    raise SaveError(
+        f"shardsave.save_shards: {len(differ)} tensor(s) that every rank holds whole differ between ranks "
+        f"(e.g. {differ[:3]}); the set would mix them, so no manifest was written. The ranks' copies are "
+        f"out of sync (gradients not all-reduced, or weights changed on some ranks only): save from a "
+        f"synchronised model, or use shardsave.save_pretrained, which writes the main process's copy."
+    )
 
 
 def save_shards(
@@ -177,7 +180,7 @@ def save_shards(
         raise_on_failure({0: run}, own=None, ranks=ranks, op="save_shards")
         run_id, card, configs = run["run_id"], run["card"], run["configs"]
 
-    error, report = None, {}
+    error, report, prints = None, {}, {}
     try:
         if shared_filesystem:
             _check_shared(directory, run_id, ranks.rank)
@@ -194,14 +197,18 @@ def save_shards(
         # byte-identical to save_file, hashed as it is written rather than read back
         atomic_file(path, lambda tmp: write_streaming(tmp, specs, host.__getitem__, metadata=metadata, digest=digest))
         report = {"name": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
-        if ranks.distributed:
-            report["replicas"] = fingerprints(replicated)
+        if ranks.distributed:  # one digest in the store; the fingerprints only if rank 0 asks (they differ)
+            prints = fingerprints(replicated)
+            report["replicas"] = digests({ALL_RANKS: prints})
     except Exception as exc:
         error = exc
 
-    def write_manifest(statuses: dict[int, dict]) -> None:
-        """Rank 0, once every rank's file is written: the manifest that vouches for the set."""
-        _check_replicas(statuses)
+    def write_manifest(statuses: dict[int, dict]) -> dict | None:
+        """Rank 0, once every rank's file is written: the manifest that vouches for the set, unless the copies of
+        the tensors every rank holds whole differ (then: which ranks to ask for their fingerprints)."""
+        ask = to_ask({rank: status.get("replicas", {}) for rank, status in statuses.items()})
+        if ask:
+            return {"ask": [rank for rank in ask]}
         files = [{"rank": r, **{k: s[k] for k in ("name", "size", "sha256")}} for r, s in sorted(statuses.items())]
         manifest = {"format": FORMAT, "run_id": run_id, "world_size": ranks.world_size, "files": files}
         try:
@@ -211,7 +218,10 @@ def save_shards(
             raise SaveError(f"shardsave.save_shards: writing {directory / MANIFEST_NAME} failed: {exc}") from exc
 
     try:
-        rdv.agree("done", report, own=error, decide=write_manifest)
+        recheck = rdv.agree("done", report, own=error, decide=write_manifest)
+        if recheck:
+            mine = prints if ranks.rank in recheck["ask"] else {}
+            rdv.agree("replicas", {"prints": mine}, decide=_check_replicas)
     except SaveError as exc:
         if ranks.rank == 0:
             (directory / RUN_MARKER).unlink(missing_ok=True)

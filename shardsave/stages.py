@@ -15,7 +15,7 @@ import re
 import zlib
 from collections.abc import Mapping, Sequence
 
-__all__ = ["StageError", "union_views", "merge_orders", "sender_of"]
+__all__ = ["StageError", "union_views", "merge_orders", "sender_of", "pack_union", "unpack_union"]
 
 
 class StageError(ValueError):
@@ -153,3 +153,34 @@ def _union_entries(views: Mapping[int, Mapping]) -> dict:
             keys = merge_orders([[key for key, _ in pairs] for _, pairs in lists])
             out[adapter][option] = [[key, source[key][1]] for key in keys]
     return out
+
+
+def pack_union(union: Mapping) -> dict:
+    """`union` as every rank reads it from the store: each distinct list of holders once (the data-parallel ranks
+    of a stage hold every one of its tensors: listed once, not once per run), runs naming theirs by position; an
+    adapter's entries for one option that equal those of the option before it, as that option's name (without
+    an embedding layer to decide on, both embeddings options give the same entries)."""
+    lists: dict[tuple[int, ...], int] = {}
+    runs = {
+        name: [[a, b, lists.setdefault(tuple(holders), len(lists))] for a, b, holders in held]
+        for name, held in union["runs"].items()
+    }
+    entries = {}
+    for adapter, options in union["entries"].items():
+        entries[adapter], previous = {}, None
+        for option, pairs in options.items():
+            same = previous is not None and options[previous] == pairs
+            entries[adapter][option] = previous if same else pairs
+            previous = previous if same else option
+    return {**union, "runs": runs, "holders": [list(h) for h in lists], "entries": entries}
+
+
+def unpack_union(packed: Mapping) -> dict:
+    """`pack_union`'s inverse."""
+    lists = packed["holders"]
+    runs = {name: [[a, b, lists[i]] for a, b, i in held] for name, held in packed["runs"].items()}
+    entries = {
+        adapter: {option: options[pairs] if isinstance(pairs, str) else pairs for option, pairs in options.items()}
+        for adapter, options in packed["entries"].items()
+    }
+    return {k: v for k, v in packed.items() if k != "holders"} | {"runs": runs, "entries": entries}

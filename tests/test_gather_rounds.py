@@ -27,9 +27,9 @@ def lora_shapes(layers: int, r: int, hidden: int) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def check_plan(layout, itemsize: int, dst: int, budget=None):
+def check_plan(layout, itemsize: int, dst: int, budget=None, peers=None):
     numels = {n: max(s.stop for s in slices) if slices else 0 for n, slices in layout.items()}
-    plan = plan_transfer(layout, {n: itemsize for n in layout}, numels, dst, budget=budget)
+    plan = plan_transfer(layout, {n: itemsize for n in layout}, numels, dst, budget=budget, peers=peers)
     covered = {n: [0] * numels[n] for n in layout}
     for piece in [*plan.own, *(p for r in plan.rounds for p in r.pieces)]:
         holders = [
@@ -96,3 +96,27 @@ def test_many_rounds_give_the_same_file(backend, tmp_path):
     check_backend(tmp_path, backend, round_bytes=256, lora={"target_modules": ["q_proj", "v_proj"], "r": 8})
     comm = json.loads((tmp_path / "comm-1.json").read_text())
     assert len(comm) > 4, comm  # the budget really split the traffic
+
+
+@pytest.mark.parametrize("world", [512, 1024])
+def test_the_writer_receives_from_at_most_max_round_peers_ranks_at_once(world):
+    """All-to-one point to point from 511 or 1023 peers at once would need a receive buffer per peer on the writer
+    at the same time; rounds take senders in groups of `MAX_ROUND_PEERS` consecutive ranks. The cost: at least
+    one round per group (more where a group's bytes pass the round budget), the bytes and the writer's peak
+    unchanged."""
+    from shardsave.plan import MAX_ROUND_PEERS
+
+    shapes = lora_shapes(layers=4, r=8, hidden=4096)  # lora_B's 4096 rows on every rank
+    layout = fsdp2_layout(shapes, world)
+    plan = check_plan(layout, 2, dst=0)
+    senders = sorted({rank for r in plan.rounds for rank in r.sizes})
+    assert senders == list(range(1, world))
+    assert all(len(r.sizes) <= MAX_ROUND_PEERS for r in plan.rounds)
+    group_of = [{senders.index(rank) // MAX_ROUND_PEERS for rank in r.sizes} for r in plan.rounds]
+    assert all(len(g) == 1 for g in group_of)  # each round: ranks of one group of consecutive ranks (a node's)
+    order = [min(g) for g in group_of]
+    assert order == sorted(order) and set(order) == set(range(-(-len(senders) // MAX_ROUND_PEERS)))
+    unbounded = check_plan(layout, 2, dst=0, peers=world)  # the plan without the bound: 2 rounds of every sender
+    assert len(unbounded.rounds) == 2 and max(len(r.sizes) for r in unbounded.rounds) == world - 1
+    assert plan.stats()["received_bytes"] == unbounded.stats()["received_bytes"]
+    assert plan.stats()["peak_extra_bytes"] <= unbounded.stats()["peak_extra_bytes"]

@@ -60,6 +60,8 @@ def check_only_adapter_bytes_move(tmp_path, backend, world_size: int = 2, base_r
     sent_by = {}
     for rank in range(world_size):
         calls = json.loads((tmp_path / f"comm-{rank}.json").read_text())
+        if calls[:1] == [["all_reduce", 4]]:  # a process's first gather warms the world group (collect/sharded.py)
+            calls = calls[1:]
         assert all(name == "batch_isend_irecv" for name, _ in calls), calls
         sent = sum(nbytes for _, nbytes in calls)
         assert sent <= adapter_bytes, (sent, adapter_bytes)

@@ -72,3 +72,18 @@ def test_replicas_cost_nothing_extra(saved, layout, held):
     )
     sent = sum(json.loads((saved / layout / f"sent-{rank}.json").read_text()) for rank in range(4))
     assert 0 < sent <= adapter * (1 - held) + 64 * 4, (sent, adapter)
+
+
+def test_the_world_group_runs_one_collective_before_the_first_point_to_point_send(saved):
+    """FSDP2 on a 2-D mesh runs collectives on its sub-groups only, so the world group has run none when the first
+    save's gather sends point to point (undefined on NCCL, see `batch_isend_irecv`). Every rank runs one all_reduce
+    on the world group before its first send, once per process: the later layouts' saves run none. (gloo sends
+    fine without it, so this checks that the warm-up happens, not that NCCL would hang without it.)"""
+    first, *later = [layout for layout in LAYOUTS if layout != "tp_replicated_a"]
+    assert first == "hsdp" and "batch_isend_irecv" in json.loads((saved / first / "calls-0.json").read_text())
+    for rank in range(4):
+        calls = json.loads((saved / first / f"calls-{rank}.json").read_text())
+        assert calls.count("all_reduce") == 1 and calls[0] == "all_reduce", (rank, calls)
+        for layout in later:
+            calls = json.loads((saved / layout / f"calls-{rank}.json").read_text())
+            assert "all_reduce" not in calls, (layout, rank, calls)

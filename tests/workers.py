@@ -732,6 +732,7 @@ def nd_save(rank, world, out: Path, params):
             with CommAudit() as audit:
                 shardsave.save_pretrained(wrapped, folder / "ours")
             (folder / f"sent-{rank}.json").write_text(json.dumps(sum(n for _, n in audit.calls)))
+            (folder / f"calls-{rank}.json").write_text(json.dumps([name for name, _ in audit.calls]))
         except Exception as exc:
             (folder / f"error-{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
             _destroy(wrapped)

@@ -135,6 +135,12 @@ class FSDP1Collector(ShardedCollector):
         lo, hi = (0, 0) if k is None else self._ranges(name, run)[k]
         return [(lo, hi)] if hi > lo else []
 
+    def holders(self, name: str, run: Slice) -> tuple[int, ...]:
+        """HYBRID_SHARD: shard `k` of every replica's shard group holds the same range: those ranks."""
+        groups = self._runs[name].groups
+        k = next(g.index(self.rank) for g in groups if self.rank in g)
+        return tuple(sorted(g[k] for g in groups))
+
     def local(self, name: str, piece: Slice) -> torch.Tensor:
         run = self._runs[name]
         shard = run.flat.data

@@ -34,6 +34,7 @@ class FSDP2Collector(ShardedCollector):
         self._runs: dict[str, dict[int, int]] = {}  # name -> start of each run this rank holds -> local offset
         self._own: dict[str, list[Slice]] = {}
         self._replicated: dict[str, object] = {}  # name -> its holding, where runs have replicas
+        self._groups: dict[tuple[int, int], tuple[int, ...]] = {}  # (id(holding), rank) -> its replica group
 
     def _mesh(self, tensor: DTensor) -> tuple[tuple, tuple[int, ...] | None]:
         """The mesh the layout is computed on (nested tuples of global ranks) and, for a sub-mesh, which of its
@@ -108,6 +109,14 @@ class FSDP2Collector(ShardedCollector):
     def held_by(self, name: str, rank: int) -> list[tuple[int, int]]:
         holding = self._replicated.get(name) if self.slices(name) is not None else None
         return [(s.start, s.stop) for s, _ in holding.held.get(rank, ())] if holding is not None else []
+
+    def holders(self, name: str, run: Slice) -> tuple[int, ...]:
+        """The replica group (ranks with this rank's box) of a replicated `name`: the same for all its runs."""
+        holding = self._replicated[name]
+        key = (id(holding), self.rank)
+        if key not in self._groups:  # holdings are shared by tensors of one layout: one search per layout
+            self._groups[key] = next(g for g in holding.replicas if self.rank in g)
+        return self._groups[key]
 
     def local(self, name: str, piece: Slice) -> torch.Tensor:
         data = _local_tensor(self._tensors[name]).reshape(-1)

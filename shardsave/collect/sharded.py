@@ -7,13 +7,19 @@ FSDP1, FSDP2 and ZeRO-3 all hold a parameter as contiguous runs of its flattened
 rank. A backend only says, for a tensor, which rank holds which element range (`slices`, computed from
 metadata every rank has, so no rank needs to ask another) and how to read its own run (`local`). Tensors
 held whole by the writer (buffers, unsharded or persistent parameters) are read in place and never sent.
+
+Point-to-point sends that leave ranks out are defined on NCCL only once the group has run a collective (see
+`torch.distributed.batch_isend_irecv`); an FSDP2 loop on a 2-D mesh runs collectives on its sub-groups only, so
+the world group may never have. The first gather of a process therefore runs one 4-byte `all_reduce` on the
+world group (`warm_world`), on every rank, before any send.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch
@@ -22,7 +28,16 @@ import torch.distributed as dist
 from ..plan import Piece, Slice, TransferPlan, chunk_ranges, plan_transfer, prefer_holder
 from .base import TensorInfo
 
-__all__ = ["Slice", "ShardedCollector", "Transfer", "TransferError", "comm_device", "pick_device", "chunk_ranges"]
+__all__ = [
+    "Slice",
+    "ShardedCollector",
+    "Transfer",
+    "TransferError",
+    "comm_device",
+    "pick_device",
+    "chunk_ranges",
+    "warm_world",
+]
 
 
 class ShardedCollector:
@@ -82,6 +97,12 @@ class ShardedCollector:
         """The runs of a sharded `name` that `rank` holds (from metadata: no rank is asked); for replicas only
         (without them, every run has its one holder in `slices`)."""
         return []
+
+    def holders(self, name: str, run: Slice) -> tuple[int, ...]:
+        """The ranks (this one among them) holding copies of this rank's `run` of a replicated `name`, from
+        metadata: its replica group. O(world size) here; the backends answer from the groups they know."""
+        mine = (run.start, run.stop)
+        return tuple(r for r in range(self.world_size) if mine in self.held_by(name, r))
 
     def _to(self, name: str, dst: int) -> list[Slice] | None:
         """`slices(name)` for a gather to `dst`: where `dst` holds a replica of a run, it sends it to itself."""
@@ -167,6 +188,29 @@ def pick_device(
     return torch.device("cpu")
 
 
+_warmed: weakref.WeakSet = weakref.WeakSet()  # world groups that ran warm_world's collective in this process
+
+
+def warm_world(wait: Callable[[list], None]) -> bool:
+    """Run one collective on the world group, once per process and group, so that the point-to-point sends that
+    follow are defined on NCCL even where only sub-groups ran collectives before. Every rank of a gather calls it
+    at the same point (the plan is the same on every rank). On a group with an NCCL backend the tensor is on the
+    GPU (NCCL's communicator is the one to warm, whatever device the shards are on); else on the CPU. `wait`
+    waits for the work (bounded by the gather's timeout). Returns whether it ran."""
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return False
+    group = dist.group.WORLD
+    if group in _warmed:
+        return False
+    device = torch.device("cpu")
+    if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
+        current = torch.device("cuda", torch.cuda.current_device())
+        device = pick_device(device, {"cuda"}, getattr(group, "bound_device_id", None), current)
+    wait([dist.all_reduce(torch.zeros(1, dtype=torch.int32, device=device), async_op=True)])
+    _warmed.add(group)
+    return True
+
+
 def _empty(nbytes: int, device: torch.device, *, pinned: bool = False) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pinned)
 
@@ -208,6 +252,8 @@ class Transfer:
         def deadline() -> float | None:
             return None if timeout is None else time.monotonic() + timeout
 
+        if self.plan.rounds:  # the same on every rank: all of them warm the world group, or none
+            warm_world(lambda works: self._wait(works, deadline(), "warming up the world group (one all_reduce)"))
         if self.rank != self.plan.dst:
             local = iter(self._local)
             for index, pieces in self._sends:

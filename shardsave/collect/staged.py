@@ -71,6 +71,9 @@ class StagedCollector(ShardedCollector):
     def held_by(self, name: str, rank: int) -> list[tuple[int, int]]:
         return [(a, b) for a, b, holders in self._copies.get(name, ()) if rank in holders]
 
+    def holders(self, name: str, run: Slice) -> tuple[int, ...]:
+        return next(tuple(h) for a, b, h in self._copies[name] if (a, b) == (run.start, run.stop))
+
     def local(self, name: str, piece: Slice) -> torch.Tensor:
         for start, stop, data in _held(self.inner, name):
             if start <= piece.start and piece.stop <= stop:

@@ -94,6 +94,7 @@ class Zero3Collector(ShardedCollector):
         super().__init__(rank, world_size)
         self._register(root, lambda t: tuple(t.ds_shape) if is_zero3_param(t) else tuple(t.shape))
         self._groups: dict[int, tuple[int, ...]] = {}  # id(process group) -> its global ranks
+        self._holders: dict[tuple[int, ...], tuple[int, ...]] = {}  # a partition group -> this rank's replicas
 
     def _partitioned(self, tensor: torch.Tensor) -> bool:
         if not is_zero3_param(tensor):
@@ -172,6 +173,14 @@ class Zero3Collector(ShardedCollector):
         """Member k of any group holds range k: `rank`'s index in its group (from this rank's group's layout)."""
         start, stop = self.partition(name, rank) if self.replicated(name) else (0, 0)
         return [(start, stop)] if stop > start else []
+
+    def holders(self, name: str, run: Slice) -> tuple[int, ...]:
+        """Member `k` of every partition group holds range `k`: those members, this rank's `k`."""
+        own = self._group_ranks(self._tensors[name])
+        if own not in self._holders:  # one per partition group, not per parameter
+            k = own.index(self.rank)
+            self._holders[own] = tuple(sorted(g[k] for g in partition_groups(own, self.world_size) or [own]))
+        return self._holders[own]
 
     def own(self, name: str) -> list[Slice]:
         """Member `k` of every partition group holds range `k` (`slices` names one sender per range)."""

@@ -234,9 +234,11 @@ def agreed_checkpoint_dir(args, state, *, timeout: float | None = None) -> Path:
             error = exc
         if ranks.distributed:
             rdv.post("checkpoint", status_of(error, path=str(path)))
+            rdv.forget_later()
         if error is not None:
             raise error
         return path
     status = rdv.wait_for("checkpoint", 0, heartbeat=True)
+    rdv.forget_later()
     raise_on_failure({0: status}, own=None, ranks=ranks, op="ShardSaveCallback")
     return Path(status["path"])

@@ -383,6 +383,13 @@ class Rendezvous:
                     break
         _previous_keys[self.ranks.rank] = self._mine
 
+    def forget_later(self) -> None:
+        """For a call without an agreement of its own (rank 0 posts, the others read): its keys are deleted with
+        the previous call's, at the next call's first agreement. A call that failed keeps its keys: a rank that
+        missed it still has to find it open, and skip it."""
+        if self._store is not None and self._prefix is not None:
+            _previous_keys.setdefault(self.ranks.rank, []).extend(self._mine)
+
 
 _previous_keys: dict[int, list[str]] = {}  # by rank: one entry per process, or per simulated rank
 _CALLS = "shardsave/calls"  # rank 0's count of the calls it opened: the last call's id

@@ -145,10 +145,14 @@ def test_rank_zero_running_ahead_through_a_call_that_does_not_wait():
             else:
                 time.sleep(0.5)  # far behind rank 0
                 assert r.wait_for("checkpoint", 0, heartbeat=True) == {"path": "run/checkpoint-3"}
+            r.forget_later()
             save(store, rank)
         return "ok"
 
     assert run_ranks(2, body) == {0: "ok", 1: "ok"}
+    # the callback's keys go with the save after it: the calls and used-id counters, a heartbeat, the last save's
+    # open, claim, status, verdict and done
+    assert store.num_keys() == 8, store.list_keys()
 
 
 def test_calls_of_different_ops_fail_at_once_on_both_and_the_next_agree():

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .log import logger
-from .ranks import Ranks, RemoteError, Rendezvous, raise_on_failure, resolve_timeout, status_of
+from .ranks import Heartbeat, Ranks, RemoteError, Rendezvous, raise_on_failure, resolve_timeout, status_of
 from .save import save_pretrained
 from .shards import save_shards
 
@@ -62,6 +62,12 @@ class ShardSaveCallback(TrainerCallback):
     (each whole) and its hidden temporary folder. Set `push_to_hub=False` and upload a checkpoint after this
     callback (e.g. `huggingface_hub.upload_folder` from the main process in a callback listed after this one),
     or once training ends.
+
+    Between Trainer's save and `on_save` the main process alone writes `trainer_state.json`, may push, and
+    deletes old checkpoints (`save_total_limit`), which can take long; the others wait in `on_save`. Rank 0
+    keeps a heartbeat from the end of a step or epoch that saves (`on_step_end` / `on_epoch_end`) until
+    `on_save`: the others wait for it as long as the heartbeat goes on (see `Rendezvous.wait_for`), and only
+    `timeout` (by default 90% of the process group's own) once it stops.
     """
 
     def __init__(self, *, shards: bool = False, resume: bool = True, timeout: float | None = None, **save_kwargs):
@@ -70,6 +76,35 @@ class ShardSaveCallback(TrainerCallback):
         self.timeout = timeout
         self.save_kwargs = save_kwargs
         self._warned: set[str] = set()
+        self._beat: Heartbeat | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._keep_alive(control)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._keep_alive(control)
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._stop_beat()  # a save that was planned and then not made (save_strategy="best")
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._stop_beat()
+        return control
+
+    def _keep_alive(self, control) -> None:
+        """Rank 0's heartbeat while Trainer saves, until `on_save`: the others know it is on its way."""
+        ranks = Ranks.current()
+        if control.should_save and ranks.distributed and ranks.rank == 0 and self._beat is None:
+            self._beat = Rendezvous(ranks, op="ShardSaveCallback", timeout=resolve_timeout(self.timeout)).heartbeat()
+            self._beat.__enter__()
+
+    def _stop_beat(self) -> None:
+        if self._beat is not None:
+            self._beat.__exit__(None, None, None)
+            self._beat = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """On `trainer.train(resume_from_checkpoint=...)`, load the adapter this callback saved into the
@@ -94,7 +129,10 @@ class ShardSaveCallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self._warn_once(args)
-        checkpoint = agreed_checkpoint_dir(args, state, timeout=self.timeout)
+        try:
+            checkpoint = agreed_checkpoint_dir(args, state, timeout=self.timeout)
+        finally:
+            self._stop_beat()
         if self.shards:
             options = {k: v for k, v in self.save_kwargs.items() if k in ("selected_adapters", "save_embedding_layers")}
             save_shards(model, checkpoint / "adapter_shards", timeout=self.timeout, **options)
@@ -184,7 +222,8 @@ def _same_trial(checkpoint: Path, trial_params) -> bool:
 def agreed_checkpoint_dir(args, state, *, timeout: float | None = None) -> Path:
     """`trainer_checkpoint_dir` as rank 0 finds it (it wrote the checkpoint), shared with every rank through
     the store, so that all ranks save to the same folder or all raise its error; other ranks need not see
-    the folder (a node-local output_dir)."""
+    the folder (a node-local output_dir). The others wait for rank 0 as long as its heartbeat goes on (rank 0
+    may arrive late: see `ShardSaveCallback`), else `timeout`."""
     ranks = Ranks.current()
     rdv = Rendezvous(ranks, op="ShardSaveCallback", timeout=resolve_timeout(timeout))
     if ranks.rank == 0:
@@ -195,9 +234,11 @@ def agreed_checkpoint_dir(args, state, *, timeout: float | None = None) -> Path:
             error = exc
         if ranks.distributed:
             rdv.post("checkpoint", status_of(error, path=str(path)))
+            rdv.forget_later()
         if error is not None:
             raise error
         return path
-    status = rdv.wait_for("checkpoint", 0)
+    status = rdv.wait_for("checkpoint", 0, heartbeat=True)
+    rdv.forget_later()
     raise_on_failure({0: status}, own=None, ranks=ranks, op="ShardSaveCallback")
     return Path(status["path"])

@@ -8,7 +8,6 @@ which every other rank re-raises. Tensor traffic only starts once the verdict sa
 
 from __future__ import annotations
 
-import itertools
 import json
 import threading
 import time
@@ -31,10 +30,12 @@ __all__ = [
     "check_same_args",
 ]
 
-#: Seconds a rank waits for the others at each step of a save before it gives up.
+#: Seconds a rank waits for the others at each step of a save before it gives up, where the process group's
+#: own timeout is not known (see `resolve_timeout`).
 DEFAULT_TIMEOUT = 300.0
 
-_generation = itertools.count()
+#: The default timeout's share of the process group's own timeout: shardsave's error comes before the group's.
+GROUP_SHARE = 0.9
 
 
 class SaveError(RuntimeError):
@@ -76,10 +77,16 @@ class Ranks:
 
 
 def resolve_timeout(timeout: float | None) -> float:
-    """The save's timeout in seconds; warns (once per value) when the process group cannot honour it."""
+    """The save's timeout in seconds; warns (once per value) when the process group cannot honour it.
+
+    None: 90% of the process group's own timeout (`init_process_group(timeout=)`; Trainer's `ddp_timeout`,
+    1800 s by default), so that a save waits as long as the job's own collectives would and still fails with
+    shardsave's error before the group's watchdog ends the job; `DEFAULT_TIMEOUT` where torch does not expose it.
+    """
     if timeout is None:
-        timeout = DEFAULT_TIMEOUT
-    elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        own = group_timeout()
+        return DEFAULT_TIMEOUT if own is None else GROUP_SHARE * own
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     timeout = float(timeout)
     own = group_timeout()
@@ -113,15 +120,31 @@ def group_timeout() -> float | None:
 
 
 class Rendezvous:
-    """Per-call agreement among all ranks through the process group's store, in O(N) store operations.
+    """One call's agreement among all ranks through the process group's store, in O(N) store operations.
 
-    `agree`: every rank posts its status under this call's keys; rank 0 alone waits for all of them (one
-    wait, one multi-get), decides, posts one verdict and deletes the statuses; the others wait for the
-    verdict only (O(1) each). A rank that arrives after rank 0 gave up on it reads the verdict that names it
-    missing and raises too, instead of joining a gather nobody else is in. `post` / `wait_for` carry one
-    rank's outcome to the others (the writer's). Every rank creates one per save call, in the same order:
-    the key namespace is a per-process call counter. Keys a rank set are deleted by it at its next call's
-    agreement, once every rank has provably moved on.
+    Every rank creates one per shardsave call. The call's id, which names its keys, comes from rank 0, so that
+    a call only some ranks made (rank 0 alone under `if rank == 0:`, the error caught) does not shift the
+    calls after it. At the call's first step (`agree`, `post` or `wait_for`):
+
+    1. rank 0 opens call k = `add("shardsave/calls", 1)` and posts `shardsave/<k>/open` (its op);
+    2. rank r > 0 takes the next id n it has not used (`shardsave/next/<r>` counts those), waits `timeout` for
+       `shardsave/<n>/open`, then claims it: `compare_set("shardsave/<n>/claim/<r>", "", "joined")`, and counts
+       n as used. The claim reads "revoked" where rank 0 gave up on r in call n (step 3): that call ended
+       without r, so r takes n + 1 and repeats. A rank that gives up waiting for rank 0 to open uses no id,
+       so its next call waits for the same one. An open call of another op is an error on r and on rank 0
+       (the ranks' calls differ);
+    3. `agree`: every rank posts its status under the call's keys; rank 0 alone waits for all of them (one
+       wait, one multi-get), decides and posts one verdict; the others wait for the verdict only (O(1) each).
+       For each rank missing at its deadline rank 0 revokes the claim (`compare_set(..., "", "revoked")`):
+       a rank that had claimed already reads the verdict that names it missing and raises, instead of
+       joining a gather nobody else is in; one that had not skips the call when it arrives. Every failure
+       while deciding is posted as the verdict: no rank waits out a timeout for a rank 0 that failed.
+
+    So rank r's calls map onto rank 0's in order, skipping those rank 0 gave up on without r: a rank that came
+    too late joins rank 0's next call if it starts within `timeout` (its arguments checked as any call's), or
+    raises `MissingRanksError`. `post` / `wait_for` carry one rank's outcome to the others (the writer's).
+    Keys a rank set are deleted by it at its next call's agreement, once every rank has provably moved on; a
+    revoked claim by the rank it was meant for, when it sees it. `generation` fixes the id (simulated ranks).
     """
 
     def __init__(self, ranks: Ranks, *, op: str, timeout: float, store=None, generation: int | None = None):
@@ -131,11 +154,62 @@ class Rendezvous:
         self._store = store
         if self._store is None and ranks.distributed:
             self._store = dist.distributed_c10d._get_default_store()
-        self._prefix = f"shardsave/{next(_generation) if generation is None else generation}/"
+        self._prefix: str | None = None if generation is None else f"shardsave/{generation}/"
+        self._claims = generation is None  # ids handed out by rank 0, with claims to revoke
+        self._skipped: int | None = None  # a call rank 0 gave up on without this rank, seen while joining
         self._mine: list[str] = []  # keys this rank set in this call
 
     def _key(self, phase: str, rank: int | str) -> str:
         return f"{self._prefix}{phase}/{rank}"
+
+    def _call(self, phase: str, method: str, *args):
+        """A store operation; the store being unreachable raises `SaveError`."""
+        try:
+            return getattr(self._store, method)(*args)
+        except (RuntimeError, dist.DistError) as exc:
+            raise self._store_lost(phase, exc) from exc
+
+    def _enter(self, phase: str, *, heartbeat: bool = False) -> None:
+        """Open (rank 0) or join (the others) this call at its first step: see steps 1-2 of the class docstring.
+        `heartbeat`: wait for rank 0 to open as long as its heartbeat goes on (`wait_for`)."""
+        if self._prefix is not None or self._store is None:
+            return
+        if self.ranks.rank == 0:
+            self._prefix = f"shardsave/{int(self._call(phase, 'add', _CALLS, 1))}/"
+            self._set(self._prefix + "open", {"op": self.op, "phase": phase}, phase)
+            return
+        used = f"shardsave/next/{self.ranks.rank}"
+        call = int(self._call(phase, "add", used, 0)) + 1
+        while True:
+            opened = f"shardsave/{call}/open"
+            self._wait_alive(opened, 0, phase, heartbeat=heartbeat)
+            claim = f"shardsave/{call}/claim/{self.ranks.rank}"
+            taken = self._call(phase, "compare_set", claim, "", _JOINED)
+            self._call(phase, "add", used, 1)
+            if _text(taken) == _JOINED:
+                break
+            self._skipped = call  # rank 0 gave up on this rank in that call: it is over
+            self._call(phase, "delete_key", claim)
+            call += 1
+        self._prefix = f"shardsave/{call}/"
+        self._mine.append(claim)
+        opener = self._get(opened, phase)
+        theirs = opener["op"]
+        if theirs != self.op:
+            error = SaveError(
+                f"shardsave.{self.op} on rank {self.ranks.rank} met shardsave.{theirs} on rank 0: the ranks' "
+                f"shardsave calls differ (one was called on some ranks only, or in another order). Every rank must "
+                f"make the same shardsave calls in the same order."
+            )
+            self._set(self._key(opener["phase"], self.ranks.rank), status_of(error), phase)  # rank 0 learns it now
+            raise error
+
+    def _revoke(self, missing: tuple[int, ...], phase: str) -> None:
+        """Rank 0, giving up on `missing`: a rank that has not claimed this call yet will skip it."""
+        if not self._claims:
+            return
+        for rank in missing:
+            self._call(phase, "compare_set", self._key("claim", rank), "", _REVOKED)
 
     def _set(self, key: str, payload: dict, phase: str) -> None:
         try:
@@ -154,12 +228,18 @@ class Rendezvous:
 
     def _missing_error(self, phase: str, missing: tuple[int, ...]) -> MissingRanksError:
         late = self.ranks.rank in missing
+        skipped = ""
+        if self._skipped is not None and 0 in missing:
+            skipped = (
+                " Rank 0 had given up on this rank in an earlier call (this rank came after rank 0's timeout, or "
+                "rank 0 made a shardsave call this rank did not make), and has started no other since."
+            )
         return MissingRanksError(
             f"shardsave.{self.op}: rank(s) {list(missing)} of {self.ranks.world_size} did not reach the {phase!r} "
             f"step within {self.timeout:g} s (this is rank {self.ranks.rank}"
             + (", which arrived after the others gave up" if late else "")
-            + f"). Every rank must call shardsave.{self.op}(...), not only the main process: pass is_main_process "
-            f"to choose the writer, and timeout= to wait longer.",
+            + f").{skipped} Every rank must call shardsave.{self.op}(...), not only the main process: pass "
+            f"is_main_process to choose the writer, and timeout= to wait longer.",
             missing,
         )
 
@@ -205,6 +285,7 @@ class Rendezvous:
         if self._store is None:
             raise_on_failure({self.ranks.rank: status}, own=own, ranks=self.ranks, op=self.op)
             return decide({self.ranks.rank: status}) if decide else None
+        self._enter(phase)
         verdict_key = self._key(phase, "verdict")
         if self.ranks.rank == 0:
             verdict, refused = self._decide(phase, status, decide)
@@ -226,6 +307,7 @@ class Rendezvous:
         keys = [self._key(phase, r) for r in others]
         if not self._wait(keys, self.timeout, phase):
             missing = tuple(r for r, k in zip(others, keys, strict=True) if not self._check(k))
+            self._revoke(missing, phase)
             return {"ok": False, "kind": "missing", "missing": list(missing)}, None
         try:
             statuses = {0: own_status}
@@ -242,20 +324,28 @@ class Rendezvous:
             return {"ok": True, "result": decide(statuses)}, None
         except ValueError as exc:  # the ranks' inputs disagree: the same ValueError on every rank
             return {"ok": False, "kind": "invalid", "message": str(exc)}, exc
-        except SaveError as exc:  # rank 0 failed while deciding: RemoteError on the others
+        except Exception as exc:  # rank 0 failed while deciding, whatever the error: RemoteError on the others
             return {"ok": False, "kind": "remote", "rank": 0, "message": f"{type(exc).__name__}: {exc}"}, exc
 
     def post(self, phase: str, payload: dict) -> None:
         """This rank's outcome of `phase`, for `wait_for` on the others."""
         if self._store is not None:
+            self._enter(phase)
             self._set(self._key(phase, self.ranks.rank), payload, phase)
 
     def wait_for(self, phase: str, rank: int, *, heartbeat: bool = False) -> dict:
         """`rank`'s post for `phase`. Without `heartbeat`, within `timeout`; with it, as long as `rank` shows
         signs of life (its `heartbeat()` advances at least once per `timeout`), up to `patience(timeout)`
-        seconds: a slow but working writer is waited for, a dead or stuck one is not."""
+        seconds: a slow but working writer is waited for, a dead or stuck one is not. The same holds for
+        rank 0 opening the call where this is the call's first step (it may arrive late: `ShardSaveCallback`)."""
+        self._enter(phase, heartbeat=heartbeat)
         key = self._key(phase, rank)
-        beat_key = self._key("beat", rank)
+        self._wait_alive(key, rank, phase, heartbeat=heartbeat)
+        return self._get(key, phase)
+
+    def _wait_alive(self, key: str, rank: int, phase: str, *, heartbeat: bool) -> None:
+        """Wait for `key`, posted by `rank`, as `wait_for` says; raise if it does not come."""
+        beat_key = _beat_key(rank)
         started = time.monotonic()
         last = _read_beat(self._store, beat_key) if heartbeat else None
         while not self._wait([key], self.timeout, phase):
@@ -274,13 +364,11 @@ class Rendezvous:
                     f"filesystem may hang; its half-written output, if any, is never published."
                 )
             last = beat
-        return self._get(key, phase)
 
     def heartbeat(self) -> Heartbeat:
-        """A heartbeat this rank keeps while it works on something the others wait for (`wait_for`)."""
-        key = self._key("beat", self.ranks.rank)
-        self._mine.append(key)
-        return Heartbeat(self._store, key, self.timeout)
+        """A heartbeat this rank keeps while it works on something the others wait for (`wait_for`). Its counter
+        (one per rank, kept across calls) is not tied to a call: it may run before this call's first step."""
+        return Heartbeat(self._store, _beat_key(self.ranks.rank), self.timeout)
 
     def release(self, phase: str) -> None:
         """Delete what the agreement on `phase` left in the store as soon as it is read, for agreements whose
@@ -303,7 +391,7 @@ class Rendezvous:
     def forget_previous(self) -> None:
         """Delete the keys this rank set in its previous call. Safe once this call's first agreement is
         done: every rank has then left the previous call."""
-        if self._store is not None:
+        if self._store is not None and self._prefix is not None:
             for key in _previous_keys.get(self.ranks.rank, ()):
                 if key.startswith(self._prefix):  # a call numbered like this one (another store): not ours to drop
                     continue
@@ -313,8 +401,25 @@ class Rendezvous:
                     break
         _previous_keys[self.ranks.rank] = self._mine
 
+    def forget_later(self) -> None:
+        """For a call without an agreement of its own (rank 0 posts, the others read): its keys are deleted with
+        the previous call's, at the next call's first agreement. A call that failed keeps its keys: a rank that
+        missed it still has to find it open, and skip it."""
+        if self._store is not None and self._prefix is not None:
+            _previous_keys.setdefault(self.ranks.rank, []).extend(self._mine)
+
 
 _previous_keys: dict[int, list[str]] = {}  # by rank: one entry per process, or per simulated rank
+_CALLS = "shardsave/calls"  # rank 0's count of the calls it opened: the last call's id
+_JOINED, _REVOKED = "joined", "revoked"
+
+
+def _beat_key(rank: int) -> str:
+    return f"shardsave/beat/{rank}"
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Heartbeat:

@@ -492,8 +492,9 @@ def save_pretrained(
     Call it on every rank. `model` is a `PeftModel` or anything wrapping one (DDP, a DeepSpeed engine,
     FSDP, `torch.compile`). Only the adapter's tensors move, to the main process (`is_main_process`, by
     default rank 0), which publishes the directory atomically. Every rank returns once the adapter is on
-    disk, or raises if any rank failed or did not arrive within `timeout` seconds (default 300). An initial
-    adapter saved as `adapter_model.bin` is only read with `allow_pickle=True` (then weights-only).
+    disk, or raises if any rank failed or did not arrive within `timeout` seconds (default: 90% of the process
+    group's own timeout, 300 where torch does not expose it). An initial adapter saved as `adapter_model.bin`
+    is only read with `allow_pickle=True` (then weights-only).
     `replace_files_only=True` replaces just the adapter's files, each atomically, in an existing directory
     that holds much else (a Trainer checkpoint) instead of republishing the whole directory.
     """

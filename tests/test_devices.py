@@ -52,8 +52,18 @@ def test_a_timeout_beyond_the_groups_own_is_warned_about(one_rank_group, caplog)
     assert "exceeds the process group's own timeout of 42 s" in caplog.text
 
 
+def test_the_default_timeout_follows_the_groups_own(one_rank_group, caplog):
+    """Not a fixed 300 s: a job whose collectives wait 30 minutes (Trainer's ddp_timeout) waits as long in a
+    save, ending a little before the group's watchdog would."""
+    with caplog.at_level(logging.WARNING, logger="shardsave"):
+        assert resolve_timeout(None) == pytest.approx(0.9 * 42)
+    assert not caplog.records
+
+
 def test_no_group_no_warning(caplog):
     assert group_timeout() is None or dist.is_initialized()
     with caplog.at_level(logging.WARNING, logger="shardsave"):
         resolve_timeout(10_000)
     assert not caplog.records
+    if not dist.is_initialized():
+        assert resolve_timeout(None) == 300  # DEFAULT_TIMEOUT, where no group tells its own

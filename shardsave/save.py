@@ -350,7 +350,9 @@ def _union(statuses: dict[int, dict]) -> dict:
 def _restage(rdv: Rendezvous, request, writer: int) -> None:
     """The ranks hold different parts of the model (pipeline stages): each reports its part, rank 0 puts them
     together (`shardsave.stages.union_views`, which refuses parts that do not add up), every rank follows that
-    plan. Costs one more agreement, only for such models."""
+    plan. Following it can fail on one rank alone (the writer's gather buffers, its initial adapter), so its
+    outcome is agreed too before any tensor moves: else the others would send into a gather nobody receives.
+    Costs two more agreements, only for such models."""
     view, error = None, None
     try:
         view = request.view()
@@ -358,7 +360,11 @@ def _restage(rdv: Rendezvous, request, writer: int) -> None:
         error = exc
     try:
         union = rdv.agree("stages", {"view": view}, own=error, decide=_union)
-        request.restage(union, writer, rdv.ranks)
+        try:
+            request.restage(union, writer, rdv.ranks)
+        except Exception as exc:
+            error = exc
+        rdv.agree("restaged", {}, own=error)
     except BaseException:
         abandon(getattr(request, "texts", None))
         raise

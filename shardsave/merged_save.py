@@ -434,11 +434,13 @@ def save_merged(
 
     `selected_adapters` are merged in that order (default: the active adapter). `dtype` casts the merged
     floating-point tensors (default: each keeps its training dtype). The live model is not modified, and no
-    rank holds more than its own shard plus one tensor: each merges the runs it holds. Where every rank sees
-    the save's folder (a shared filesystem; `parallel_write=None` checks, True requires it, False never), each
-    rank writes its merged runs straight into the files at offsets known from their headers, in parallel;
-    otherwise the runs stream to the writer one tensor at a time. Published atomically; raises on every rank
-    if any rank failed.
+    rank holds more than its own shard plus one tensor: each merges the runs it holds, on the CPU (bit-equal to
+    PEFT's merge on the CPU, on every backend). With `parallel_write=None`, where every rank sees the save's folder
+    on a filesystem known to keep several writers' ranges of one file (local disks, tmpfs, Lustre, GPFS, ...; not
+    FUSE, NFS or unknown types: `shardsave.filesystems`), each rank writes its merged runs straight into the files
+    at offsets known from their headers, in parallel, and reads them back before the writer publishes; otherwise
+    the runs stream to the writer one tensor at a time. `True` writes in parallel on any shared filesystem (still
+    read back), `False` always streams. Published atomically; raises on every rank if any rank failed.
     """
     if not safe_serialization:
         raise ValueError("save_merged writes safetensors only (what transformers 5 writes); leave safe_serialization.")
@@ -468,13 +470,15 @@ def save_merged(
         staged = _stage_files(rdv, merged, writer, destination, parallel_write)
         if staged is not None:
             _write_in_place(rdv, merged, runs, order, writer, destination, staged, exchange)
-            logger.info("saved the merged model (%d tensors, %d files, written by %d ranks) to %s in %.2f s",
-                        len(order), len(merged.files), ranks.world_size, destination, time.perf_counter() - started,
-                        extra={"writer": True})  # fmt: skip
+            if ranks.rank == writer:
+                logger.info("saved the merged model (%d tensors, %d files, written by %d ranks and read back) to %s "
+                            "in %.2f s", len(order), len(merged.files), ranks.world_size, destination,
+                            time.perf_counter() - started, extra={"writer": True})  # fmt: skip
             return
     _stream(rdv, merged, runs, order, writer, destination, exchange)
-    logger.info("saved the merged model (%d tensors, %d files) to %s in %.2f s", len(order), len(merged.files),
-                destination, time.perf_counter() - started, extra={"writer": True})  # fmt: skip
+    if ranks.rank == writer:
+        logger.info("saved the merged model (%d tensors, %d files) to %s in %.2f s", len(order), len(merged.files),
+                    destination, time.perf_counter() - started, extra={"writer": True})  # fmt: skip
 
 
 class _Exchange:

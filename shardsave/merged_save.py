@@ -66,6 +66,7 @@ __all__ = ["save_merged", "MERGE_DEVICE", "merge_on", "decide_parallel"]
 MERGE_DEVICE = torch.device("cpu")
 
 _RUN_MARKER = ".shardsave-merged-run"  # in the staged folder while the ranks write into it
+_READ_CHUNK = 1 << 22  # bytes read back at a time
 _WRAPPERS = ("base_layer", "original_module", "token_adapter")  # PEFT's modules around a base module
 
 
@@ -677,6 +678,7 @@ def _read_back(tmp: Path, ranges: list[_Written], sizes: Mapping[str, int], rank
     by_file: dict[str, list[_Written]] = {}
     for r in ranges:
         by_file.setdefault(r.filename, []).append(r)
+    buffer = memoryview(bytearray(_READ_CHUNK))
     for filename in dict.fromkeys([*sizes, *by_file]):
         fd = os.open(tmp / filename, os.O_RDONLY)
         try:
@@ -686,10 +688,10 @@ def _read_back(tmp: Path, ranges: list[_Written], sizes: Mapping[str, int], rank
             for r in by_file.get(filename, ()):
                 crc, at, left = 0, r.offset, r.nbytes
                 while left:
-                    chunk = os.pread(fd, min(left, 1 << 24), at)
-                    if not chunk:
+                    got = os.preadv(fd, [buffer[: min(left, _READ_CHUNK)]], at)
+                    if not got:
                         break
-                    crc, at, left = zlib.crc32(chunk, crc), at + len(chunk), left - len(chunk)
+                    crc, at, left = zlib.crc32(buffer[:got], crc), at + got, left - got
                 if left or crc != r.crc:
                     raise _lost(rank, tmp / filename, f"bytes [{r.offset}, {r.offset + r.nbytes}) this rank wrote "
                                 f"read back different")  # fmt: skip

@@ -211,3 +211,26 @@ def test_on_a_gpu_save_merged_writes_the_cpu_merge(tmp_path, dtype):
     for name in names:
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
     assert all(p.device.type == "cuda" for p in model.parameters())  # the live model stayed where it was
+
+
+def test_reading_back_finds_a_range_that_did_not_hold(tmp_path, monkeypatch):
+    """The check behind a parallel write: every range a rank wrote, read back in chunks, against the CRC of what
+    it meant to write; a range of zeros (another writer's copy won) or a file of the wrong size is named."""
+    import os
+    import zlib
+
+    from shardsave import SaveError, merged_save
+
+    monkeypatch.setattr(merged_save, "_READ_CHUNK", 7)  # ranges over several chunks
+    data = os.urandom(100)
+    (tmp_path / "model-1.safetensors").write_bytes(data)
+    ranges = [merged_save._Written("model-1.safetensors", a, b - a, zlib.crc32(data[a:b])) for a, b in ((0, 8),
+              (8, 60), (60, 100))]  # fmt: skip
+    merged_save._read_back(tmp_path, ranges, {"model-1.safetensors": 100}, rank=1)
+    with pytest.raises(SaveError, match=r"100 bytes long, not 120.*parallel_write=False"):
+        merged_save._read_back(tmp_path, ranges, {"model-1.safetensors": 120}, rank=0)
+    with open(tmp_path / "model-1.safetensors", "r+b") as f:
+        f.seek(30)
+        f.write(bytes(5))
+    with pytest.raises(SaveError, match=r"model-1.safetensors \(rank 1, .*bytes \[8, 60\) this rank wrote"):
+        merged_save._read_back(tmp_path, ranges, {}, rank=1)

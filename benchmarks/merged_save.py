@@ -4,7 +4,9 @@ Today (peft#297, axolotl#3294, PEFT PR#2446's tip): gather the full state dict o
 `get_model_state_dict(full_state_dict=True, cpu_offload=True)`; ZeRO-3: `_zero3_consolidated_16bit_state_dict()`),
 load it into a CPU copy of the PeftModel there, `merge_and_unload()`, `save_pretrained()`. Both write the same
 files (checked). Printed per backend: rank 0's time per call (median of `--repeat` after a warm-up) and its
-peak extra resident memory during the call, and the ratios. Run: `python benchmarks/merged_save.py [--small]`.
+peak extra resident memory during the call, the ratios, and what proving the parallel write costs rank 0 per call
+(the CRC-32 of what it writes, and reading its ranges back: timed inside the same calls, so the share holds on a
+busy machine too). Run: `python benchmarks/merged_save.py [--small]`.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def rank_main(backend: str, shape: dict, folder: Path, repeat: int) -> dict:
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     wrapped = wrap(model, backend)
+    check = _time_the_check()
 
     def ours() -> None:
         shardsave.save_merged(wrapped, folder / "ours", max_shard_size="200MB")
@@ -104,6 +107,9 @@ def rank_main(backend: str, shape: dict, folder: Path, repeat: int) -> dict:
         extra = proc_status("VmHWM") - before
         dist.barrier()
         out[name] = {"seconds": statistics.median(seconds[1:]), "extra_bytes": extra}
+        if name == "ours":
+            out["check_seconds"] = check["seconds"] / (repeat + 2)
+            check["seconds"] = 0.0
     if rank == 0:
         names = sorted(p.name for p in (folder / "theirs").iterdir())
         same = names == sorted(p.name for p in (folder / "ours").iterdir()) and all(
@@ -113,6 +119,36 @@ def rank_main(backend: str, shape: dict, folder: Path, repeat: int) -> dict:
     dist.barrier()
     dist.destroy_process_group()
     return out
+
+
+def _time_the_check() -> dict:
+    """Count the time save_merged spends proving its parallel write: the CRC-32 of every range as it is written,
+    and the read-back (which computes its own)."""
+    import zlib
+
+    from shardsave import merged_save
+
+    spent = {"seconds": 0.0, "inside": False}
+    crc, read_back = zlib.crc32, merged_save._read_back
+
+    def timed_crc(*args):
+        start = time.perf_counter()
+        try:
+            return crc(*args)
+        finally:
+            if not spent["inside"]:
+                spent["seconds"] += time.perf_counter() - start
+
+    def timed_read_back(*args):
+        start, spent["inside"] = time.perf_counter(), True
+        try:
+            return read_back(*args)
+        finally:
+            spent["inside"] = False
+            spent["seconds"] += time.perf_counter() - start
+
+    merged_save.zlib.crc32, merged_save._read_back = timed_crc, timed_read_back
+    return spent
 
 
 def run(backend: str, shape: dict, folder: Path, repeat: int) -> list[dict]:
@@ -131,7 +167,8 @@ def main() -> None:
     args = parser.parse_args()
     name, shape = BASES["smoke" if args.small else "default"][0]
     print(f"base {name}: {shape}, {WORLD} gloo ranks, median of {args.repeat} calls after a warm-up")
-    print(f"{'backend':8} {'ours s':>8} {'today s':>8} {'speed-up':>9} {'ours MiB':>9} {'today MiB':>10} same files")
+    print(f"{'backend':8} {'ours s':>8} {'check s':>8} {'today s':>8} {'speed-up':>9} {'ours MiB':>9} {'today MiB':>10}"
+          f" same files")  # fmt: skip
     for backend in args.backends.split(","):
         folder = Path(tempfile.mkdtemp(prefix=f"merged-{backend}-"))
         try:
@@ -142,7 +179,7 @@ def main() -> None:
         ours, today = r0["ours"], r0["today"]
         ratio = today["seconds"] / ours["seconds"]
         print(
-            f"{backend:8} {ours['seconds']:8.2f} {today['seconds']:8.2f} {ratio:8.1f}x "
+            f"{backend:8} {ours['seconds']:8.2f} {r0['check_seconds']:8.2f} {today['seconds']:8.2f} {ratio:8.1f}x "
             f"{ours['extra_bytes'] / 2**20:9.0f} {today['extra_bytes'] / 2**20:10.0f} {r0['same_files']}"
         )
     print("goal: >= 5x faster; rank 0's extra memory <= its shard + max(largest tensor, 256 MiB)")

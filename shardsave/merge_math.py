@@ -307,7 +307,8 @@ def merge_tensor(
     if whole:
         window = base.reshape(shape) if len(shape) > 1 else base.reshape(-1)
     else:  # the whole rows around the range; elements outside it are never read back
-        window = torch.zeros((last - first, cols) if len(shape) > 1 else (last - first,), dtype=base.dtype)
+        rows = (last - first, cols) if len(shape) > 1 else (last - first,)
+        window = torch.zeros(rows, dtype=base.dtype, device=base.device)
         window.view(-1)[offset : offset + numel] = base.reshape(-1)
     aligned = offset == 0 and numel == (last - first) * cols
     original = window.clone() if any(s.dora for s in steps) and len(steps) > 1 else window

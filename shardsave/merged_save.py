@@ -9,6 +9,22 @@ writes its merged runs into the files at their offsets; otherwise the runs strea
 time, which writes each safetensors file in order. The writer publishes the folder atomically. A DoRA tensor whose
 runs cut its rows (ZeRO-3, FSDP1 flat ranges) travels unmerged and is merged whole on the writer: its weight
 norm needs whole rows, and that keeps it bit-equal to PEFT's.
+
+The merge device is the CPU (`MERGE_DEVICE`), on every backend: the factors arrive on the host, and a base run
+held on a GPU is copied to the host (it is written from there anyway) and merged there. So the files are bit-equal
+to PEFT's `merge_and_unload()` of the same weights on the CPU (and to `python -m shardsave.merge`), whatever the
+backend, the sharding, offload or GPU model; PEFT's merge on a GPU differs from that in the last bits (bf16 / fp16
+factors are multiplied in their own type there, in float32 on the CPU, and cuBLAS kernels vary with the GPU and
+the shapes), so no GPU merge could promise one answer. Tensors the adapter does not change are never computed on.
+
+Parallel writes are used only on filesystems known to keep several writers' ranges of one file
+(`shardsave.filesystems`; FUSE, NFS and unknown types stream unless `parallel_write=True`), and proven: once
+every rank has written and fsynced, each reads its own ranges back and compares their checksums with what it
+wrote (the writer also each file's header and size); the writer publishes only when every rank's match.
+
+Every step at which one rank may fail alone (planning, the factor gather and its buffers, a merge, a write, the
+read-back) is agreed through the store before the next collective: every rank raises that rank's error (a
+`RemoteError` naming it on the others) within the timeout, instead of the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -21,7 +37,7 @@ import os
 import time
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,20 +47,26 @@ import torch.distributed as dist
 from .collect import Collector, TensorInfo, collector_for, describe_stage, staged_collector
 from .collect.sharded import ShardedCollector, Transfer, comm_device
 from .compat import hf_saved_keys
+from .filesystems import filesystem_type, parallel_safe
 from .layout import Layout, build_layout, find_peft_model, peel
 from .log import logger
 from .merge_math import PEFT_PREFIX, MergeRefused, Step, merge_tensor, plan_merge
 from .merged import split_files, write_model_files
 from .plan import Slice
 from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
+from .replicas import fingerprints, held_prints
 from .save import agree_start, run_gather
 from .select import plan_choices
 from .stream import TensorSpec, file_layout, file_order, write_streaming
 from .writer import check_destination, check_path_argument, discard, publish, stage_directory
 
-__all__ = ["save_merged"]
+__all__ = ["save_merged", "MERGE_DEVICE", "merge_on", "decide_parallel"]
+
+#: Where `save_merged` merges, on every backend (see the module docstring for why).
+MERGE_DEVICE = torch.device("cpu")
 
 _RUN_MARKER = ".shardsave-merged-run"  # in the staged folder while the ranks write into it
+_READ_CHUNK = 1 << 22  # bytes read back at a time
 _WRAPPERS = ("base_layer", "original_module", "token_adapter")  # PEFT's modules around a base module
 
 
@@ -65,6 +87,7 @@ class _Merged:
     args: dict
     whole_on_writer: set[str] = field(default_factory=set)  # DoRA tensors whose runs cut rows: merged by the writer
     decided: dict | None = None  # the writer's, shared in the agreement
+    replicas: dict[str, str] = field(default_factory=dict)  # fingerprints of the copies this rank holds, compared
 
     def view(self) -> dict:
         """This rank's runs of every tensor it will write or read, for layouts whose groups the ranks cannot derive
@@ -194,9 +217,26 @@ def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size
     merged = _Merged(collector, specs, sources, plan, factors, files, index, hf_model.config, generation,
                      type(hf_model).__name__, args)  # fmt: skip
     merged.whole_on_writer = _split_rows(merged)
+    if ranks.distributed:
+        merged.replicas = _copies(collector, [*sources.values(), *factors.values()], ranks.rank)
     if is_main:
         merged.decided = {"destination": str(check_destination(path))}
     return merged
+
+
+def _copies(collector: Collector, names: list[str], rank: int) -> dict[str, str]:
+    """Fingerprints of what several ranks hold copies of and the merge reads from one of them: replicated runs of
+    sharded tensors (HSDP, ZeRO-3 groups), and trainable tensors held whole on every rank (LoRA factors and
+    `modules_to_save` copies under DDP or ZeRO-3 persistence, parameters FSDP left unsharded), which a parallel
+    write takes from different ranks. Rank 0 refuses copies that drifted apart (`save._agree_on_replicas`), as
+    `save_pretrained` and `save_shards` do. Frozen base weights held whole are left out: nothing trains them."""
+    prints = held_prints(collector, names, rank)
+    infos = collector.infos()
+    whole = {}
+    for name in dict.fromkeys(collector.primary(n) for n in names):
+        if collector.slices(name) is None and infos[name].requires_grad:
+            whole[f"{name}@0"] = collector.whole(name).detach()
+    return {**prints, **(fingerprints(whole) if whole else {})}
 
 
 def _split_rows(merged: _Merged) -> set[str]:
@@ -213,9 +253,30 @@ def _split_rows(merged: _Merged) -> set[str]:
     return out
 
 
+def merge_on(
+    device: torch.device,
+    base: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    steps: list[Step],
+    tensors: Mapping[tuple[str, str], torch.Tensor],
+    *,
+    start: int = 0,
+) -> torch.Tensor:
+    """`merge_tensor` of elements `[start, start + base.numel())` on `device`, into a fresh buffer of `dtype`:
+    the base run and every adapter tensor the steps use are moved there first (a run may sit on a GPU while the
+    factors are on the host), so the result, and its bits, depend on `device` alone."""
+    out = base.detach().to(device=device, dtype=dtype, copy=True)
+    used = {(s.adapter, t) for s in steps for t in s.tensors.values()}
+    moved = {pair: t.to(device) for pair, t in tensors.items() if pair in used}
+    return merge_tensor(out, shape, steps, moved, start=start)
+
+
 class _MergedRuns(ShardedCollector):
     """The merged values of the saved tensors, as runs held where the base runs are: `local` merges this rank's
-    run of a base tensor into a fresh buffer (never the live one). Tensors in `raw` travel as they are."""
+    run of a base tensor into a fresh buffer (never the live one), on `MERGE_DEVICE`. A merge that fails records
+    its error (`error`) and gives zeros from then on, so that this rank still takes its part in every collective;
+    the error is agreed after them (nothing is published)."""
 
     backend = "merged"
 
@@ -224,6 +285,8 @@ class _MergedRuns(ShardedCollector):
         self.merged = merged
         self.inner = merged.collector
         self.tensors = tensors
+        self.device = MERGE_DEVICE
+        self.error: SaveError | None = None
         self._last: tuple[str, int, torch.Tensor] | None = None
         for key, spec in merged.specs.items():
             dtype = self.inner.infos()[merged.sources[key]].dtype if key in merged.whole_on_writer else spec.dtype
@@ -264,20 +327,36 @@ class _MergedRuns(ShardedCollector):
             return run
         if not self.merged.steps[key]:  # unchanged: read where it is (cast if asked), never written to
             return run.to(spec.dtype)
-        out = run.to(spec.dtype, copy=True)
-        return merge_tensor(out, spec.shape, self.merged.steps[key], self.tensors, start=start).reshape(-1)
+        return self._guarded(key, run.numel(), lambda: merge_on(
+            self.device, run, spec.shape, spec.dtype, self.merged.steps[key], self.tensors, start=start
+        ).reshape(-1))  # fmt: skip
 
     def finish(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """The writer's last step on a gathered tensor: a DoRA tensor that travelled unmerged is merged whole."""
         spec = self.merged.specs[key]
         if key not in self.merged.whole_on_writer:
             return tensor
-        out = tensor.reshape(spec.shape).to(spec.dtype, copy=True)
-        return merge_tensor(out, spec.shape, self.merged.steps[key], self.tensors)
+        return self._guarded(key, tensor.numel(), lambda: merge_on(
+            self.device, tensor, spec.shape, spec.dtype, self.merged.steps[key], self.tensors
+        )).reshape(spec.shape)  # fmt: skip
+
+    def _guarded(self, key: str, numel: int, merge) -> torch.Tensor:
+        """`merge()`, or zeros of its size once a merge on this rank failed (the first error is kept)."""
+        if self.error is None:
+            try:
+                return merge()
+            except Exception as exc:
+                self.error = SaveError(
+                    f"shardsave.save_merged: rank {self.rank} failed merging {key}: {type(exc).__name__}: {exc}. "
+                    f"Nothing was published."
+                )
+                self.error.__cause__ = exc
+        return torch.zeros(numel, dtype=self.merged.specs[key].dtype)
 
 
 def _factors(merged: _Merged, writer: int, rdv: Rendezvous) -> dict[tuple[str, str], torch.Tensor]:
-    """Every LoRA factor / delta a step uses, full, on every rank: gathered to the writer, then broadcast."""
+    """Every LoRA factor / delta a step uses, full, on every rank, on `MERGE_DEVICE`: gathered to the writer,
+    then broadcast."""
     collector = merged.collector
     names = list(dict.fromkeys(merged.factors.values()))
     if not names:
@@ -285,27 +364,37 @@ def _factors(merged: _Merged, writer: int, rdv: Rendezvous) -> dict[tuple[str, s
     if collector.backend == "local" or not rdv.ranks.distributed:
         full = {n: collector.whole(n).detach() for n in names}
     else:
-        plan = collector.plan(names, writer)
-        transfer = collector.prepare_gather(names, writer) if rdv.ranks.rank == writer else None
-        if transfer is None:
-            error = run_gather(collector.prepare_gather(names, writer), writer, rdv)[1]
-            packed = torch.empty(max(plan.total, 1), dtype=torch.uint8)
-        else:
-            error = run_gather(transfer, writer, rdv)[1]
-            packed = transfer.output
-        if error is not None:
-            raise error
-        device = comm_device(torch.device("cpu"))
-        buffer = packed.to(device)
-        dist.broadcast(buffer, src=writer)
-        packed = buffer.cpu()
-        full = {}
-        for name in names:
-            info = collector.infos()[collector.primary(name)]
-            offset = plan.offsets[collector.primary(name)]
-            nbytes = math.prod(info.shape) * info.dtype.itemsize
-            full[name] = packed[offset : offset + nbytes].view(info.dtype).view(info.shape)
-    return {pair: full[name] for pair, name in merged.factors.items()}
+        full = _gather_factors(collector, names, writer, rdv)
+    return {pair: full[name].to(MERGE_DEVICE) for pair, name in merged.factors.items()}
+
+
+def _gather_factors(collector: Collector, names: list[str], writer: int, rdv: Rendezvous) -> dict[str, torch.Tensor]:
+    """The factors gathered to the writer and broadcast from it. What can fail on one rank alone (reading its
+    pieces, the writer's receive buffers, the broadcast buffer; the gather itself) is agreed before the next
+    collective: else a rank that failed would leave the others in a gather or a broadcast nobody else is in."""
+    plan = collector.plan(names, writer)
+    transfer, buffer, error = None, None, None
+    try:
+        transfer = collector.prepare_gather(names, writer)
+        buffer = torch.empty(max(plan.total, 1), dtype=torch.uint8, device=comm_device(torch.device("cpu")))
+    except Exception as exc:
+        error = SaveError(f"shardsave.save_merged: rank {rdv.ranks.rank} could not prepare the gather of the LoRA "
+                          f"factors: {type(exc).__name__}: {exc}. Nothing was written.")  # fmt: skip
+        error.__cause__ = exc
+    rdv.agree("factors", {}, own=error)
+    error = run_gather(transfer, writer, rdv)[1]
+    if error is None and rdv.ranks.rank == writer:
+        buffer[: plan.total].copy_(transfer.output[: plan.total])
+    rdv.agree("factors-gathered", {}, own=error)
+    dist.broadcast(buffer, src=writer)
+    packed = buffer.cpu()
+    full = {}
+    for name in names:
+        info = collector.infos()[collector.primary(name)]
+        offset = plan.offsets[collector.primary(name)]
+        nbytes = math.prod(info.shape) * info.dtype.itemsize
+        full[name] = packed[offset : offset + nbytes].view(info.dtype).view(info.shape)
+    return full
 
 
 def _order(merged: _Merged) -> list[tuple[str, str]]:
@@ -317,6 +406,16 @@ def _model_files(tmp: Path, merged: _Merged) -> None:
     first = next((s.dtype for s in merged.specs.values() if s.dtype.is_floating_point), torch.float32)
     write_model_files(tmp, merged.config, dtype=first, architecture=merged.architecture,
                       generation=merged.generation, index=merged.index)  # fmt: skip
+
+
+def _write_error(exc: Exception, rank: int, where: Path) -> Exception:
+    """An OS error while writing, as the `SaveError` every rank reports; anything else as it is."""
+    if not isinstance(exc, OSError):
+        return exc
+    error = SaveError(f"shardsave.save_merged: rank {rank} writing into {where} failed: {type(exc).__name__}: "
+                      f"{exc}. Nothing was published; choose a writable save_directory with free space.")  # fmt: skip
+    error.__cause__ = exc
+    return error
 
 
 def save_merged(
@@ -336,16 +435,20 @@ def save_merged(
 
     `selected_adapters` are merged in that order (default: the active adapter). `dtype` casts the merged
     floating-point tensors (default: each keeps its training dtype). The live model is not modified, and no
-    rank holds more than its own shard plus one tensor: each merges the runs it holds. Where every rank sees
-    the save's folder (a shared filesystem; `parallel_write=None` checks, True requires it, False never), each
-    rank writes its merged runs straight into the files at offsets known from their headers, in parallel;
-    otherwise the runs stream to the writer one tensor at a time. Published atomically; raises on every rank
-    if any rank failed.
+    rank holds more than its own shard plus one tensor: each merges the runs it holds, on the CPU (bit-equal to
+    PEFT's merge on the CPU, on every backend). With `parallel_write=None`, where every rank sees the save's folder
+    on a filesystem known to keep several writers' ranges of one file (local disks, tmpfs, Lustre, GPFS, ...; not
+    FUSE, NFS or unknown types: `shardsave.filesystems`), each rank writes its merged runs straight into the files
+    at offsets known from their headers, in parallel, and reads them back before the writer publishes; otherwise
+    the runs stream to the writer one tensor at a time. `True` writes in parallel on any shared filesystem (still
+    read back), `False` always streams. Published atomically; raises on every rank if any rank failed.
     """
     if not safe_serialization:
         raise ValueError("save_merged writes safetensors only (what transformers 5 writes); leave safe_serialization.")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}.")
+    if parallel_write not in (None, True, False):
+        raise ValueError(f"parallel_write must be None, True or False, got {parallel_write!r}.")
     started = time.perf_counter()
     ranks = Ranks.current()
     rdv = Rendezvous(ranks, op="save_merged", timeout=resolve_timeout(timeout))
@@ -363,77 +466,137 @@ def save_merged(
     runs = _MergedRuns(merged, tensors, ranks.rank, ranks.world_size)
     order = _order(merged)
     sharded = merged.collector.backend != "local" and ranks.distributed
-
-    def gather(key: str) -> torch.Tensor | None:
-        if not sharded or runs.slices(key) is None:
-            return runs.finish(key, runs.whole(key).view(merged.specs[key].shape)) if ranks.rank == writer else None
-        transfer = Transfer(runs, [key], runs.plan([key], writer))
-        out, error = run_gather(transfer, writer, rdv)
-        if error is not None:
-            raise error
-        return runs.finish(key, out[key]) if ranks.rank == writer else None
-
+    exchange = _Exchange(runs, writer, rdv, sharded)
     if sharded and parallel_write is not False:
         staged = _stage_files(rdv, merged, writer, destination, parallel_write)
         if staged is not None:
-            _write_in_place(rdv, merged, runs, order, writer, destination, staged, gather)
-            logger.info("saved the merged model (%d tensors, %d files, written by %d ranks) to %s in %.2f s",
-                        len(order), len(merged.files), ranks.world_size, destination, time.perf_counter() - started,
-                        extra={"writer": True})  # fmt: skip
+            _write_in_place(rdv, merged, runs, order, writer, destination, staged, exchange)
+            if ranks.rank == writer:
+                logger.info("saved the merged model (%d tensors, %d files, written by %d ranks and read back) to %s "
+                            "in %.2f s", len(order), len(merged.files), ranks.world_size, destination,
+                            time.perf_counter() - started, extra={"writer": True})  # fmt: skip
             return
+    _stream(rdv, merged, runs, order, writer, destination, exchange)
+    if ranks.rank == writer:
+        logger.info("saved the merged model (%d tensors, %d files) to %s in %.2f s", len(order), len(merged.files),
+                    destination, time.perf_counter() - started, extra={"writer": True})  # fmt: skip
+
+
+class _Exchange:
+    """One saved tensor, whole, to the writer (its merged runs gathered, or its whole copy read there). Once an
+    exchange failed (a peer died or hangs), `broken` says so and no further one is tried: each would wait the
+    timeout again."""
+
+    def __init__(self, runs: _MergedRuns, writer: int, rdv: Rendezvous, sharded: bool):
+        self.runs, self.writer, self.rdv, self.sharded = runs, writer, rdv, sharded
+        self.broken = False
+
+    def __call__(self, key: str) -> torch.Tensor | None:
+        runs, on_writer = self.runs, self.rdv.ranks.rank == self.writer
+        if self.broken:
+            raise SaveError(f"shardsave.save_merged: rank {self.rdv.ranks.rank}: an earlier exchange failed.")
+        if not self.sharded or runs.slices(key) is None:
+            return runs.finish(key, runs.whole(key).view(runs.merged.specs[key].shape)) if on_writer else None
+        try:
+            transfer = Transfer(runs, [key], runs.plan([key], self.writer))
+        except Exception:
+            self.broken = True
+            raise
+        out, error = run_gather(transfer, self.writer, self.rdv)
+        if error is not None:
+            self.broken = True
+            raise error
+        return runs.finish(key, out[key]) if on_writer else None
+
+
+def _stream(rdv: Rendezvous, merged: _Merged, runs: _MergedRuns, order, writer: int, destination: Path,
+            exchange: _Exchange) -> None:  # fmt: skip
+    """The merged tensors stream to the writer one at a time, which writes each file in order; once every rank has
+    taken its part, all agree on every rank's merges before the writer publishes."""
+    ranks = rdv.ranks
     if ranks.rank != writer:
+        error = None
         for _, key in order:
-            gather(key)
+            try:
+                exchange(key)
+            except Exception as exc:
+                error = exc
+                break
+        rdv.agree("written", {}, own=error or runs.error)
         outcome = rdv.wait_for("done", writer, heartbeat=True)
         raise_on_failure({writer: outcome}, own=None, ranks=ranks, op="save_merged")
         return
-    done = 0
-    error = None
+    done, agreed = 0, False
 
     def produce(key: str) -> torch.Tensor:
         nonlocal done
-        tensor = gather(key)
+        tensor = exchange(key)
         done += 1
         return tensor
 
     def fill(tmp: Path) -> None:
+        nonlocal agreed
         _model_files(tmp, merged)
         for filename, keys in merged.files.items():
             specs = {k: merged.specs[k] for k in keys}
             write_streaming(tmp / filename, specs, produce, metadata={"format": "pt"})
+        agreed = True
+        rdv.agree("written", {}, own=runs.error)  # every rank merged its runs: else nothing is published
 
+    error = None
     with rdv.heartbeat():
         try:
             publish(destination, fill)
         except Exception as exc:
-            error = exc
-            if isinstance(exc, OSError):
-                error = SaveError(
-                    f"shardsave.save_merged: writing {destination} failed: {type(exc).__name__}: {exc}. Nothing was "
-                    f"published; choose a writable save_directory with free space."
-                )
-                error.__cause__ = exc
-            for _, key in order[done:]:  # the others are sending: take part in every remaining gather
+            error = _write_error(exc, ranks.rank, destination)
+            if not agreed:
+                for _, key in order[done:]:  # the others are sending: take part in every remaining exchange
+                    try:
+                        exchange(key)
+                    except Exception:
+                        break
                 try:
-                    gather(key)
+                    rdv.agree("written", {}, own=error)
                 except Exception:
-                    break
+                    pass
     if ranks.distributed:
         rdv.post("done", status_of(error))
     if error is not None:
         raise error
-    logger.info("saved the merged model (%d tensors, %d files) to %s in %.2f s", len(order), len(merged.files),
-                destination, time.perf_counter() - started, extra={"writer": True})  # fmt: skip
+
+
+def decide_parallel(statuses: Mapping[int, Mapping], required: bool | None) -> dict:
+    """Rank 0's verdict on a parallel write from every rank's `{"sees": bool, "fs": type}` of the staged folder:
+    when every rank sees it, on a filesystem that keeps several writers' ranges of one file
+    (`shardsave.filesystems.PARALLEL_SAFE`), or any filesystem if `required`. `{"parallel": bool, "why": str}`."""
+    blind = sorted(rank for rank, status in statuses.items() if not status["sees"])
+    if blind:
+        return {"parallel": False, "why": f"rank(s) {blind} do not see the folder the writer staged"}
+    unsafe = {rank: status["fs"] for rank, status in sorted(statuses.items()) if not parallel_safe(status["fs"])}
+    if unsafe and not required:
+        types = sorted(set(map(str, unsafe.values())))
+        why = f"rank(s) {sorted(unsafe)} see it on {types}, a filesystem that may keep only the last writer's bytes"
+        return {"parallel": False, "why": why}
+    return {"parallel": True, "why": "every rank sees the staged folder" + (" (parallel_write=True)" if unsafe else "")}
 
 
 def _stage_files(
     rdv: Rendezvous, merged: _Merged, writer: int, destination: Path, required: bool | None
 ) -> Path | None:
     """The writer stages the folder: texts, and each safetensors file as its header and its full (sparse) size;
-    every rank then checks that it sees it. Returns the staged folder when all do (each rank writes its runs
-    there), None when some rank does not (the runs stream to the writer instead; `required`: an error)."""
+    every rank then checks that it sees it, and on which filesystem. Returns the staged folder when a parallel
+    write is agreed (each rank writes its runs there), None when not (the runs stream to the writer instead;
+    `required` and a rank that does not see it: an error). On a filesystem not known to keep concurrent writes
+    the writer stages nothing, unless `required`."""
     ranks = rdv.ranks
     if ranks.rank == writer:
+        fstype = filesystem_type(destination.parent)
+        if required is None and not parallel_safe(fstype):
+            logger.info("save_merged: %s is on a %s filesystem, which may keep only the last writer's bytes of a "
+                        "file: the merged runs stream to the writer (parallel_write=True writes in parallel and "
+                        "checks the result)", destination, fstype, extra={"writer": True})  # fmt: skip
+            rdv.post("staged", status_of(None, tmp=None))
+            return None
         tmp, run, error = None, uuid.uuid4().hex, None
         try:
             tmp = stage_directory(destination)
@@ -455,6 +618,8 @@ def _stage_files(
     else:
         staged = rdv.wait_for("staged", writer)
         raise_on_failure({writer: staged}, own=None, ranks=ranks, op="save_merged")
+        if staged["tmp"] is None:
+            return None
         tmp, run = Path(staged["tmp"]), staged["run"]
     try:
         sees = (tmp / _RUN_MARKER).read_text() == run
@@ -466,19 +631,19 @@ def _stage_files(
             f"shardsave.save_merged(parallel_write=True): rank {ranks.rank} cannot see {tmp}, which the writer "
             f"(rank {writer}) staged; every rank must see one filesystem. Pass parallel_write=None to fall back."
         )
+    status = {"sees": sees, "fs": filesystem_type(tmp) if sees else None}
     try:
-        shared = rdv.agree("visible", {"sees": sees}, own=error, decide=_all_see)
+        verdict = rdv.agree("visible", status, own=error, decide=lambda statuses: decide_parallel(statuses, required))
     except BaseException:
         if ranks.rank == writer:
             discard(tmp)
         raise
-    if not shared and ranks.rank == writer:
-        discard(tmp)
-    return tmp if shared else None
-
-
-def _all_see(statuses: dict[int, dict]) -> bool:
-    return all(status["sees"] for status in statuses.values())
+    if not verdict["parallel"]:
+        if ranks.rank == writer:
+            logger.info("save_merged: the merged runs stream to the writer: %s", verdict["why"], extra={"writer": True})
+            discard(tmp)
+        return None
+    return tmp
 
 
 def _mine(runs: _MergedRuns, key: str, world_size: int) -> list[Slice]:
@@ -491,49 +656,122 @@ def _mine(runs: _MergedRuns, key: str, world_size: int) -> list[Slice]:
     return [s for s in slices if s.rank == runs.rank and s.stop > s.start]
 
 
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A byte range this rank wrote into a staged file, and the checksum of what it meant to write there."""
+
+    filename: str
+    offset: int
+    nbytes: int
+    crc: int
+
+
+def _pwrite(fd: int, data: memoryview, at: int) -> None:
+    while data.nbytes:
+        written = os.pwrite(fd, data, at)
+        data, at = data[written:], at + written
+
+
+def _read_back(tmp: Path, ranges: list[_Written], sizes: Mapping[str, int], rank: int) -> None:
+    """Read every range back from the files (opened anew, after every rank closed them) and compare checksums;
+    `sizes` (the writer's): each file's full size. Raises `SaveError` naming the first range that differs."""
+    by_file: dict[str, list[_Written]] = {}
+    for r in ranges:
+        by_file.setdefault(r.filename, []).append(r)
+    buffer = memoryview(bytearray(_READ_CHUNK))
+    for filename in dict.fromkeys([*sizes, *by_file]):
+        fd = os.open(tmp / filename, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if filename in sizes and size != sizes[filename]:
+                raise _lost(rank, tmp / filename, f"it is {size} bytes long, not {sizes[filename]}")
+            for r in by_file.get(filename, ()):
+                crc, at, left = 0, r.offset, r.nbytes
+                while left:
+                    got = os.preadv(fd, [buffer[: min(left, _READ_CHUNK)]], at)
+                    if not got:
+                        break
+                    crc, at, left = zlib.crc32(buffer[:got], crc), at + got, left - got
+                if left or crc != r.crc:
+                    raise _lost(rank, tmp / filename, f"bytes [{r.offset}, {r.offset + r.nbytes}) this rank wrote "
+                                f"read back different")  # fmt: skip
+        finally:
+            os.close(fd)
+
+
+def _lost(rank: int, path: Path, what: str) -> SaveError:
+    return SaveError(
+        f"shardsave.save_merged: the parallel write did not hold on {path} (rank {rank}, filesystem "
+        f"{filesystem_type(path)}): {what}, after every rank had written and fsynced it. This filesystem does not "
+        f"keep several ranks' writes to one file (an object-store mount keeps the last writer's copy). Nothing was "
+        f"published; pass parallel_write=False to stream the tensors to the writer."
+    )
+
+
 def _write_in_place(rdv, merged: _Merged, runs: _MergedRuns, order, writer: int, destination: Path, tmp: Path,
-                    gather) -> None:  # fmt: skip
+                    exchange: _Exchange) -> None:  # fmt: skip
     """Every rank writes its merged runs into the staged files (pwrite at their offsets) and fsyncs them; DoRA
-    tensors whose runs cut rows are gathered and written by the writer. Then the writer publishes."""
+    tensors whose runs cut rows are gathered and written by the writer. Once every rank has, each reads its
+    ranges back; the writer publishes only if every rank's match."""
     ranks = rdv.ranks
-    offsets = {f: file_layout({k: merged.specs[k] for k in keys}, metadata={"format": "pt"})[1]
+    layouts = {f: file_layout({k: merged.specs[k] for k in keys}, metadata={"format": "pt"})
                for f, keys in merged.files.items()}  # fmt: skip
     fds: dict[str, int] = {}
+    written: list[_Written] = []
     error = None
     try:
         for filename, key in order:
-            if key in merged.whole_on_writer:
-                tensor = gather(key)
+            if key in merged.whole_on_writer:  # a collective: taken part in even after a failure here
+                try:
+                    tensor = exchange(key)
+                except Exception as exc:
+                    error = error or exc
+                    break
                 pieces = [] if tensor is None else [(0, tensor.reshape(-1))]
-            else:
+            elif error is None:
                 pieces = []
                 for piece in _mine(runs, key, ranks.world_size):
                     if runs.slices(key) is None:
                         pieces.append((0, runs.whole(key)))
                     else:
                         pieces.append((piece.start, runs.local(key, piece)))
+            else:
+                continue
+            error = error or runs.error
+            if error is not None:
+                continue
             itemsize = merged.specs[key].dtype.itemsize
-            for start, data in pieces:
-                if filename not in fds:
-                    fds[filename] = os.open(tmp / filename, os.O_WRONLY)
-                raw = data.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-                view, at = memoryview(raw), offsets[filename][key] + start * itemsize
-                while view.nbytes:
-                    written = os.pwrite(fds[filename], view, at)
-                    view, at = view[written:], at + written
-        for fd in fds.values():
-            os.fsync(fd)
-    except Exception as exc:
-        error = exc
-        if isinstance(exc, OSError):
-            error = SaveError(f"shardsave.save_merged: rank {ranks.rank} writing into {tmp} failed: "
-                              f"{type(exc).__name__}: {exc}. Nothing was published.")  # fmt: skip
-            error.__cause__ = exc
+            try:
+                for start, data in pieces:
+                    if filename not in fds:
+                        fds[filename] = os.open(tmp / filename, os.O_WRONLY)
+                    raw = memoryview(data.detach().to("cpu").contiguous().view(torch.uint8).numpy())
+                    at = layouts[filename][1][key] + start * itemsize
+                    _pwrite(fds[filename], raw, at)
+                    written.append(_Written(filename, at, raw.nbytes, zlib.crc32(raw)))
+            except OSError as exc:
+                error = _write_error(exc, ranks.rank, tmp)
+        if error is None:
+            for fd in fds.values():
+                os.fsync(fd)
+    except OSError as exc:
+        error = _write_error(exc, ranks.rank, tmp)
     finally:
         for fd in fds.values():
             os.close(fd)
+    sizes = {}
+    if ranks.rank == writer:  # the headers it staged, and each file's size
+        for filename, (head, _) in layouts.items():
+            written.append(_Written(filename, 0, len(head), zlib.crc32(head)))
+            sizes[filename] = len(head) + sum(merged.specs[k].nbytes for k in merged.files[filename])
     try:
         rdv.agree("written", {}, own=error)
+        error = None
+        try:
+            _read_back(tmp, written, sizes, ranks.rank)
+        except Exception as exc:
+            error = _write_error(exc, ranks.rank, tmp)
+        rdv.agree("read-back", {}, own=error)
     except BaseException:
         if ranks.rank == writer:
             discard(tmp)

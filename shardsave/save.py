@@ -393,9 +393,11 @@ def _union(statuses: dict[int, dict], seen: dict[int, str]) -> dict:
 
 def _restage(rdv: Rendezvous, request, writer: int) -> None:
     """The ranks hold different parts of the model (pipeline stages): each reports its part, rank 0 puts them
-    together (`shardsave.stages.union_views`), every rank follows that plan. Each rank first posts a digest of its
-    part and only one rank per distinct digest the part itself; the union, read by every rank, is deleted once all
-    have read it. Costs two more agreements, only for such models."""
+    together (`shardsave.stages.union_views`, which refuses parts that do not add up), every rank follows that
+    plan. Each rank first posts a digest of its part and only one rank per distinct digest the part itself; the
+    union, read by every rank, is deleted once all have read it. Following the plan can fail on one rank alone (the
+    writer's gather buffers, its initial adapter), so its outcome is agreed too before any tensor moves: else the
+    others would send into a gather nobody receives. Costs three more agreements, only for such models."""
     view, error = None, None
     try:
         view = request.view()
@@ -408,7 +410,11 @@ def _restage(rdv: Rendezvous, request, writer: int) -> None:
         mine = {"view": view} if rdv.ranks.rank in asked["ask"] else {}
         union = unpack_union(rdv.agree("views", mine, decide=lambda statuses: _union(statuses, seen)))
         rdv.release("views")
-        request.restage(union, writer, rdv.ranks)
+        try:
+            request.restage(union, writer, rdv.ranks)
+        except Exception as exc:
+            error = exc
+        rdv.agree("restaged", {}, own=error)
     except BaseException:
         abandon(getattr(request, "texts", None))
         raise

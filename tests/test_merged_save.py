@@ -142,3 +142,95 @@ def test_an_older_transformers_is_refused_by_name(monkeypatch, tmp_path):
     with pytest.raises(UnsupportedVersionError, match="Install transformers>=5"):
         shardsave.save_merged(peft_model(LoraConfig(target_modules=["q_proj"])), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _q_proj_merge(dora: bool):
+    """The tiny model's q_proj base weight, its merge steps and adapter tensors (as save_merged has them)."""
+    from peft import LoraConfig, get_peft_model_state_dict
+    from tiny import peft_model
+
+    from shardsave.merge_math import plan_merge
+
+    model = peft_model(LoraConfig(target_modules=["q_proj"], use_dora=dora))
+    state = get_peft_model_state_dict(model)
+    steps = plan_merge([("default", model.peft_config["default"].to_dict(), list(state))])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach()
+    return base, steps[key], {("default", k): v.detach() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_every_input_of_a_merge_is_moved_to_the_merge_device(monkeypatch, dora):
+    """A base run on one device (a GPU shard) and factors on another (the host) are merged on one device: the
+    result's bits then depend on that device alone. 'meta' stands in for the device the inputs are not on."""
+    from shardsave import merged_save
+
+    base, steps, tensors = _q_proj_merge(dora)
+    devices, real = [], merged_save.merge_tensor
+
+    def spy(run, shape, steps, tensors, **kwargs):
+        devices.append({run.device.type, *(t.device.type for t in tensors.values())})
+        return real(run, shape, steps, tensors, **kwargs)
+
+    monkeypatch.setattr(merged_save, "merge_tensor", spy)
+    shape, cols = tuple(base.shape), base.shape[1]
+    runs = [(0, base.reshape(-1))] + ([] if dora else [(cols + 3, base.reshape(-1)[cols + 3 : 5 * cols - 1])])
+    for start, run in runs:  # whole; a run cutting rows (LoRA only: DoRA's are merged whole)
+        out = merged_save.merge_on(torch.device("meta"), run, shape, torch.float32, steps, tensors, start=start)
+        assert out.device.type == "meta" and out.shape == run.shape
+    assert devices == [{"meta"}] * len(runs)
+    assert merged_save.MERGE_DEVICE == torch.device("cpu")
+    on_cpu = merged_save.merge_on(merged_save.MERGE_DEVICE, base, shape, torch.float32, steps, tensors)
+    from shardsave.merge_math import merge_tensor
+
+    assert torch.equal(on_cpu, merge_tensor(base.clone(), shape, steps, tensors))
+    assert not torch.equal(on_cpu, base)  # the merge changed it, into a fresh buffer
+    assert base.data_ptr() != on_cpu.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_on_a_gpu_save_merged_writes_the_cpu_merge(tmp_path, dtype):
+    """Every tensor held whole on the GPU (the base, lora_bias, a modules_to_save copy) with the factors: merged on
+    the CPU, so the files equal PEFT's merge_and_unload() of the same weights on the CPU, byte for byte."""
+    import copy
+
+    from peft import LoraConfig
+    from tiny import peft_model
+
+    import shardsave
+
+    config = LoraConfig(target_modules=["q_proj", "v_proj"], lora_bias=True, modules_to_save=["lm_head"])
+    model = peft_model(config, dtype=dtype, bias=True)
+    reference = copy.deepcopy(model)
+    model.to("cuda")
+    shardsave.save_merged(model, tmp_path / "ours", max_shard_size="60KB")
+    reference.merge_and_unload().save_pretrained(str(tmp_path / "theirs"), max_shard_size="60KB")
+    names = sorted(p.name for p in (tmp_path / "theirs").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
+    assert all(p.device.type == "cuda" for p in model.parameters())  # the live model stayed where it was
+
+
+def test_reading_back_finds_a_range_that_did_not_hold(tmp_path, monkeypatch):
+    """The check behind a parallel write: every range a rank wrote, read back in chunks, against the CRC of what
+    it meant to write; a range of zeros (another writer's copy won) or a file of the wrong size is named."""
+    import os
+    import zlib
+
+    from shardsave import SaveError, merged_save
+
+    monkeypatch.setattr(merged_save, "_READ_CHUNK", 7)  # ranges over several chunks
+    data = os.urandom(100)
+    (tmp_path / "model-1.safetensors").write_bytes(data)
+    ranges = [merged_save._Written("model-1.safetensors", a, b - a, zlib.crc32(data[a:b])) for a, b in ((0, 8),
+              (8, 60), (60, 100))]  # fmt: skip
+    merged_save._read_back(tmp_path, ranges, {"model-1.safetensors": 100}, rank=1)
+    with pytest.raises(SaveError, match=r"100 bytes long, not 120.*parallel_write=False"):
+        merged_save._read_back(tmp_path, ranges, {"model-1.safetensors": 120}, rank=0)
+    with open(tmp_path / "model-1.safetensors", "r+b") as f:
+        f.seek(30)
+        f.write(bytes(5))
+    with pytest.raises(SaveError, match=r"model-1.safetensors \(rank 1, .*bytes \[8, 60\) this rank wrote"):
+        merged_save._read_back(tmp_path, ranges, {}, rank=1)

@@ -70,6 +70,7 @@ def callback_rank0_late(rank, world, out: Path, params):
     state, control = TrainerState(global_step=3), TrainerControl(should_save=True)
     callback = ShardSaveCallback(timeout=timeout)
     steps: dict[str, dict] = {}
+    dist.barrier()  # both ranks leave the training step together (model builds take different times)
     callback.on_step_end(args, state, control)
 
     def late_save():

@@ -262,7 +262,7 @@ def test_callback_waits_for_a_late_rank_zero_with_a_heartbeat_and_not_for_an_abs
     check_ok(results)
     zero, one = (r.result["steps"] for r in results)
     assert zero["late"]["ok"] and one["late"]["ok"], (zero, one)
-    assert one["late"]["elapsed"] > 3 * timeout  # it did wait longer than timeout
+    assert one["late"]["elapsed"] > 2 * timeout  # it waited well past its timeout (rank 0 came 3 x timeout late)
     never = one["never"]
     assert never["type"] == "MissingRanksError" and "rank(s) [0] of 2" in never["error"]
     assert never["elapsed"] < 2 * timeout + 5

@@ -54,7 +54,7 @@ from .merge_math import PEFT_PREFIX, MergeRefused, Step, merge_tensor, plan_merg
 from .merged import split_files, write_model_files
 from .plan import Slice
 from .ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
-from .replicas import fingerprints, held_prints
+from .replicas import ALL_RANKS, fingerprints, held_prints
 from .save import agree_start, run_gather
 from .select import plan_choices
 from .stream import TensorSpec, file_layout, file_order, write_streaming
@@ -218,25 +218,29 @@ def _plan(model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size
                      type(hf_model).__name__, args)  # fmt: skip
     merged.whole_on_writer = _split_rows(merged)
     if ranks.distributed:
-        merged.replicas = _copies(collector, [*sources.values(), *factors.values()], ranks.rank)
+        merged.replicas = _copies(collector, [*sources.values(), *factors.values()], ranks)
     if is_main:
         merged.decided = {"destination": str(check_destination(path))}
     return merged
 
 
-def _copies(collector: Collector, names: list[str], rank: int) -> dict[str, str]:
+def _copies(collector: Collector, names: list[str], ranks: Ranks) -> dict[str, dict[str, str]]:
     """Fingerprints of what several ranks hold copies of and the merge reads from one of them: replicated runs of
     sharded tensors (HSDP, ZeRO-3 groups), and trainable tensors held whole on every rank (LoRA factors and
     `modules_to_save` copies under DDP or ZeRO-3 persistence, parameters FSDP left unsharded), which a parallel
     write takes from different ranks. Rank 0 refuses copies that drifted apart (`save._agree_on_replicas`), as
-    `save_pretrained` and `save_shards` do. Frozen base weights held whole are left out: nothing trains them."""
-    prints = held_prints(collector, names, rank)
+    `save_pretrained` and `save_shards` do. Frozen base weights held whole are left out: nothing trains them.
+    By replica group, as `replicas.held_prints` gives them; tensors held whole form the group of every rank
+    (`replicas.ALL_RANKS`)."""
+    prints = held_prints(collector, names, ranks.rank)
     infos = collector.infos()
     whole = {}
     for name in dict.fromkeys(collector.primary(n) for n in names):
         if collector.slices(name) is None and infos[name].requires_grad:
             whole[f"{name}@0"] = collector.whole(name).detach()
-    return {**prints, **(fingerprints(whole) if whole else {})}
+    if whole:
+        prints = {**prints, ALL_RANKS: {**prints.get(ALL_RANKS, {}), **fingerprints(whole)}}
+    return prints
 
 
 def _split_rows(merged: _Merged) -> set[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .placements import Spec, holding_of
+from .placements import Spec, holding_of, nested_ranks, spec_of
 
 __all__ = [
     "FULL_NAME",
@@ -87,7 +87,7 @@ class FSDPFiles:
         mesh = first.device_mesh.mesh.tolist()
         specs = tuple(_spec(self.files[0], key, p) for p in first.placements)
         try:
-            holding = holding_of(shape, _nested(mesh), specs)
+            holding = holding_of(shape, nested_ranks(mesh), specs)
         except ValueError as exc:
             raise FSDPFileError(f"{self.files[0]}: {key}: {exc}") from None
         out = torch.empty(math.prod(shape), dtype=dtype)
@@ -110,20 +110,10 @@ class FSDPFiles:
 
 
 def _spec(path: Path, key: str, placement) -> Spec:
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    if isinstance(placement, _StridedShard):
-        return Spec("strided", placement.dim, int(placement.split_factor))
-    if isinstance(placement, Shard):
-        return Spec("shard", placement.dim)
-    if isinstance(placement, Replicate):
-        return Spec("replicate")
-    raise FSDPFileError(f"{path}: {key} is placed as {placement}, which is not a layout of values shardsave reads.")
-
-
-def _nested(mesh) -> tuple:
-    return tuple(_nested(m) for m in mesh) if isinstance(mesh, list) else int(mesh)
+    spec = spec_of(placement)
+    if spec is None:
+        raise FSDPFileError(f"{path}: {key} is placed as {placement}, which is not a layout of values shardsave reads.")
+    return spec
 
 
 def fsdp_files(folder: str | os.PathLike) -> list[Path]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .plan import Slice
 
-__all__ = ["Spec", "DimSplit", "box_of", "box_runs", "Holding", "holding_of"]
+__all__ = ["Spec", "DimSplit", "box_of", "box_runs", "Holding", "holding_of", "spec_of", "nested_ranks"]
 
 Interval = tuple[int, int]
 
@@ -176,3 +176,24 @@ def _at(mesh, coord: Sequence[int]) -> int:
     for i in coord:
         mesh = mesh[i]
     return int(mesh)
+
+
+def spec_of(placement) -> Spec | None:
+    """The `Spec` of a DTensor placement (`Shard`, `_StridedShard`, `Replicate`), None for any other (`Partial`
+    holds no values to read): the one reading of torch's placement types, for live DTensors and for the ones an
+    FSDP checkpoint file holds. torch is imported here only, so the arithmetic above stays importable alone."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if isinstance(placement, _StridedShard):  # a subclass of Shard: first
+        return Spec("strided", placement.dim, int(placement.split_factor))
+    if isinstance(placement, Shard):
+        return Spec("shard", placement.dim)
+    if isinstance(placement, Replicate):
+        return Spec("replicate")
+    return None
+
+
+def nested_ranks(mesh) -> tuple:
+    """A device mesh's rank grid (`DeviceMesh.mesh.tolist()`, nested lists) as the nested tuples `holding_of` takes."""
+    return tuple(nested_ranks(m) for m in mesh) if isinstance(mesh, list) else int(mesh)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from ..placements import Spec, holding_of
+from ..placements import Spec, holding_of, nested_ranks, spec_of
 from .sharded import ShardedCollector, Slice, chunk_ranges
 
 __all__ = ["FSDP2Collector"]
@@ -52,7 +52,7 @@ class FSDP2Collector(ShardedCollector):
                     )
                 where = tuple(root_names.index(n) for n in names)
                 mesh = root
-            ranks = _nested(mesh.mesh.tolist())
+            ranks = nested_ranks(mesh.mesh.tolist())
             flat = _flat(ranks)
             if len(set(flat)) != len(flat) or not all(0 <= r < self.world_size for r in flat):
                 raise NotImplementedError(
@@ -135,19 +135,10 @@ class FSDP2Collector(ShardedCollector):
 
 
 def _spec(name: str, placement) -> Spec:
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    if isinstance(placement, _StridedShard):
-        return Spec("strided", placement.dim, int(placement.split_factor))
-    if isinstance(placement, Shard):
-        return Spec("shard", placement.dim)
-    if isinstance(placement, Replicate):
-        return Spec("replicate")
-    raise NotImplementedError(f"{name}: DTensor placement {placement} is not one shardsave knows how to read.")
-
-
-def _nested(ranks) -> tuple:
-    return tuple(_nested(r) for r in ranks) if isinstance(ranks, list) else int(ranks)
+    spec = spec_of(placement)
+    if spec is None:
+        raise NotImplementedError(f"{name}: DTensor placement {placement} is not one shardsave knows how to read.")
+    return spec
 
 
 def _flat(ranks) -> list[int]:

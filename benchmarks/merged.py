@@ -41,7 +41,7 @@ if method == "peft":
     from transformers import AutoModelForCausalLM
 else:
     import peft, transformers  # imports apart, as for PEFT (merge_into imports them)
-    from shardsave.merged import merge_into
+    from shardsave.merged.offline import merge_into
 gc.collect()
 before = reset_peak()
 t = time.perf_counter()

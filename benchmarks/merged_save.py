@@ -126,7 +126,7 @@ def _time_the_check() -> dict:
     and the read-back (which computes its own)."""
     import zlib
 
-    from shardsave import merged_save
+    from shardsave.merged import live as merged_save
 
     spent = {"seconds": 0.0, "inside": False}
     crc, read_back = zlib.crc32, merged_save._read_back

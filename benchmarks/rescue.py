@@ -14,7 +14,7 @@ one SGD step, `engine.save_checkpoint`), each with the live adapter beside it (`
 PEFT's key names) to check every output against.
 
 Then it runs, each in a fresh interpreter so that memory is the process's own:
-- shardsave:      shardsave.rescue.rescue_adapter(checkpoint, out) on each checkpoint (the first call in the
+- shardsave:      shardsave.rescue.checkpoint.rescue_adapter(checkpoint, out) on each checkpoint (the first call in the
                   process: what the CLI runs);
 - shardsave CLI:  `python -m shardsave.merge checkpoint -o out`, run with runpy after `import torch`, so that its
                   own imports (peft and transformers, which the rescue needs) count in its time and memory;
@@ -139,7 +139,7 @@ def create(folder: Path, shape: dict) -> None:
 
 def rescue(source: Path, out: Path) -> None:
     """shardsave's call, the one place this script touches the feature."""
-    from shardsave.rescue import rescue_adapter
+    from shardsave.rescue.checkpoint import rescue_adapter
 
     rescue_adapter(source, out, overwrite=True)
 

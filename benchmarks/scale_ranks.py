@@ -6,7 +6,7 @@ at 2, 4 and 8.
     python benchmarks/scale_ranks.py --parts plan,agree # the simulated parts only (seconds)
 
 1. plan: a Llama-7B-shaped LoRA (32 layers, q/k/v/o/gate/up/down, r=16, bf16: 76 MiB) laid out as each backend
-   lays it out at N ranks, through `shardsave.plan.plan_transfer` (pure, what the gather executes), against
+   lays it out at N ranks, through `shardsave.plan.ranges.plan_transfer` (pure, what the gather executes), against
    the previous gather (one `dist.gather` per round of every rank's widest buffer), modelled below.
 2. agree: N threads, one `Rendezvous` each on one shared `HashStore` wrapped to count calls per rank, doing
    what `save_pretrained` does on the store, for two saves in a row (the second deletes the first's keys);
@@ -42,11 +42,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.distributed as dist  # noqa: E402
 
-import shardsave.ranks as ranks_module  # noqa: E402
-from shardsave.collect.zero3 import partition_slices  # noqa: E402
-from shardsave.plan import Slice, chunk_ranges, plan_transfer  # noqa: E402
-from shardsave.ranks import Ranks, Rendezvous, status_of  # noqa: E402
-from shardsave.stream import TensorSpec  # noqa: E402
+import shardsave.dist.ranks as ranks_module  # noqa: E402
+from shardsave.dist.collect.zero3 import partition_slices  # noqa: E402
+from shardsave.dist.ranks import Ranks, Rendezvous, status_of  # noqa: E402
+from shardsave.plan.ranges import Slice, chunk_ranges, plan_transfer  # noqa: E402
+from shardsave.storage.streaming import TensorSpec  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MIB = 2**20
@@ -351,7 +351,7 @@ def shard_header_bytes(layout: Mapping[str, list[Slice]], n: int) -> list[int]:
 
 def runs_met(starts: Sequence[int], start: int, stop: int) -> range:
     """Indices of the sorted runs (by start, tiling the tensor) that elements `[start, stop)` meet: what
-    `shardsave.plan.read_items` returns, found by bisection."""
+    `shardsave.plan.ranges.read_items` returns, found by bisection."""
     if stop <= start:
         return range(0)
     return range(bisect_right(starts, start) - 1, bisect_left(starts, stop))
@@ -403,7 +403,7 @@ def _folder_items(wanted: Mapping[str, list[Slice]], n: int) -> list[int]:
 
 def index_bytes(saved: Mapping[str, list[Slice]], n: int) -> int:
     """The JSON size of the real `shard_index` of the set: what rank 0 posts and every other rank gets."""
-    from shardsave.adapter_files import AdapterFiles, _Run, _Verified, shard_index
+    from shardsave.formats.adapter import AdapterFiles, _Run, _Verified, shard_index
 
     root = Path("/shards")
     paths = [root / f"shard-{k:05d}-of-{n:05d}.safetensors" for k in range(n)]

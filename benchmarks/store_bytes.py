@@ -5,7 +5,7 @@
     python benchmarks/store_bytes.py --tree /tmp/before     # the same, measured on that code
 
 N threads, one `Rendezvous` each over one `HashStore` that counts the bytes every rank sets and reads and the
-bytes held at every moment, run `shardsave.save.agree_start` (the start of `save_pretrained`, `save_shards` and
+bytes held at every moment, run `shardsave.save.gathered.agree_start` (the start of `save_pretrained`, `save_shards` and
 `gather_state_dict`) on what each rank of a layout reports: the fingerprints of the runs it holds copies of
 (HSDP: shards of 8 ranks, the rest replicas) and, for pipeline stages, its part (8 stages, the ranks of each
 stage data-parallel under DDP, or FSDP). The adapter: Llama-7B-shaped, LoRA r=16 on all 7 projections of 32
@@ -141,7 +141,7 @@ def hsdp(rank: int, n: int, grouped: bool, drift: tuple[int, int] | None = None)
             prints[f"{name}@{a * cols}"] = fingerprint(f"{name}@{a * cols}" + ("drifted" if drifted else ""))
     if not grouped:
         return prints, None
-    from shardsave.replicas import group_id
+    from shardsave.dist.replicas import group_id
 
     return {group_id(tuple(range(j, n, SHARD))): prints}, None
 
@@ -168,10 +168,10 @@ def simulate(layout: str, n: int, drift: tuple[int, int] | None = None) -> dict:
     empty when the save may go on) and the union rank 1 follows (pipeline layouts)."""
     import torch.distributed as dist
 
-    from shardsave.ranks import Ranks, Rendezvous
-    from shardsave.save import agree_start
+    from shardsave.dist.ranks import Ranks, Rendezvous
+    from shardsave.save.gathered import agree_start
 
-    grouped = hasattr(importlib.import_module("shardsave.replicas"), "digests")  # the code after item 13
+    grouped = hasattr(importlib.import_module("shardsave.dist.replicas"), "digests")  # the code after item 13
     store, books = dist.HashStore(), Bytes()
     args = {"save_directory": "/checkpoints/step-1000", "safe_serialization": True, "selected_adapters": ["default"],
             "save_embedding_layers": "auto", "configs": "0123456789abcdef", "initial": None}  # fmt: skip

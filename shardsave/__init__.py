@@ -19,35 +19,34 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .load import LoadResult, load_pretrained
-    from .log import enable_logging
-    from .merge import ShardSetError, merge_shards
-    from .merged import MergedError, merge_into
-    from .merged_save import save_merged
-    from .ranks import MissingRanksError, RemoteError, SaveError
-    from .rescue import RescueError, rescue_adapter
-    from .save import gather_state_dict, save_pretrained
-    from .shards import save_shards
+    from shardsave.load.pretrained import LoadResult, load_pretrained
+    from shardsave.log import enable_logging
+    from shardsave.merged.live import save_merged
+    from shardsave.merged.offline import MergedError, merge_into
+    from shardsave.rescue.checkpoint import rescue_adapter
+    from shardsave.save.gathered import gather_state_dict, save_pretrained
+    from shardsave.save.shards import save_shards
+    from shardsave.save.stitch import ShardSetError, merge_shards
 
 # each public name -> the module that defines it. Imported on first use (PEP 562), so that `import shardsave` imports no
 # module that `python -m shardsave.verify` / `python -m shardsave.merge` then runs as `__main__` (runpy warns, and
 # the module would exist twice).
 _PUBLIC = {
-    "save_pretrained": "save",
-    "load_pretrained": "load",
-    "LoadResult": "load",
-    "gather_state_dict": "save",
-    "save_shards": "shards",
-    "merge_shards": "merge",
-    "ShardSetError": "merge",
-    "rescue_adapter": "rescue",
-    "RescueError": "rescue",
-    "save_merged": "merged_save",
-    "merge_into": "merged",
-    "MergedError": "merged",
-    "SaveError": "ranks",
-    "MissingRanksError": "ranks",
-    "RemoteError": "ranks",
+    "save_pretrained": "save.gathered",
+    "load_pretrained": "load.pretrained",
+    "LoadResult": "load.pretrained",
+    "gather_state_dict": "save.gathered",
+    "save_shards": "save.shards",
+    "merge_shards": "save.stitch",
+    "ShardSetError": "errors",
+    "rescue_adapter": "rescue.checkpoint",
+    "RescueError": "errors",
+    "save_merged": "merged.live",
+    "merge_into": "merged.offline",
+    "MergedError": "errors",
+    "SaveError": "errors",
+    "MissingRanksError": "errors",
+    "RemoteError": "errors",
     "enable_logging": "log",
 }
 __all__ = [

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from packaging.version import Version
 
+from shardsave.errors import NewerThanTestedWarning, UnsupportedVersionError
+
 __all__ = [
     "PEFT_OLDEST",
     "PEFT_NEWEST_TESTED",
@@ -29,14 +31,6 @@ __all__ = [
 
 PEFT_OLDEST = "0.15.0"  # pyproject.toml's floor: the oldest release whose files the parity tests reproduce
 PEFT_NEWEST_TESTED = "0.21.2"  # the newest release the parity tests ran against; its series (0.21.x) is tested
-
-
-class UnsupportedVersionError(ImportError):
-    """An installed library is older than shardsave supports."""
-
-
-class NewerThanTestedWarning(UserWarning):
-    """An installed library is newer than any release shardsave was tested with."""
 
 
 def peft_support(version: str) -> str | None:

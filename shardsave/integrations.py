@@ -12,10 +12,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .log import logger
-from .ranks import Heartbeat, Ranks, RemoteError, Rendezvous, raise_on_failure, resolve_timeout, status_of
-from .save import save_pretrained
-from .shards import save_shards
+from shardsave.dist.ranks import Heartbeat, Ranks, RemoteError, Rendezvous, raise_on_failure, resolve_timeout, status_of
+from shardsave.log import logger
+from shardsave.save.gathered import save_pretrained
+from shardsave.save.shards import save_shards
 
 __all__ = [
     "ShardSaveCallback",
@@ -114,7 +114,7 @@ class ShardSaveCallback(TrainerCallback):
         Trainer."""
         if not self.resume or not state.global_step or model is None:
             return control
-        from .load import load_pretrained
+        from shardsave.load.pretrained import load_pretrained
 
         try:
             checkpoint = agreed_checkpoint_dir(args, state, timeout=self.timeout)

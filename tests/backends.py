@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardsave.names import canonical_name
+from shardsave.plan.names import canonical_name
 
 
 def decoder_layer_cls():
@@ -103,7 +103,7 @@ def full_state(wrapped, backend: str) -> dict[str, torch.Tensor]:
         from torch.distributed.tensor import DTensor
 
         # from the parameters themselves: under accelerate's FSDP2, state_dict() returned stale values
-        from shardsave.collect.walk import state_entries
+        from shardsave.dist.collect.walk import state_entries
 
         module = getattr(wrapped, "_orig_mod", wrapped)
         return {

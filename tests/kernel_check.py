@@ -9,9 +9,9 @@ assert os.environ.get("TRITON_INTERPRET") == "1"
 
 import torch  # noqa: E402
 
-from shardsave.convert import convert_tensor  # noqa: E402
-from shardsave.host import pack_to_host as _pack_to_host  # noqa: E402
-from shardsave.kernels import Segment, _fill_torch, _fill_triton, fill_segments, triton_available  # noqa: E402
+from shardsave.tensors.convert import convert_tensor  # noqa: E402
+from shardsave.tensors.host import pack_to_host as _pack_to_host  # noqa: E402
+from shardsave.tensors.kernels import Segment, _fill_torch, _fill_triton, fill_segments, triton_available  # noqa: E402
 
 torch.manual_seed(0)
 assert triton_available(torch.device("cpu"))

@@ -29,7 +29,7 @@ def calls_recover(rank, world, out: Path, params):
     fails with a RuntimeError; then every rank saves twice (FSDP2), and rank 0 writes PEFT's own save."""
     from backends import wrap
 
-    import shardsave.save as save_module
+    import shardsave.save.gathered as save_module
 
     timeout = params["timeout"]
     wrapped, _ = wrap(lora_model(params), "fsdp2")

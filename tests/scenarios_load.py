@@ -22,7 +22,7 @@ LORA = {"target_modules": ["q_proj", "v_proj"]}
 def opens_under(folder: Path):
     """Counts the opens of each file under `folder` (Python's `open` and `io.open`, `os.open`, safetensors'
     `safe_open`)."""
-    import shardsave.stream as stream
+    import shardsave.storage.streaming as stream
 
     counts: Counter = Counter()
     root = os.path.abspath(folder)

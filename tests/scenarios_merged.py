@@ -50,9 +50,9 @@ def merged_failures(rank, world, out: Path, params):
     from backends import wrap
     from pipeline import cut_stage
 
-    import shardsave.collect.staged as staged
-    import shardsave.merged_save as merged_save
-    from shardsave.collect.sharded import ShardedCollector
+    import shardsave.dist.collect.staged as staged
+    import shardsave.merged.live as merged_save
+    from shardsave.dist.collect.sharded import ShardedCollector
 
     timeout = params["timeout"]
     wrapped, _ = wrap(lora_model(params), "fsdp2")

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from shardsave.ranks import MissingRanksError, Ranks, RemoteError, Rendezvous, SaveError
+from shardsave.dist.ranks import MissingRanksError, Ranks, RemoteError, Rendezvous, SaveError
 
 
 class CountingStore:

@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel
 from tiny import base_model, peft_model
 
 import shardsave
-from shardsave.names import check_adapter_name
+from shardsave.plan.names import check_adapter_name
 
 QV = ["q_proj", "v_proj"]
 

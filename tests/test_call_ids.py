@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 from test_agreement import CountingStore, run_ranks
 
-from shardsave.ranks import MissingRanksError, Ranks, RemoteError, Rendezvous, SaveError
+from shardsave.dist.ranks import MissingRanksError, Ranks, RemoteError, Rendezvous, SaveError
 
 CountingStore.OPS = (*CountingStore.OPS, "compare_set")
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tiny import assert_same_files, base_model, logits, pissa_model, save_initial, train_a_little
 
 import shardsave
-from shardsave.convert import convert_config_dict, convert_tensor, kind_of
+from shardsave.tensors.convert import convert_config_dict, convert_tensor, kind_of
 
 QV = ["q_proj", "v_proj"]
 

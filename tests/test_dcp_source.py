@@ -1,4 +1,4 @@
-"""Reading adapter tensors out of real torch.distributed.checkpoint folders (shardsave.dcp_source)."""
+"""Reading adapter tensors out of real torch.distributed.checkpoint folders (shardsave.formats.dcp)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from peft import LoraConfig
 from tiny import peft_model
 from torch.distributed.checkpoint.metadata import Metadata
 
-from shardsave import dcp_source
-from shardsave.dcp_source import (
+from shardsave.formats import dcp as dcp_source
+from shardsave.formats.dcp import (
     DCPError,
     UnsafeMetadataError,
     canonical_keys,
@@ -267,7 +267,7 @@ def test_rescue_from_every_dcp_layout(tmp_path):
     shardsave.save_pretrained wrote from the live model; the output passes verify, the broken file does not."""
     from test_deepspeed_source import rescue, same_files
 
-    from shardsave.verify import verify_adapter
+    from shardsave.checks.verify import verify_adapter
 
     check_ok(run_ranks("dcp_save", tmp_path, lora={"target_modules": ["q_proj", "v_proj"], "r": 5}))
     base = tmp_path / "base"

@@ -1,4 +1,4 @@
-"""Reading adapter master weights out of real DeepSpeed ZeRO checkpoints (shardsave.deepspeed_source)."""
+"""Reading adapter master weights out of real DeepSpeed ZeRO checkpoints (shardsave.formats.deepspeed)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from multirank import check_ok, run_ranks
 
-from shardsave.deepspeed_source import (
+from shardsave.formats.deepspeed import (
     DeepSpeedCheckpointError,
     UnsafeCheckpointError,
     checkpoint_dir,
@@ -239,7 +239,7 @@ def test_partitions_that_do_not_fit_the_shapes(tmp_path):
 MEASURE = textwrap.dedent(
     """
     import json, sys, torch
-    from shardsave.deepspeed_source import read_tensors
+    from shardsave.formats.deepspeed import read_tensors
 
     def status(field):
         line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
@@ -296,7 +296,7 @@ def test_memory_stays_near_the_adapter_size(saves):
 
 
 def rescue(*args) -> tuple[int, str]:
-    from shardsave.merge import main
+    from shardsave.save.stitch import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

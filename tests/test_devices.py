@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardsave.collect.sharded import pick_device
-from shardsave.ranks import group_timeout, resolve_timeout
+from shardsave.dist.collect.sharded import pick_device
+from shardsave.dist.ranks import group_timeout, resolve_timeout
 
 CPU, CUDA0, CUDA3, CUDA5 = (torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 3),
                             torch.device("cuda", 5))  # fmt: skip

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from shardsave.filesystems import filesystem_type, mount_type, parallel_safe, parse_mountinfo
-from shardsave.merged_save import decide_parallel
+from shardsave.merged.live import decide_parallel
+from shardsave.storage.filesystems import filesystem_type, mount_type, parallel_safe, parse_mountinfo
 
 # A node of a training cluster: root on overlay, local NVMe, a Lustre scratch, NFS home, object stores through
 # FUSE (one over-mounted on an earlier tmpfs), and a mount point with a space in its name (written \040).

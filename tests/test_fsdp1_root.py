@@ -12,7 +12,7 @@ from multirank import free_port
 from peft import LoraConfig
 from tiny import peft_model
 
-from shardsave.collect.fsdp1 import outermost_fsdp
+from shardsave.dist.collect.fsdp1 import outermost_fsdp
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from peft import LoraConfig
 from tiny import peft_model
 
 import shardsave
-from shardsave.ranks import Ranks, Rendezvous, SaveError
-from shardsave.save import run_gather
+from shardsave.dist.ranks import Ranks, Rendezvous, SaveError
+from shardsave.save.gathered import run_gather
 
 
 def test_gather_state_dict_returns_copies_not_live_parameters():
@@ -42,7 +42,7 @@ def test_local_error_is_not_blamed_on_another_rank():
     assert isinstance(error, SaveError)
     assert "rank 0 failed while moving" in str(error) and "probably died" not in str(error)
     assert isinstance(error.__cause__, torch.OutOfMemoryError)
-    from shardsave.collect import TransferError
+    from shardsave.dist.collect import TransferError
 
     _, error = run_gather(_Failing(TransferError("receiving round 0 from ranks [1]: timed out")), 0, rdv)
     assert "probably died or stopped responding" in str(error)

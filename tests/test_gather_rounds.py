@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from shardsave.plan import MAX_ROUND_BYTES, Slice, chunk_ranges, plan_transfer, round_budget
+from shardsave.plan.ranges import MAX_ROUND_BYTES, Slice, chunk_ranges, plan_transfer, round_budget
 
 
 def fsdp2_layout(shapes: dict[str, tuple[int, int]], world: int) -> dict[str, list[Slice]]:
@@ -104,7 +104,7 @@ def test_the_writer_receives_from_at_most_max_round_peers_ranks_at_once(world):
     at the same time; rounds take senders in groups of `MAX_ROUND_PEERS` consecutive ranks. The cost: at least
     one round per group (more where a group's bytes pass the round budget), the bytes and the writer's peak
     unchanged."""
-    from shardsave.plan import MAX_ROUND_PEERS
+    from shardsave.plan.ranges import MAX_ROUND_PEERS
 
     shapes = lora_shapes(layers=4, r=8, hidden=4096)  # lora_B's 4096 rows on every rank
     layout = fsdp2_layout(shapes, world)

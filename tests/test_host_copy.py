@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardsave.host import pack_to_host as _pack_to_host
-from shardsave.host import to_host
-from shardsave.writer import write_weights
+from shardsave.storage.local import write_weights
+from shardsave.tensors.host import pack_to_host as _pack_to_host
+from shardsave.tensors.host import to_host
 
 
 def sample(device):

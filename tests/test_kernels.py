@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardsave.kernels import MAX_PROGRAMS, Segment, _copy_plain, _fill_torch, fill_segments, launch_geometry
+from shardsave.tensors.kernels import MAX_PROGRAMS, Segment, _copy_plain, _fill_torch, fill_segments, launch_geometry
 
 HERE = Path(__file__).parent
 SIZES = [3, 10**9, 0, 1, 4097] + [37 + i % 50 for i in range(2000)]  # a 10^9-element lm_head among small ones
@@ -100,7 +100,7 @@ def test_triton_kernel_addresses_in_64_bit(tmp_path, monkeypatch):
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
-    from shardsave.kernels import _COLUMNS, _kernel
+    from shardsave.tensors.kernels import _COLUMNS, _kernel
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     try:
@@ -123,8 +123,8 @@ def test_triton_kernel_addresses_in_64_bit(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_conversion_on_cuda_matches_cpu_reference():
     pytest.importorskip("triton")
-    from shardsave.convert import convert_tensor
-    from shardsave.host import to_host
+    from shardsave.tensors.convert import convert_tensor
+    from shardsave.tensors.host import to_host
 
     trained = {"m.q.lora_A.weight": torch.randn(8, 64), "m.q.lora_B.weight": torch.randn(64, 8),
                "m.head.weight": torch.randn(10, 64)}  # fmt: skip

@@ -13,8 +13,8 @@ from peft import LoraConfig
 from tiny import logits, peft_model, randomize_trainable
 
 import shardsave
-from shardsave.adapter_files import AdapterFilesError
-from shardsave.load import AdapterMismatchError, compare_configs
+from shardsave.formats.adapter import AdapterFilesError
+from shardsave.load.pretrained import AdapterMismatchError, compare_configs
 
 BACKENDS = ["ddp", "zero2", "zero3", "fsdp1", "fsdp1_flat", "fsdp2"]
 LORA = LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
@@ -155,7 +155,7 @@ def test_zero3_master_is_the_read_itself_when_unpadded():
     per-rank memory goal, <= 2x the share, benchmarks/load.py); a padded partition still gets a zero-filled one."""
     from types import SimpleNamespace
 
-    from shardsave import load as load_module
+    from shardsave.load import pretrained as load_module
 
     files = SimpleNamespace(read=lambda key, start, stop: torch.arange(start, stop, dtype=torch.float32))
     for numel, padded in ((8, 8), (7, 8)):
@@ -178,7 +178,7 @@ def test_zero3_partitions_that_cannot_be_written_in_place_are_named():
     wrong size, a gather in flight. The 2-rank refusal is in tests/test_load_guards.py."""
     from types import SimpleNamespace
 
-    from shardsave import load as load_module
+    from shardsave.load import pretrained as load_module
 
     def param(status="NOT_AVAILABLE", location=None, numel=4):
         partition = torch.zeros(numel)

@@ -1,4 +1,4 @@
-"""The reader behind load_pretrained (`shardsave.adapter_files`): one open per file per load (issue 23, item 12),
+"""The reader behind load_pretrained (`shardsave.formats.adapter`): one open per file per load (issue 23, item 12),
 and a shard set opened from the index another rank made while verifying it (item 11), which must refuse any file
 that is not the one verified."""
 
@@ -48,7 +48,7 @@ def test_a_load_opens_the_weights_file_once_for_its_header_and_once_for_every_re
 
 
 def test_a_shard_set_read_through_another_ranks_index(tmp_path):
-    from shardsave.adapter_files import AdapterFilesError, open_adapter, open_indexed, shard_index
+    from shardsave.formats.adapter import AdapterFilesError, open_adapter, open_indexed, shard_index
 
     shardsave.save_shards(trained(), tmp_path / "shards")  # one process: one shard
     verifier = open_adapter(tmp_path / "shards")
@@ -80,7 +80,7 @@ def test_a_shard_set_read_through_another_ranks_index(tmp_path):
 
 def test_the_index_of_a_regular_layout_stays_small():
     """The runs of 448 tensors split over 1024 ranks (a ZeRO-3 set, 458752 runs) in a few KiB."""
-    from shardsave import adapter_files
+    from shardsave.formats import adapter as adapter_files
 
     rows = [(k, f, f * 1000, (f + 1) * 1000) for k in range(448) for f in range(1024)]
     packed = adapter_files._pack(rows, 4)
@@ -89,7 +89,7 @@ def test_the_index_of_a_regular_layout_stays_small():
 
 
 def test_the_index_reads_the_adapter_it_names_when_a_set_holds_two_under_the_same_keys(tmp_path):
-    from shardsave.adapter_files import open_adapter, open_indexed, shard_index
+    from shardsave.formats.adapter import open_adapter, open_indexed, shard_index
 
     model = peft_model(LORA, adapters=[("other", LORA)])
     randomize_trainable(model, seed=5)

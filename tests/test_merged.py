@@ -1,4 +1,4 @@
-"""The offline merge (`python -m shardsave.merge SRC --into BASE`) and its arithmetic (`shardsave.merge_math`)
+"""The offline merge (`python -m shardsave.merge SRC --into BASE`) and its arithmetic (`shardsave.tensors.merge_math`)
 against PEFT's own `merge_and_unload().save_pretrained()` of the same base and adapter."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from shardsave import merge_math
-from shardsave.merge import main
-from shardsave.merged import merge_into
+from shardsave.merged.offline import merge_into
+from shardsave.save.stitch import main
+from shardsave.tensors import merge_math
 from tests.tiny import base_model, files_under, logits, peft_model, randomize_trainable
 
 SHARD = "40KB"  # several shard files for the tiny model
@@ -173,7 +173,7 @@ def test_bad_inputs_exit_2_and_publish_nothing(tmp_path, capsys):
 def test_full_disk_exits_1_and_publishes_nothing(tmp_path, capsys, monkeypatch):
     import errno
 
-    import shardsave.merged as merged_module
+    import shardsave.merged.offline as merged_module
 
     base_dir, adapter_dir = _setup(tmp_path, CASES["lora"][0])
 
@@ -188,7 +188,7 @@ def test_full_disk_exits_1_and_publishes_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_background_sync_raises_the_fsync_error_when_left(tmp_path):
-    from shardsave.writer import BackgroundSync
+    from shardsave.storage.local import BackgroundSync
 
     (tmp_path / "a").write_bytes(b"x")
     with pytest.raises(FileNotFoundError), BackgroundSync() as sync:
@@ -199,7 +199,7 @@ def test_background_sync_raises_the_fsync_error_when_left(tmp_path):
 def test_tensors_computed_ahead_stay_within_the_budget():
     import time
 
-    from shardsave.merged import _Ahead
+    from shardsave.merged.offline import _Ahead
 
     keys = [f"t{i}" for i in range(12)]
     seen, holder = [], []
@@ -224,7 +224,7 @@ def test_tensors_computed_ahead_stay_within_the_budget():
 
 
 def test_a_failed_merge_publishes_nothing_and_restores_torch_threads(tmp_path, monkeypatch):
-    import shardsave.merged as merged_module
+    import shardsave.merged.offline as merged_module
 
     base_dir, adapter_dir = _setup(tmp_path, CASES["lora"][0])
     threads = torch.get_num_threads()

@@ -149,7 +149,7 @@ def _q_proj_merge(dora: bool):
     from peft import LoraConfig, get_peft_model_state_dict
     from tiny import peft_model
 
-    from shardsave.merge_math import plan_merge
+    from shardsave.tensors.merge_math import plan_merge
 
     model = peft_model(LoraConfig(target_modules=["q_proj"], use_dora=dora))
     state = get_peft_model_state_dict(model)
@@ -163,7 +163,7 @@ def _q_proj_merge(dora: bool):
 def test_every_input_of_a_merge_is_moved_to_the_merge_device(monkeypatch, dora):
     """A base run on one device (a GPU shard) and factors on another (the host) are merged on one device: the
     result's bits then depend on that device alone. 'meta' stands in for the device the inputs are not on."""
-    from shardsave import merged_save
+    from shardsave.merged import live as merged_save
 
     base, steps, tensors = _q_proj_merge(dora)
     devices, real = [], merged_save.merge_tensor
@@ -181,7 +181,7 @@ def test_every_input_of_a_merge_is_moved_to_the_merge_device(monkeypatch, dora):
     assert devices == [{"meta"}] * len(runs)
     assert merged_save.MERGE_DEVICE == torch.device("cpu")
     on_cpu = merged_save.merge_on(merged_save.MERGE_DEVICE, base, shape, torch.float32, steps, tensors)
-    from shardsave.merge_math import merge_tensor
+    from shardsave.tensors.merge_math import merge_tensor
 
     assert torch.equal(on_cpu, merge_tensor(base.clone(), shape, steps, tensors))
     assert not torch.equal(on_cpu, base)  # the merge changed it, into a fresh buffer
@@ -219,7 +219,8 @@ def test_reading_back_finds_a_range_that_did_not_hold(tmp_path, monkeypatch):
     import os
     import zlib
 
-    from shardsave import SaveError, merged_save
+    from shardsave import SaveError
+    from shardsave.merged import live as merged_save
 
     monkeypatch.setattr(merged_save, "_READ_CHUNK", 7)  # ranges over several chunks
     data = os.urandom(100)

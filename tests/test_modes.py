@@ -12,7 +12,7 @@ from peft import LoraConfig
 from tiny import peft_model
 
 import shardsave
-from shardsave import writer
+from shardsave.storage import local as writer
 
 QV = ["q_proj", "v_proj"]
 

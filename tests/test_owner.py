@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shardsave import owner, writer
-from shardsave.owner import UNKNOWN_SPACE, Owner, owner_tag, space_key, space_parts
+from shardsave.storage import local as writer
+from shardsave.storage import owner
+from shardsave.storage.owner import UNKNOWN_SPACE, Owner, owner_tag, space_key, space_parts
 
 # the owner module alone, without importing shardsave (and torch) in every child
 PRINT_TAG = (
@@ -145,7 +146,7 @@ if child:
     os._exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
 assert os.getpid() == pid_wanted, os.getpid()
 sys.path.insert(0, root)
-from shardsave import writer
+from shardsave.storage import local as writer
 
 def fill(tmp):
     (tmp / "adapter_config.json").write_text("{}")

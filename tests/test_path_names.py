@@ -15,12 +15,12 @@ from peft import LoraConfig
 from tiny import base_model, files_under, peft_model
 
 import shardsave
-from shardsave import writer
-from shardsave.adapter_files import AdapterFilesError
-from shardsave.merge import ShardSetError, main
-from shardsave.merged import MergedError, merge_into
-from shardsave.names import is_path_component
-from shardsave.shards import sha256_of
+from shardsave.formats.adapter import AdapterFilesError
+from shardsave.merged.offline import MergedError, merge_into
+from shardsave.plan.names import is_path_component
+from shardsave.save.shards import sha256_of
+from shardsave.save.stitch import ShardSetError, main
+from shardsave.storage import local as writer
 
 QV = ["q_proj", "v_proj"]
 
@@ -154,7 +154,7 @@ def test_every_adapter_written_is_a_folder_of_the_output(tmp_path, name):
 
 @pytest.mark.parametrize("tag", ["../elsewhere", "ABS", "..", "a\x00b"])
 def test_deepspeed_tag_named_by_latest_is_one_folder_of_the_save(tmp_path, tag):
-    from shardsave.deepspeed_source import DeepSpeedCheckpointError, checkpoint_dir
+    from shardsave.formats.deepspeed import DeepSpeedCheckpointError, checkpoint_dir
 
     tag = str(tmp_path / "elsewhere") if tag == "ABS" else tag
     save = tmp_path / "save"

@@ -1,4 +1,4 @@
-"""Pure checks of shardsave.placements against what DTensor itself does to a tensor of indices."""
+"""Pure checks of shardsave.plan.placements against what DTensor itself does to a tensor of indices."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from shardsave.placements import Spec, holding_of
+from shardsave.plan.placements import Spec, holding_of
 
 CASES = [
     ((10, 6), [Shard(0)], 4),

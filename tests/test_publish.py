@@ -12,8 +12,8 @@ from peft import LoraConfig
 from tiny import assert_same_files, peft_model
 
 import shardsave
-from shardsave import writer
-from shardsave.owner import UNKNOWN_SPACE, Owner, space_key, space_parts
+from shardsave.storage import local as writer
+from shardsave.storage.owner import UNKNOWN_SPACE, Owner, space_key, space_parts
 
 QV = ["q_proj", "v_proj"]
 
@@ -43,7 +43,7 @@ def test_failure_while_writing_leaves_previous_adapter(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("shardsave.texts.write_config", boom)
+    monkeypatch.setattr("shardsave.formats.texts.write_config", boom)
     with pytest.raises(shardsave.SaveError, match="No space left on device.*Nothing was published") as info:
         shardsave.save_pretrained(peft_model(LoraConfig(target_modules=QV), seed=5), dest)
     assert isinstance(info.value.__cause__, OSError)
@@ -52,7 +52,7 @@ def test_failure_while_writing_leaves_previous_adapter(tmp_path, monkeypatch):
 
 
 def test_failure_on_first_save_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr("shardsave.save.write_weights", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
+    monkeypatch.setattr("shardsave.save.gathered.write_weights", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
     with pytest.raises(shardsave.SaveError, match="disk"):
         shardsave.save_pretrained(peft_model(LoraConfig(target_modules=QV)), tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []

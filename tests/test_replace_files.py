@@ -13,8 +13,8 @@ from peft import LoraConfig
 from tiny import assert_same_files, peft_model
 
 import shardsave
-from shardsave import writer
-from shardsave.owner import owner_tag
+from shardsave.storage import local as writer
+from shardsave.storage.owner import owner_tag
 
 QV = ["q_proj", "v_proj"]
 OTHERS = ["optimizer.pt", "trainer_state.json", "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt"]
@@ -91,7 +91,7 @@ def test_missing_directory_is_refused(tmp_path):
 
 def test_stale_temporary_of_a_dead_writer_is_removed(tmp_path):
     root = checkpoint(tmp_path / "checkpoint-3")
-    code = "from shardsave.owner import owner_tag; print(owner_tag())"
+    code = "from shardsave.storage.owner import owner_tag; print(owner_tag())"
     dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
     stale, alive = f"{writer.TMP_MARK}{dead}0123abcd", f"{writer.TMP_MARK}{owner_tag()}4567cdef"
     for name in (stale, alive):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from multirank import run_ranks
 
-from shardsave.replicas import diverging, fingerprints
+from shardsave.dist.replicas import diverging, fingerprints
 
 
 def test_fingerprints_see_one_ulp_and_a_reordering():
@@ -30,7 +30,7 @@ def test_fingerprints_of_every_width(dtype):
 
 
 def test_fingerprints_over_several_chunks(monkeypatch):
-    monkeypatch.setattr("shardsave.replicas._CHUNK", 16)
+    monkeypatch.setattr("shardsave.dist.replicas._CHUNK", 16)
     t = torch.randn(100)
     moved = torch.cat([t[50:], t[:50]])
     assert fingerprints({"t": t})["t"] != fingerprints({"t": moved})["t"]

@@ -17,7 +17,7 @@ from test_deepspeed_source import rescue, same_files
 from tiny import base_model, llama_config, peft_model
 
 import shardsave
-from shardsave.rescue import RescueError, detect_source, rescue_adapter
+from shardsave.rescue.checkpoint import RescueError, detect_source, rescue_adapter
 
 OTHER = LoraConfig(target_modules=["k_proj"], r=2, lora_alpha=4)
 
@@ -181,7 +181,7 @@ def test_trainer_zero3_checkpoint_rescued_in_place(tmp_path):
     from multirank import check_ok, run_ranks
     from safetensors.torch import load_file, save_file
 
-    from shardsave.verify import main as verify_main
+    from shardsave.checks.verify import main as verify_main
 
     results = run_ranks("trainer_zero3", tmp_path, limit=500)
     check_ok(results)
@@ -203,7 +203,7 @@ def test_names_aligned_whatever_holds_the_peft_model():
     """A pure check of the name alignment: the PeftModel's own names, the inner model's (saved without
     `base_model.model.`), and a model holding the PeftModel (TRL's value head: `pretrained_model.` before every
     name, and tensors of its own)."""
-    from shardsave.rescue import align_names
+    from shardsave.rescue.checkpoint import align_names
 
     needed = [
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",

@@ -11,9 +11,9 @@ import pytest
 import torch
 from test_deepspeed_source import rescue, same_files
 
-from shardsave.dcp_source import dcp_tensors
-from shardsave.rescue import key_format
-from shardsave.verify import main as verify_main
+from shardsave.checks.verify import main as verify_main
+from shardsave.formats.dcp import dcp_tensors
+from shardsave.rescue.checkpoint import key_format
 
 
 def _checkpoint_run(tmp_path, version: int):

@@ -11,7 +11,7 @@ from tiny import peft_model
 from torch import nn
 
 import shardsave
-from shardsave.reuse import PlanCache, Snapshot
+from shardsave.plan.cache import PlanCache, Snapshot
 
 
 def model():

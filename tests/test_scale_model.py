@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shardsave.plan import MAX_ROUND_PEERS
+from shardsave.plan.ranges import MAX_ROUND_PEERS
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "scale_ranks.py"
 _spec = importlib.util.spec_from_file_location("scale_ranks", _PATH)

@@ -6,9 +6,16 @@ import pytest
 from peft import LoraConfig
 
 from shardsave.compat import peft_rules
-from shardsave.layout import AuxModule, EmbeddingLayer, Layout, TunerModule, embedding_is_targeted, targets_embedding
-from shardsave.names import canonical_name, strip_adapter_name
-from shardsave.select import select_adapter
+from shardsave.plan.keys import select_adapter
+from shardsave.plan.layout import (
+    AuxModule,
+    EmbeddingLayer,
+    Layout,
+    TunerModule,
+    embedding_is_targeted,
+    targets_embedding,
+)
+from shardsave.plan.names import canonical_name, strip_adapter_name
 
 
 def test_canonical_name_strips_every_wrapper_component():

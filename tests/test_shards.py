@@ -15,7 +15,7 @@ from peft import LoraConfig
 from tiny import assert_same_files, files_under, peft_model
 
 import shardsave
-from shardsave.merge import ShardSetError
+from shardsave.save.stitch import ShardSetError
 
 QV = ["q_proj", "v_proj"]
 
@@ -141,7 +141,7 @@ def test_corrupt_header(shards, tmp_path):
     manifest = json.loads((shards / "manifest.json").read_text())
     for f in manifest["files"]:  # a consistent manifest, so the header itself is what fails
         if f["name"] == path.name:
-            f["sha256"] = shardsave.shards.sha256_of(path)
+            f["sha256"] = shardsave.save.shards.sha256_of(path)
     (shards / "manifest.json").write_text(json.dumps(manifest))
     refused(shards, tmp_path, "corrupt")
 

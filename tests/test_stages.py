@@ -1,4 +1,4 @@
-"""Pipeline stages as a pure function over what each rank reports: `shardsave.stages.union_views`."""
+"""Pipeline stages as a pure function over what each rank reports: `shardsave.plan.stages.union_views`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from shardsave.stages import StageError, merge_orders, sender_of, union_views
+from shardsave.plan.stages import StageError, merge_orders, sender_of, union_views
 
 A = "layers.{}.q_proj.lora_A.default.weight"
 B = "layers.{}.q_proj.lora_B.default.weight"

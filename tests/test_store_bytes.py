@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shardsave.replicas import digests, to_ask
-from shardsave.stages import pack_union, union_views, unpack_union
+from shardsave.dist.replicas import digests, to_ask
+from shardsave.plan.stages import pack_union, union_views, unpack_union
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "store_bytes.py"
 _spec = importlib.util.spec_from_file_location("store_bytes", _PATH)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shardsave.stream import TensorSpec, write_streaming
+from shardsave.storage.streaming import TensorSpec, write_streaming
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.uint8, torch.int64,
           torch.int32, torch.int16, torch.bool]  # fmt: skip

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from shardsave.collect import zero3
-from shardsave.collect.zero3 import UnsupportedPartitionError, Zero3Collector, partition_groups, partition_slices
+from shardsave.dist.collect import zero3
+from shardsave.dist.collect.zero3 import UnsupportedPartitionError, Zero3Collector, partition_groups, partition_slices
 
 
 def strided(world: int, size: int) -> list[tuple[int, ...]]:

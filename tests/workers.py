@@ -227,10 +227,10 @@ def _kill_self() -> None:
 
 def _install_kill(point: str, stall: float = 60) -> None:
     """Make this process die by SIGKILL at `point` of the next save."""
-    import shardsave.save as save_module
-    import shardsave.shards as shards_module
-    import shardsave.writer as writer_module
-    from shardsave.collect.sharded import Transfer
+    import shardsave.save.gathered as save_module
+    import shardsave.save.shards as shards_module
+    import shardsave.storage.local as writer_module
+    from shardsave.dist.collect.sharded import Transfer
 
     def before(owner, name):
         original = getattr(owner, name)
@@ -368,7 +368,7 @@ def backend_save(rank, world, out: Path, params):
 
     backend = params["backend"]
     if params.get("round_bytes"):  # force many gather rounds
-        import shardsave.plan as plan
+        import shardsave.plan.ranges as plan
 
         plan.MAX_ROUND_BYTES = params["round_bytes"]
     lora_kwargs = params.get("lora", {"target_modules": ["q_proj", "v_proj"]})
@@ -770,7 +770,7 @@ def _nd_full_state(wrapped, model, layout: str) -> dict[str, torch.Tensor]:
     if layout in ("hsdp", "tp", "tp_replicated_a", "fsdp2_offload"):
         from torch.distributed.tensor import DTensor
 
-        from shardsave.collect.walk import state_entries
+        from shardsave.dist.collect.walk import state_entries
 
         return {
             k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v, _ in state_entries(model)
@@ -873,7 +873,7 @@ def writer_out_of_memory(rank, world, out: Path, params):
     """The writer cannot allocate its gather buffers: an agreed error on every rank, before any tensor moves."""
     from backends import wrap
 
-    import shardsave.collect.sharded as sharded
+    import shardsave.dist.collect.sharded as sharded
 
     if rank == 0:
 
@@ -1014,7 +1014,7 @@ def _adapter_state(model, layout: str = "") -> dict[str, torch.Tensor]:
     if layout.endswith("fsdp1"):
         from backends import full_state
 
-        from shardsave.names import canonical_name
+        from shardsave.plan.names import canonical_name
 
         names = {canonical_name(n) for n, p in model.named_parameters() if p.requires_grad}
         return {k: v for k, v in full_state(model, "fsdp1").items() if k in names}
@@ -1157,7 +1157,7 @@ def _merged_disk_full(wrapped, folder: Path, rank: int, *, parallel: bool) -> No
     the previous folder stays as it was."""
     import errno
 
-    from shardsave import merged_save
+    from shardsave.merged import live as merged_save
 
     name = "pwrite" if parallel else "write_streaming"
     owner = merged_save.os if parallel else merged_save

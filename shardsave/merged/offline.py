@@ -1,0 +1,458 @@
+"""Merge an adapter into a local base model's weights, offline, one tensor at a time.
+
+    python -m shardsave.merge SRC --into BASE -o OUT [--dtype ...] [--max-shard-size 5GB] [--allow-pickle]
+
+Writes what `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE, dtype=...), SRC)
+.merge_and_unload().save_pretrained(OUT, max_shard_size=...)` writes: config.json, generation_config.json, the
+merged tensors under the base model's keys (tied copies left out), sharded by the same rule
+(`huggingface_hub.split_torch_state_dict_into_shards`) with the same index and `{"format": "pt"}` metadata.
+The arithmetic is `shardsave.tensors.merge_math`'s (PEFT's). Only the adapter is held whole; each base tensor is read,
+merged and written alone (tensors the adapter does not change are copied by the kernel), so memory stays
+around twice the largest tensor plus the adapter. Everything is checked before anything is written; the
+output is published atomically (`shardsave.storage.local.publish`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shardsave.compat import hf_saved_keys
+from shardsave.errors import MergedError
+from shardsave.formats.adapter import AdapterFiles, AdapterFilesError, open_adapter
+from shardsave.log import logger
+from shardsave.plan.names import path_component
+from shardsave.storage.local import BackgroundSync, check_destination, publish
+from shardsave.storage.streaming import FileRange, TensorSpec, dtype_from_name, file_order, read_header, write_streaming
+from shardsave.tensors.merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
+
+__all__ = ["MergedError", "DTYPES", "merge_into", "split_files", "write_model_files"]
+
+#: `--dtype` choices: "auto" is what `from_pretrained` picks (the config's dtype, else the checkpoint's).
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_MODEL_CONFIG = "config.json"
+_SAFE_INDEX, _SAFE = "model.safetensors.index.json", "model.safetensors"
+_BIN_INDEX, _BIN = "pytorch_model.bin.index.json", "pytorch_model.bin"
+
+
+@dataclass
+class _Base:
+    """The base model's files: where each tensor is, its shape and stored dtype."""
+
+    folder: Path
+    files: dict[str, Path]  # key -> file
+    specs: dict[str, TensorSpec]
+    offsets: dict[str, int]  # safetensors: byte offset of the key's data
+    pickled: dict[Path, dict[str, torch.Tensor]]  # .bin files, memory-mapped
+
+    def read(self, key: str) -> torch.Tensor:
+        path = self.files[key]
+        if path in self.pickled:
+            return self.pickled[path][key]
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _base_files(folder: Path, allow_pickle: bool) -> _Base:
+    if not (folder / _MODEL_CONFIG).is_file():
+        raise MergedError(f"{folder}: no config.json; --into needs a local Hugging Face model folder.")
+    for index_name, single, pickled in ((_SAFE_INDEX, _SAFE, False), (_BIN_INDEX, _BIN, True)):
+        if (folder / index_name).is_file():
+            try:
+                weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise MergedError(f"{folder / index_name}: not a weights index ({exc}).") from None
+            names = list(dict.fromkeys(weight_map.values()))
+            for name in names:  # each joined to the base folder: none may reach outside it
+                path_component(name, source=folder / index_name, what="weights file name", error=MergedError,
+                               fix="The index is damaged; download or copy the base model again.")  # fmt: skip
+        elif (folder / single).is_file():
+            weight_map, names = None, [single]
+        else:
+            continue
+        if pickled and not allow_pickle:
+            raise MergedError(
+                f"{folder / names[0]}: the base weights are pickles, and shardsave does not unpickle files unless "
+                f"asked (loading a pickle can run code). Pass --allow-pickle (allow_pickle=True) to read them with "
+                f"torch.load(weights_only=True), or convert the base to safetensors."
+            )
+        base = _Base(folder, {}, {}, {}, {})
+        for name in names:
+            path = folder / name
+            if not path.is_file():
+                raise MergedError(
+                    f"{path}: missing, but {folder / index_name} lists it; the base model folder is incomplete "
+                    f"(download or copy it again)."
+                )
+            _read_file(base, path, pickled)
+        if weight_map is not None:
+            wrong = [k for k, f in weight_map.items() if base.files.get(k, folder / f) != folder / f]
+            if wrong:
+                raise MergedError(f"{folder / index_name}: {wrong[:3]} are not in the files it names for them.")
+        return base
+    raise MergedError(f"{folder}: no {_SAFE}, {_SAFE_INDEX}, {_BIN} or {_BIN_INDEX}; not a model folder.")
+
+
+def _read_file(base: _Base, path: Path, pickled: bool) -> None:
+    if pickled:
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise MergedError(f"{path}: not loadable with torch.load(weights_only=True) ({exc}).") from None
+        base.pickled[path] = tensors
+        stored = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    else:
+        try:
+            _, header = read_header(path)
+        except ValueError as exc:
+            raise MergedError(str(exc)) from None
+        stored = {}
+        for key, (dtype, offset, _, shape) in header.items():
+            stored[key] = (dtype_from_name(dtype), shape)
+            base.offsets[key] = offset
+    for key, (dtype, shape) in stored.items():
+        base.files[key] = path
+        base.specs[key] = TensorSpec(shape, dtype)
+
+
+def _adapters(
+    source: Path, selected: Sequence[str] | None, allow_pickle: bool, scratch: Path, base: Path
+) -> list[AdapterFiles]:
+    """The adapters to merge, in order: from an adapter folder or shard set directly, from a framework checkpoint
+    through the rescue (into `scratch`), whose structure checks are made on `base`, the model merged into."""
+    from shardsave.rescue.checkpoint import RescueError, detect_source, rescue_adapter
+
+    try:
+        found = detect_source(source)
+    except RescueError:
+        found = None  # an adapter folder (or nothing usable: open_adapter says what)
+    if found is not None and found.kind != "shards":
+        try:
+            rescue_adapter(found.given, scratch / "adapter", base=base, allow_pickle=allow_pickle)
+        except RescueError as exc:
+            raise MergedError(str(exc)) from None
+        source = scratch / "adapter"
+    names = list(selected) if selected else ["default"]
+    out = []
+    for name in names:
+        try:
+            out.append(open_adapter(source, name, allow_pickle=allow_pickle))
+        except AdapterFilesError as exc:
+            raise MergedError(str(exc)) from None
+    return out
+
+
+def _model_skeleton(base: _Base, dtype: torch.dtype | None):
+    """The model class `from_pretrained` would build, on the meta device: its keys in order, the tied ones, its
+    parameter count, and the config and generation config it would save."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(base.folder))
+    except Exception as exc:
+        raise MergedError(f"{base.folder / _MODEL_CONFIG}: transformers cannot read it ({exc}).") from None
+    if dtype is None:
+        dtype = getattr(config, "dtype", None)
+        if not isinstance(dtype, torch.dtype):
+            dtype = next((s.dtype for s in base.specs.values() if s.dtype.is_floating_point), torch.float32)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise MergedError(f"{base.folder}: not a causal language model transformers can build ({exc}).") from None
+    generation = None
+    if model.can_generate():
+        path = base.folder / "generation_config.json"
+        generation = GenerationConfig.from_pretrained(str(base.folder)) if path.is_file() else model.generation_config
+    return model, dtype, generation
+
+
+def _saved_keys(model) -> list[str]:
+    """The keys `save_pretrained` writes for a model `from_pretrained` loaded from a checkpoint holding the model's
+    own keys, in its order (which the sharding follows): tied copies left out, then transformers' reverse key
+    conversion, which (with no conversion recorded, as from_pretrained records for such a checkpoint) reorders."""
+    model._weight_conversions = []  # what from_pretrained records when no conversion matched the checkpoint
+    return hf_saved_keys(model)
+
+
+def _check_fit(plan: dict[str, list[Step]], shapes: dict[str, tuple], tied: dict[str, str], adapters, owner) -> None:
+    where = ", ".join(str(a.path) for a in adapters)
+    for key, steps in plan.items():
+        if key in tied:
+            raise MergedError(
+                f"{where}: changes {key}, which this base ties to {tied[key]}; PEFT's merge would untie them. Untie "
+                f"the base first (tie_word_embeddings=False, lm_head copied) and merge into that."
+            )
+        if key not in shapes:
+            raise MergedError(
+                f"{where}: does not fit the base: it changes {key}, which the base model does not have (another "
+                f"base model, or other target modules?). Pass the base the adapter was trained on."
+            )
+        if key in tied.values() and any(s.kind in ("tokens", "replace") for s in steps):
+            raise MergedError(f"{where}: changes the tied embedding {key} by copy; PEFT's merge would untie it.")
+        for step in steps:
+            specs = owner[step.adapter].specs
+            expect = _expected_shapes(step, shapes[key], {r: specs[n].shape for r, n in step.tensors.items()})
+            for role, want in expect.items():
+                shape = tuple(specs[step.tensors[role]].shape)
+                if shape != want:
+                    raise MergedError(
+                        f"{where}: does not fit the base: {step.tensors[role]} is {list(shape)}, but {key} "
+                        f"{list(shapes[key])} needs {list(want)}. Pass the base the adapter was trained on."
+                    )
+
+
+def _expected_shapes(step: Step, shape: tuple, given: dict[str, tuple]) -> dict[str, tuple]:
+    """The shape each of the step's tensors must have on a base tensor of `shape` (the rank from lora_A's)."""
+    if step.kind == "replace":
+        return {"value": shape}
+    if step.kind == "bias":
+        return {"bias": shape}
+    if step.kind == "tokens":
+        return {"delta": (len(step.token_indices), *shape[1:])}
+    if len(shape) != 2:
+        return {}  # refused by name when merged
+    r = given["A"][0] if given["A"] else 0
+    rows, cols = shape
+    if step.kind == "embedding":  # lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r)
+        return {"A": (r, rows), "B": (cols, r)}
+    out, inner = (cols, rows) if step.fan_in_fan_out else (rows, cols)
+    return {"A": (r, inner), "B": (out, r), **({"magnitude": (out,)} if step.dora else {})}
+
+
+def split_files(specs: dict[str, TensorSpec], max_shard_size: int | str, total_parameters: int):
+    """The shard files `save_pretrained` splits `specs` (in save order) into, `{file: [keys]}` (huggingface_hub's
+    split), and the index it writes beside them (None when unsharded)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(
+        {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()},
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    index = None
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": total_parameters, **split.metadata},
+                 "weight_map": split.tensor_to_filename}  # fmt: skip
+    return dict(split.filename_to_tensors), index
+
+
+def write_model_files(tmp: Path, config, *, dtype: torch.dtype, architecture: str, generation, index) -> None:
+    """config.json (its dtype and architecture as save_pretrained records them), generation_config.json and the
+    shards' index, as the merged model's `save_pretrained` writes them. `config` is not changed."""
+    config = copy.deepcopy(config)
+    config.dtype = str(dtype).split(".")[1]
+    config.architectures = [architecture]
+    config.save_pretrained(str(tmp))
+    if generation is not None:
+        generation.save_pretrained(str(tmp))
+    if index is not None:
+        (tmp / _SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def merge_into(
+    source: str | os.PathLike,
+    base: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    selected_adapters: Sequence[str] | None = None,
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write to `output` the base model `base` (a local Hugging Face folder) with the adapter(s) from `source`
+    merged in (an adapter folder, a shard set, or a DeepSpeed / DCP checkpoint, rescued first), as
+    `merge_and_unload().save_pretrained(output, max_shard_size=...)` would; return its path.
+
+    `selected_adapters`: the adapters of a folder saved with several (PEFT's layout), merged in that order
+    (default: the root one). `dtype`: "auto" or a dtype name, as `from_pretrained(dtype=)`. Raises
+    `MergedError` (nothing written) for anything that does not fit; `OSError` when writing fails (nothing
+    published)."""
+
+    started = time.perf_counter()
+    if dtype not in DTYPES:
+        raise MergedError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}.")
+    source_path, base_path = Path(os.path.abspath(source)), Path(os.path.abspath(base))
+    if not base_path.is_dir():
+        raise MergedError(f"{base_path}: {'does not exist' if not base_path.exists() else 'not a folder'} (--into).")
+    destination = check_destination(output)
+    if destination.exists() and not overwrite:
+        raise MergedError(f"{destination}: already exists; pass overwrite=True (--overwrite) to replace it.")
+    for given in (source_path, base_path):
+        if destination == given or destination in given.parents or given in destination.parents:
+            raise MergedError(f"{destination}: overlaps {given}; write the merged model elsewhere.")
+    files = _base_files(base_path, allow_pickle)
+    model, out_dtype, generation = _model_skeleton(files, DTYPES[dtype])
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    written = _saved_keys(model)
+    missing = [k for k in written if k not in files.specs]
+    if missing:
+        raise MergedError(
+            f"{base_path}: lacks {missing[:3]} ({len(missing)} of the model's tensors); a partial or foreign "
+            f"checkpoint. Pass a complete model folder."
+        )
+    wrong = [k for k in written if files.specs[k].shape != shapes[k]]
+    if wrong:
+        raise MergedError(f"{base_path}: {wrong[0]} is {list(files.specs[wrong[0]].shape)}, the config makes it "
+                          f"{list(shapes[wrong[0]])}; the weights do not fit config.json.")  # fmt: skip
+
+    scratch = Path(tempfile.mkdtemp(prefix=".shardsave-merge-", dir=destination.parent if destination.parent.is_dir()
+                                    else None))  # fmt: skip
+    try:
+        adapters = _adapters(source_path, selected_adapters, allow_pickle, scratch, base_path)
+        names = list(selected_adapters) if selected_adapters else ["default"]
+        try:
+            plan = plan_merge([(n, a.config, list(a.specs)) for n, a in zip(names, adapters, strict=True)])
+        except MergeRefused as exc:
+            raise MergedError(f"{source_path}: {exc}") from None
+        owner = dict(zip(names, adapters, strict=True))
+        _check_fit(plan, shapes, tied, adapters, owner)
+        specs = {k: TensorSpec(shapes[k], out_dtype if files.specs[k].dtype.is_floating_point else files.specs[k].dtype)
+                 for k in written}  # fmt: skip
+        shards, index = split_files(specs, max_shard_size, model.num_parameters())
+        adapter_tensors = _adapter_tensors(plan, owner, specs)
+
+        def copied(key: str) -> bool:  # the bytes as stored, copied by the kernel
+            return not plan.get(key) and key in files.offsets and files.specs[key].dtype == specs[key].dtype
+
+        def compute(key: str) -> torch.Tensor:
+            # a memory-mapped pickle's tensor is copied before it is changed in place
+            tensor = files.read(key).to(specs[key].dtype, copy=files.files[key] in files.pickled)
+            steps = plan.get(key, [])
+            return merge_tensor(tensor, specs[key].shape, steps, adapter_tensors) if steps else tensor
+
+        def cost(key: str) -> int:  # bytes held while computing: the tensor read, its new dtype, a delta (scaled)
+            converted = specs[key].nbytes if files.specs[key].dtype != specs[key].dtype else 0
+            return files.specs[key].nbytes + converted + (8 * math.prod(specs[key].shape) if key in plan else 0)
+
+        order = [k for keys in shards.values() for k in file_order({k: specs[k] for k in keys})]
+        computed = [k for k in order if not copied(k)]
+        # within the bound of the issue (twice the largest tensor), and at most two tensors' work ahead
+        largest = max(s.nbytes for s in [*files.specs.values(), *specs.values()])
+        budget = min(2 * largest, 2 * max(map(cost, computed), default=0))
+        # one intra-op thread while merging (restored after): the arithmetic is a few memory-bound passes over one
+        # tensor, overlapped with the main thread's kernel copies; a thread pool on top made each op wait for a
+        # descheduled thread at its barrier (10x slower on a busy 2-core machine, benchmarks/README.md)
+        threads = torch.get_num_threads()
+        ahead: _Ahead | None = None
+
+        def produce(key: str) -> torch.Tensor | list[FileRange]:
+            ahead.written()  # the previous tensor is in the file: its memory is free
+            if copied(key):
+                return [FileRange(files.files[key], files.offsets[key], specs[key].nbytes)]
+            return ahead.take(key)
+
+        def fill(tmp: Path) -> None:
+            write_model_files(tmp, model.config, dtype=out_dtype, architecture=type(model).__name__,
+                              generation=generation, index=index)  # fmt: skip
+            with BackgroundSync() as sync:
+                for filename, keys in shards.items():
+                    write_streaming(tmp / filename, {k: specs[k] for k in keys}, produce, metadata={"format": "pt"})
+                    sync(tmp / filename)
+
+        try:  # the thread count is restored whatever fails, starting the worker included
+            torch.set_num_threads(1)
+            ahead = _Ahead(computed, compute, cost, lambda k: specs[k].nbytes, budget)
+            publish(destination, fill)
+        finally:
+            if ahead is not None:
+                ahead.close()
+            torch.set_num_threads(threads)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    changed = sum(1 for k in written if k in plan)
+    logger.info("merged %d adapter(s) into %d of %d tensors of %s into %s in %.2f s", len(adapters), changed,
+                len(written), base_path, destination, time.perf_counter() - started)  # fmt: skip
+    return destination
+
+
+class _Ahead:
+    """Computes the tensors the writer needs in memory (merged or converted) on a worker thread, in the order the
+    writer asks for them, ahead of it: the arithmetic overlaps the kernel's copying of the unchanged tensors
+    (and the fsyncs). What is computed and not yet written stays within `budget` bytes (`cost` while a tensor
+    is computed, `kept` once done), so memory stays within twice the largest tensor; one tensor dearer than the
+    budget is computed alone."""
+
+    def __init__(self, keys: list[str], compute: Callable[[str], torch.Tensor], cost: Callable[[str], int],
+                 kept: Callable[[str], int], budget: int) -> None:  # fmt: skip
+        self._keys, self._compute, self._cost, self._kept, self._budget = keys, compute, cost, kept, budget
+        self._done: dict[str, torch.Tensor] = {}
+        self._held = 0
+        self._last: str | None = None  # handed to the writer, not yet written
+        self._error: BaseException | None = None
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="shardsave-merge", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for key in self._keys:
+                cost = self._cost(key)
+                with self._cond:
+                    self._cond.wait_for(lambda c=cost: self._stop or self._held == 0 or self._held + c <= self._budget)
+                    if self._stop:
+                        return
+                    self._held += cost
+                tensor = self._compute(key)
+                with self._cond:
+                    self._held += self._kept(key) - cost
+                    self._done[key] = tensor
+                    self._cond.notify_all()
+        except BaseException as exc:  # handed to the writer, which raises it
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def take(self, key: str) -> torch.Tensor:
+        """The tensor of `key` (the next one in order), once computed; raises what computing it raised."""
+        with self._cond:
+            self._cond.wait_for(lambda: key in self._done or self._error is not None)
+            if key not in self._done:
+                raise self._error
+            self._last = key
+            return self._done.pop(key)
+
+    def written(self) -> None:
+        """The tensor last taken is written: its bytes no longer count."""
+        with self._cond:
+            if self._last is not None:
+                self._held -= self._kept(self._last)
+                self._last = None
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._done.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+
+def _adapter_tensors(plan: dict[str, list[Step]], owner: dict[str, AdapterFiles], specs) -> dict:
+    """(adapter, key) -> every adapter tensor the plan names, whole, in the dtype PEFT merges it in."""
+    out = {}
+    for key, steps in plan.items():
+        for step in steps:
+            for role, name in step.tensors.items():
+                files = owner[step.adapter]
+                spec = files.specs[name]
+                tensor = files.read(name, 0, math.prod(spec.shape)).view(spec.shape)
+                out[step.adapter, name] = tensor.to(merge_dtype(role, specs[key].dtype))
+    return out

@@ -1,0 +1,89 @@
+"""A PEFT model's structure without its weights: the base model's config, the model built on the meta device.
+
+`verify --base` and the rescue of adapters from framework checkpoints need what PEFT would build for an adapter
+config on a base model (its parameter names and shapes, where its embeddings are) without loading or
+downloading a byte of the base: the config comes from a local folder or the local Hugging Face cache, the
+model is built on `torch.device("meta")` (a 70B skeleton costs milliseconds and no memory).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from shardsave.errors import SkeletonError
+
+__all__ = ["SkeletonError", "base_config", "peft_skeleton"]
+
+#: The transformers auto class PEFT's task types are trained with (AutoModelForCausalLM otherwise).
+_AUTO_CLASS = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def base_config(base: str | Path, *, what: str = "--base"):
+    """The base model's transformers config from `base`: a folder holding config.json, or a Hub id whose
+    config.json is in the local cache. Nothing is downloaded."""
+    from transformers import AutoConfig
+
+    folder = Path(base)
+    if not (folder / "config.json").is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(str(base), "config.json")
+        except Exception:  # not a repo id huggingface_hub accepts
+            cached = None
+        if not isinstance(cached, str):
+            raise SkeletonError(
+                f"{what} {base}: neither a folder with config.json nor a model in the local Hugging Face cache. "
+                f"Nothing is downloaded: pass the base model's folder, or download its config.json first."
+            )
+        folder = Path(cached).parent
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise SkeletonError(f"{what} {base}: its config.json cannot be read by transformers ({exc}).") from None
+
+
+def peft_skeleton(config, adapters: Mapping[str, object], *, name_or_path: str | None = None, where: str = ""):
+    """The PeftModel that `get_peft_model` (then `add_adapter` for each further adapter) builds on the base model
+    of transformers `config`, on the meta device. `adapters`: adapter name -> `PeftConfig` (first one first); the
+    model's `peft_config` holds them unchanged (structure-only settings, such as PiSSA initialisation, are
+    neutralised on copies). `name_or_path` is what the base model was loaded from (the card's `base_model`)."""
+    import transformers
+    from peft import get_peft_model
+
+    config = copy.deepcopy(config)
+    config._name_or_path = name_or_path or ""
+    (first, first_config), *rest = adapters.items()
+    auto = _AUTO_CLASS.get(str(getattr(first_config, "task_type", None)), "AutoModelForCausalLM")
+
+    def structural(peft_config):
+        peft_config = copy.deepcopy(peft_config)
+        if hasattr(peft_config, "init_lora_weights"):
+            peft_config.init_lora_weights = True  # the structure only: PiSSA/LoftQ initialisations need weights
+        return peft_config
+
+    try:
+        with torch.device("meta"):
+            model = getattr(transformers, auto).from_config(config)
+            model.name_or_path = config._name_or_path
+            peft_model = get_peft_model(model, structural(first_config), adapter_name=first)
+            for name, peft_config in rest:
+                peft_model.add_adapter(name, structural(peft_config))
+    except Exception as exc:
+        raise SkeletonError(
+            f"{where or 'the adapter config'}: PEFT cannot apply it to the base model "
+            f"({type(exc).__name__}: {exc}); it was not trained on this base."
+        ) from None
+    for name, peft_config in adapters.items():
+        peft_model.peft_config[name] = peft_config
+    return peft_model

@@ -1,0 +1,5 @@
+"""Saving an adapter from live ranks: gathered (`gathered`: `save_pretrained`, `gather_state_dict`), per-rank
+shards (`shards`: `save_shards`) and the stitch of a shard set into the adapter folder (`stitch`: `merge_shards`).
+
+Thin over the layers below: plan, agree, collect, then write through `formats` and `storage`. May import
+`shardsave.checks`, `dist` and everything below it."""

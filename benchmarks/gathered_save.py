@@ -22,7 +22,7 @@ MALLOC_MMAP_THRESHOLD_ fixed, so that every large buffer is a fresh mapping and 
 - floor:       safetensors.torch.save_file of the same gathered tensors, one process
 - floor+fsync: the same, then fsync of the file (shardsave makes its files durable before publishing)
 
---paths picks a subset; --json writes the results for benchmarks/scaling.py.
+--paths picks a subset; --json writes the results for benchmarks/model_size.py.
 """
 
 from __future__ import annotations

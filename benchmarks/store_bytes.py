@@ -141,7 +141,7 @@ def hsdp(rank: int, n: int, grouped: bool, drift: tuple[int, int] | None = None)
             prints[f"{name}@{a * cols}"] = fingerprint(f"{name}@{a * cols}" + ("drifted" if drifted else ""))
     if not grouped:
         return prints, None
-    from shardsave.dist.replicas import group_id
+    from shardsave.ranks.replicas import group_id
 
     return {group_id(tuple(range(j, n, SHARD))): prints}, None
 
@@ -168,10 +168,10 @@ def simulate(layout: str, n: int, drift: tuple[int, int] | None = None) -> dict:
     empty when the save may go on) and the union rank 1 follows (pipeline layouts)."""
     import torch.distributed as dist
 
-    from shardsave.dist.ranks import Ranks, Rendezvous
+    from shardsave.ranks.rendezvous import Ranks, Rendezvous
     from shardsave.save.gathered import agree_start
 
-    grouped = hasattr(importlib.import_module("shardsave.dist.replicas"), "digests")  # the code after item 13
+    grouped = hasattr(importlib.import_module("shardsave.ranks.replicas"), "digests")  # the code after item 13
     store, books = dist.HashStore(), Bytes()
     args = {"save_directory": "/checkpoints/step-1000", "safe_serialization": True, "selected_adapters": ["default"],
             "save_embedding_layers": "auto", "configs": "0123456789abcdef", "initial": None}  # fmt: skip

@@ -7,7 +7,7 @@ shards + merge), choosing the writer with `accelerator.is_main_process`.
 
 Needs GPUs: accelerate 1.15 enables FSDP and DeepSpeed only on accelerators; launched on a CPU-only machine
 every process believes it is alone (`DistributedType.NO`, one process), so this script refuses to run there.
-(The accelerate prepare() path itself is tested on CPU in tests/test_multirank_backends.py.) With DeepSpeed,
+(The accelerate prepare() path itself is tested on CPU in tests/save/test_multirank_backends.py.) With DeepSpeed,
 should accelerate count fewer processes than torch.distributed, the writer is left to shardsave (rank 0)
 rather than `is_main_process`, which would then be true on every rank.
 """

@@ -49,7 +49,7 @@ def peft_support(version: str) -> str | None:
 @functools.cache
 def check_peft() -> None:
     """Refuse a PEFT older than supported; warn once for one newer than tested (its files may differ from what
-    shardsave writes: tests/test_save_matches_peft.py tells)."""
+    shardsave writes: tests/save/test_save_matches_peft.py tells)."""
     import peft
 
     problem = peft_support(peft.__version__)
@@ -59,7 +59,7 @@ def check_peft() -> None:
         raise UnsupportedVersionError(f"{problem}: upgrade it (pip install 'peft>={PEFT_OLDEST}').")
     warnings.warn(
         f"{problem}: its adapter files may differ from what shardsave writes. Run shardsave's "
-        f"tests/test_save_matches_peft.py to check, or pin 'peft<={PEFT_NEWEST_TESTED}'.",
+        f"tests/save/test_save_matches_peft.py to check, or pin 'peft<={PEFT_NEWEST_TESTED}'.",
         NewerThanTestedWarning,
         stacklevel=3,
     )

@@ -1,7 +1,7 @@
 """The exceptions shardsave raises for users to catch, in one place.
 
 Every module raises from here, so `except shardsave.errors.X` catches X wherever it comes from; the modules that
-raised them before (`shardsave.dist.ranks.SaveError`, ...) still re-export them. The base classes are the
+raised them before (`shardsave.ranks.rendezvous.SaveError`, ...) still re-export them. The base classes are the
 standard ones a caller would guess (`ValueError` for bad input, `RuntimeError` for a failed distributed run), and
 every message names the input, the problem and the fix. Imports nothing from shardsave."""
 

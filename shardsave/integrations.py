@@ -12,8 +12,16 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from shardsave.dist.ranks import Heartbeat, Ranks, RemoteError, Rendezvous, raise_on_failure, resolve_timeout, status_of
 from shardsave.log import logger
+from shardsave.ranks.rendezvous import (
+    Heartbeat,
+    Ranks,
+    RemoteError,
+    Rendezvous,
+    raise_on_failure,
+    resolve_timeout,
+    status_of,
+)
 from shardsave.save.gathered import save_pretrained
 from shardsave.save.shards import save_shards
 

@@ -22,7 +22,7 @@ class _RankZeroOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if os.environ.get("SHARDSAVE_LOG_ALL_RANKS") == "1" or getattr(record, "writer", False):
             return True
-        from shardsave.dist.ranks import Ranks
+        from shardsave.ranks.rendezvous import Ranks
 
         return Ranks.current().rank == 0
 
@@ -32,7 +32,7 @@ class _RankFormatter(logging.Formatter):
     from WARNING up."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from shardsave.dist.ranks import Ranks
+        from shardsave.ranks.rendezvous import Ranks
 
         ranks = Ranks.current()
         prefix = f"[rank {ranks.rank}] " if ranks.distributed else ""

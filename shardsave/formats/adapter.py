@@ -349,7 +349,7 @@ def shard_index(files: AdapterFiles) -> dict:
     """What another rank needs to read a shard set this rank verified (`open_adapter`): the manifest's digest, the
     config, shapes, which file holds which run, and each file's mtime as verified. JSON-able; its size grows with
     the tensors and runs, not with the bytes, and a regular layout's runs compress to almost nothing
-    (`benchmarks/scale_ranks.py --parts load`)."""
+    (`benchmarks/rank_count.py --parts load`)."""
     if files.kind != "shards":
         raise ValueError(f"{files.path}: not a shard set")
     order = list(files.verified)

@@ -35,15 +35,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from shardsave.dist.collect import collector_for
-from shardsave.dist.collect.walk import state_entries
-from shardsave.dist.ranks import Ranks, Rendezvous, check_same_args, resolve_timeout
 from shardsave.errors import AdapterMismatchError
 from shardsave.formats.adapter import AdapterFiles, is_shard_set, open_adapter, open_indexed, shard_index
 from shardsave.log import logger
 from shardsave.plan.cache import PlanCache
 from shardsave.plan.keys import plan_choices
 from shardsave.plan.layout import build_layout, find_peft_model, peel
+from shardsave.ranks.collect import collector_for
+from shardsave.ranks.collect.walk import state_entries
+from shardsave.ranks.rendezvous import Ranks, Rendezvous, check_same_args, resolve_timeout
 
 __all__ = ["LoadResult", "AdapterMismatchError", "CONFIG_FIELDS", "compare_configs", "load_pretrained"]
 

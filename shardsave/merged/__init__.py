@@ -1,4 +1,4 @@
 """Merged weights: the base model with the adapter folded in, from the live sharded model (`live`:
 `save_merged`) or offline from files (`offline`: `merge_into`, `python -m shardsave.merge SRC --into BASE`).
 
-May import `shardsave.rescue`, `load`, `save`, `checks`, `dist` and everything below."""
+May import `shardsave.rescue`, `load`, `save`, `checks`, `ranks` and everything below."""

@@ -45,15 +45,15 @@ import torch
 import torch.distributed as dist
 
 from shardsave.compat import hf_saved_keys
-from shardsave.dist.collect import Collector, TensorInfo, collector_for, describe_stage, staged_collector
-from shardsave.dist.collect.sharded import ShardedCollector, Transfer, comm_device
-from shardsave.dist.ranks import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
-from shardsave.dist.replicas import ALL_RANKS, fingerprints, held_prints
 from shardsave.log import logger
 from shardsave.merged.offline import split_files, write_model_files
 from shardsave.plan.keys import plan_choices
 from shardsave.plan.layout import Layout, build_layout, find_peft_model, peel
 from shardsave.plan.ranges import Slice
+from shardsave.ranks.collect import Collector, TensorInfo, collector_for, describe_stage, staged_collector
+from shardsave.ranks.collect.sharded import ShardedCollector, Transfer, comm_device
+from shardsave.ranks.rendezvous import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
+from shardsave.ranks.replicas import ALL_RANKS, fingerprints, held_prints
 from shardsave.save.gathered import agree_start, run_gather
 from shardsave.storage.filesystems import filesystem_type, parallel_safe
 from shardsave.storage.local import check_destination, check_path_argument, discard, publish, stage_directory

@@ -411,7 +411,7 @@ def _skeleton(base_cfg, configs: dict, name_or_path: str | None, where: str):
 def _resized(peft_model, checkpoint: _Checkpoint, mapping: Mapping[str, str]) -> int | None:
     """The vocabulary size the checkpoint's input embedding has, when it differs from the base config's (the
     model was resized during fine-tuning); None when equal or not in the checkpoint."""
-    from shardsave.dist.collect.walk import state_entries
+    from shardsave.ranks.collect.walk import state_entries
 
     embedding = peft_model.get_input_embeddings()
     weight = getattr(getattr(embedding, "base_layer", embedding), "weight", None)
@@ -446,8 +446,8 @@ def _plan_for(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | Non
 
 
 def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None, fmt: str | None) -> _Plan:
-    from shardsave.dist.collect.walk import state_entries
     from shardsave.plan.skeleton import SkeletonError, base_config
+    from shardsave.ranks.collect.walk import state_entries
 
     peft_configs = {name: _load_config(path) for name, path in configs.items()}
     first = next(iter(peft_configs.values()))

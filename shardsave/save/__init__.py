@@ -2,4 +2,4 @@
 shards (`shards`: `save_shards`) and the stitch of a shard set into the adapter folder (`stitch`: `merge_shards`).
 
 Thin over the layers below: plan, agree, collect, then write through `formats` and `storage`. May import
-`shardsave.checks`, `dist` and everything below it."""
+`shardsave.checks`, `ranks` and everything below it."""

@@ -21,8 +21,22 @@ import torch.distributed as dist
 from torch import nn
 
 from shardsave.checks.verify import check_tensors, warn_findings
-from shardsave.dist.collect import Collector, TensorInfo, TransferError, collector_for, describe_stage, staged_collector
-from shardsave.dist.ranks import (
+from shardsave.formats.texts import Texts, abandon, render_in_background
+from shardsave.log import logger
+from shardsave.plan.cache import PlanCache
+from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
+from shardsave.plan.layout import Layout, build_layout, find_peft_model, peel
+from shardsave.plan.names import check_adapter_name
+from shardsave.plan.stages import pack_union, union_views, unpack_union
+from shardsave.ranks.collect import (
+    Collector,
+    TensorInfo,
+    TransferError,
+    collector_for,
+    describe_stage,
+    staged_collector,
+)
+from shardsave.ranks.rendezvous import (
     MissingRanksError,
     Ranks,
     Rendezvous,
@@ -32,14 +46,7 @@ from shardsave.dist.ranks import (
     resolve_timeout,
     status_of,
 )
-from shardsave.dist.replicas import digests, diverging, held_prints, members, to_ask
-from shardsave.formats.texts import Texts, abandon, render_in_background
-from shardsave.log import logger
-from shardsave.plan.cache import PlanCache
-from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
-from shardsave.plan.layout import Layout, build_layout, find_peft_model, peel
-from shardsave.plan.names import check_adapter_name
-from shardsave.plan.stages import pack_union, union_views, unpack_union
+from shardsave.ranks.replicas import digests, diverging, held_prints, members, to_ask
 from shardsave.storage.local import (
     CONFIG_NAME,
     adapter_dir,

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from shardsave.dist.ranks import (
+from shardsave.formats.texts import render_texts
+from shardsave.log import logger
+from shardsave.ranks.rendezvous import (
     MissingRanksError,
     Ranks,
     Rendezvous,
@@ -38,9 +40,7 @@ from shardsave.dist.ranks import (
     resolve_timeout,
     status_of,
 )
-from shardsave.dist.replicas import ALL_RANKS, digests, diverging, fingerprints, to_ask
-from shardsave.formats.texts import render_texts
-from shardsave.log import logger
+from shardsave.ranks.replicas import ALL_RANKS, digests, diverging, fingerprints, to_ask
 from shardsave.save.gathered import start_save
 from shardsave.storage.local import CARD_NAME, CONFIG_NAME, adapter_dir, atomic_file, remove_stale_in
 from shardsave.storage.streaming import TensorSpec, dtype_name, write_streaming

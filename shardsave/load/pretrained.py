@@ -40,7 +40,7 @@ from shardsave.formats.adapter import AdapterFiles, is_shard_set, open_adapter, 
 from shardsave.log import logger
 from shardsave.plan.cache import PlanCache
 from shardsave.plan.keys import plan_choices
-from shardsave.plan.layout import build_layout, find_peft_model, peel
+from shardsave.plan.structure import build_layout, find_peft_model, peel
 from shardsave.ranks.collect import collector_for
 from shardsave.ranks.collect.walk import state_entries
 from shardsave.ranks.rendezvous import Ranks, Rendezvous, check_same_args, resolve_timeout

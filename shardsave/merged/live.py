@@ -48,8 +48,8 @@ from shardsave.compat import hf_saved_keys
 from shardsave.log import logger
 from shardsave.merged.offline import split_files, write_model_files
 from shardsave.plan.keys import plan_choices
-from shardsave.plan.layout import Layout, build_layout, find_peft_model, peel
 from shardsave.plan.ranges import Slice
+from shardsave.plan.structure import Layout, build_layout, find_peft_model, peel
 from shardsave.ranks.collect import Collector, TensorInfo, collector_for, describe_stage, staged_collector
 from shardsave.ranks.collect.sharded import ShardedCollector, Transfer, comm_device
 from shardsave.ranks.rendezvous import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of

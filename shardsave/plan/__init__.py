@@ -1,6 +1,6 @@
 """Pure planning from metadata: no I/O, no process group, no tensor data.
 
-Names (`names`: canonical parameter names, names that become paths), the structure walk (`layout`: which modules
+Names (`names`: canonical parameter names, names that become paths), the structure walk (`structure`: which modules
 play which PEFT role), PEFT's key choice (`keys`), the element-range transfer and read plans (`ranges`), DTensor
 placements (`placements`), the union of pipeline stages (`stages`), the plan cache (`cache`) and the meta-device
 skeleton of a PEFT model (`skeleton`). Every rank computes the same plan from what it knows, so these are the

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shardsave.compat import PeftRules, peft_rules
-from shardsave.plan.layout import Layout, resolve_save_embedding_layers, targets_embedding
 from shardsave.plan.names import is_under, strip_adapter_name
+from shardsave.plan.structure import Layout, resolve_save_embedding_layers, targets_embedding
 
 __all__ = ["AdapterPlan", "select_adapter", "plan_choices", "decide_embeddings"]
 

@@ -32,7 +32,7 @@ from shardsave.errors import RescueError
 from shardsave.formats.texts import render_texts
 from shardsave.log import logger
 from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
-from shardsave.plan.layout import build_layout
+from shardsave.plan.structure import build_layout
 from shardsave.storage.local import (
     BIN_NAME,
     CARD_NAME,

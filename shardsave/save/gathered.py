@@ -25,9 +25,9 @@ from shardsave.formats.texts import Texts, abandon, render_in_background
 from shardsave.log import logger
 from shardsave.plan.cache import PlanCache
 from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
-from shardsave.plan.layout import Layout, build_layout, find_peft_model, peel
 from shardsave.plan.names import check_adapter_name
 from shardsave.plan.stages import pack_union, union_views, unpack_union
+from shardsave.plan.structure import Layout, build_layout, find_peft_model, peel
 from shardsave.ranks.collect import (
     Collector,
     TensorInfo,

@@ -7,7 +7,8 @@ from peft import LoraConfig
 
 from shardsave.compat import peft_rules
 from shardsave.plan.keys import select_adapter
-from shardsave.plan.layout import (
+from shardsave.plan.names import canonical_name, strip_adapter_name
+from shardsave.plan.structure import (
     AuxModule,
     EmbeddingLayer,
     Layout,
@@ -15,7 +16,6 @@ from shardsave.plan.layout import (
     embedding_is_targeted,
     targets_embedding,
 )
-from shardsave.plan.names import canonical_name, strip_adapter_name
 
 
 def test_canonical_name_strips_every_wrapper_component():

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from tiny import VOCAB, assert_same_files, llama_config, peft_model
 
 import shardsave
-from shardsave.plan.layout import base_config_file
+from shardsave.plan.structure import base_config_file
 
 REPO = "org/name"
 SHA = "0123456789abcdef0123456789abcdef01234567"

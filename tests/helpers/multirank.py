@@ -1,4 +1,5 @@
-"""Run a scenario of tests/helpers/workers.py on N gloo ranks in separate processes (as torchrun would)."""
+"""Run a multi-rank scenario (tests/scenarios/, through the runner tests/helpers/workers.py) on N gloo ranks in
+separate processes (as torchrun would)."""
 
 from __future__ import annotations
 

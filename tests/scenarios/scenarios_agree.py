@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
-from workers import lora_model, scenario
+from scenario_tools import lora_model
+from workers import scenario
 
 import shardsave
 

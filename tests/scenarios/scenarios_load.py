@@ -1,5 +1,6 @@
-"""Multi-rank scenarios of `shardsave.load_pretrained` under DeepSpeed: loads the next step would undo, loads that
-stop halfway, and the files each rank opens for a shard set (issue 23, items 5 and 11)."""
+"""Multi-rank scenarios of `shardsave.load_pretrained`: the resume matrix across backends and world sizes
+(`load_matrix`), and under DeepSpeed loads the next step would undo, loads that stop halfway, and the files each
+rank opens for a shard set (issue 23, items 5 and 11)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from scenario_tools import destroy, save_reference
 from workers import scenario
 
 import shardsave
@@ -166,3 +168,60 @@ def load_guards(rank, world, out: Path, params):
     result["stage0_stepped"] = all(torch.equal(p, saved[n].to(p.dtype)) for n, p in trainable)
     engine.destroy()
     return result
+
+
+@scenario
+def load_matrix(rank, world, out: Path, params):
+    """Resume, across backends and world sizes. Phase "save": for each of `params["backends"]`, train under it and
+    save with save_pretrained (`<backend>/adapter`) and save_shards (`<backend>/shards`); rank 0 keeps the
+    trained model's logits, PEFT's own save of it (`<backend>/theirs`) and, once, an adapter of another config
+    (`other_r`). Phase "load": for each `[source, backend, via]`, a fresh model with other adapter weights,
+    wrapped under `backend`, loads `<source>/<via>`; its logits before, after, after one lr=0 optimizer step,
+    and after a refused load of `other_r` (with the error of each rank) go to `load-<i>-<rank>.pt`."""
+    from backends import full_state, sharded_logits, train, wrap
+    from peft import LoraConfig
+    from tiny import peft_model, randomize_trainable
+
+    lora = LoraConfig(**params.get("lora", {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}))
+    if params["phase"] == "save":
+        for backend in params["backends"]:
+            folder = out / backend
+            wrapped, opt = wrap(peft_model(lora), backend)
+            train(wrapped, opt, backend, rank)
+            shardsave.save_pretrained(wrapped, folder / "adapter")
+            shardsave.save_shards(wrapped, folder / "shards")
+            trained = sharded_logits(wrapped)
+            state = full_state(wrapped, backend)
+            if rank == 0:
+                torch.save(trained, folder / "logits.pt")
+                save_reference(lora, state, folder)
+            destroy(wrapped)
+        if rank == 0:
+            other = peft_model(LoraConfig(target_modules=["q_proj", "v_proj"], r=2, modules_to_save=["lm_head"]))
+            other.save_pretrained(str(out / "other_r"))
+        return {}
+    for i, (source, backend, via) in enumerate(params["pairs"]):
+        model = peft_model(lora)
+        randomize_trainable(model, seed=9)  # other adapter weights than any saved one
+        wrapped, opt = wrap(model, backend)
+        record: dict = {"before": sharded_logits(wrapped)}
+        result = shardsave.load_pretrained(wrapped, out / source / via)
+        record["after"] = sharded_logits(wrapped)
+        record["missing"], record["unexpected"] = len(result.missing_keys), list(result.unexpected_keys)
+        if opt is not None:
+            for group in opt.param_groups:
+                group["lr"] = 0.0
+        else:  # a DeepSpeed engine: its optimizer's groups
+            for group in wrapped.optimizer.param_groups:
+                group["lr"] = 0.0
+        train(wrapped, opt, backend, rank, steps=1)
+        record["stepped"] = sharded_logits(wrapped)
+        try:
+            shardsave.load_pretrained(wrapped, out / "other_r")
+            record["refused"] = None
+        except Exception as exc:
+            record["refused"] = f"{type(exc).__name__}: {exc}"
+        record["after_refused"] = sharded_logits(wrapped)
+        torch.save(record, out / f"load-{i}-{rank}.pt")
+        destroy(wrapped)
+    return {}

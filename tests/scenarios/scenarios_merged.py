@@ -1,4 +1,6 @@
-"""Multi-rank scenarios of `save_merged` failing on one rank (tests/merged/test_live_failures.py)."""
+"""Multi-rank scenarios of `save_merged`: against PEFT's merge_and_unload() across backends and variants, with a
+disk filling up (`merged_save`, tests/merged/test_live.py), and failing on one rank
+(tests/merged/test_live_failures.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from workers import lora_model, scenario
+from scenario_tools import destroy, lora_model
+from workers import scenario
 
 import shardsave
 
@@ -138,3 +141,74 @@ def merged_failures(rank, world, out: Path, params):
         results["restage"]["written"] = (out / "stages").exists()
     (out / f"outcomes-{rank}.json").write_text(json.dumps(results))
     return {}
+
+
+@scenario
+def merged_save(rank, world, out: Path, params):
+    """For each `[backend, variant]` of `params["cases"]` (variant: "lora" with lm_head in modules_to_save, "dora",
+    "dora_bf16"): train under the backend, save_merged; rank 0 writes PEFT's merge_and_unload().save_pretrained()
+    of the natively gathered weights (`theirs`) and the merged model's logits; every rank records whether the live
+    model's logits are unchanged by the save and by a training step after it."""
+    from backends import full_state, sharded_logits, train, wrap
+    from peft import LoraConfig
+    from tiny import logits, peft_model
+
+    variants = {
+        "lora": ({"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}, None),
+        "dora": ({"target_modules": ["q_proj", "v_proj", "o_proj"], "use_dora": True}, None),
+        "dora_bf16": ({"target_modules": ["q_proj", "v_proj"], "use_dora": True, "use_rslora": True}, "bfloat16"),
+    }
+    for backend, variant, parallel in params["cases"]:
+        folder = out / f"{backend}-{variant}"
+        folder.mkdir(exist_ok=True)
+        config, dtype = variants[variant]
+        lora = LoraConfig(**config)
+        model = peft_model(lora, dtype=dtype)
+        wrapped, opt = wrap(model, backend)
+        train(wrapped, opt, backend, rank)
+        before = sharded_logits(wrapped)
+        shardsave.save_merged(wrapped, folder / "ours", max_shard_size="40KB", parallel_write=parallel)
+        unchanged = torch.equal(sharded_logits(wrapped), before)
+        state = full_state(wrapped, backend)
+        train(wrapped, opt, backend, rank, steps=1)  # training goes on after the save
+        if rank == 0:
+            reference = peft_model(lora, dtype=dtype)
+            reference.load_state_dict(state, strict=False)
+            merged = reference.merge_and_unload()
+            merged.save_pretrained(str(folder / "theirs"), max_shard_size="40KB")
+            torch.save(logits(merged), folder / "logits.pt")
+        (folder / f"unchanged-{rank}.json").write_text(json.dumps(unchanged))
+        if params.get("disk_full") == [backend, variant]:
+            _merged_disk_full(wrapped, folder, rank, parallel=False)
+            _merged_disk_full(wrapped, folder, rank, parallel=True)
+        destroy(wrapped)
+    return {}
+
+
+def _merged_disk_full(wrapped, folder: Path, rank: int, *, parallel: bool) -> None:
+    """A disk fills up mid-save: the writer's after its first file while the others send (`parallel` False), or
+    rank 1's while every rank writes its runs into the staged files. Every rank raises, nothing is published,
+    the previous folder stays as it was."""
+    import errno
+
+    from shardsave.merged import live as merged_save
+
+    name = "pwrite" if parallel else "write_streaming"
+    owner = merged_save.os if parallel else merged_save
+    real, calls = getattr(owner, name), []
+
+    def full(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1 and rank == (1 if parallel else 0):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    setattr(owner, name, full)
+    try:
+        shardsave.save_merged(wrapped, folder / "ours", max_shard_size="40KB", timeout=60, parallel_write=parallel)
+        outcome = "returned"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    finally:
+        setattr(owner, name, real)
+    (folder / f"disk-full-{'parallel' if parallel else 'writer'}-{rank}.txt").write_text(outcome)

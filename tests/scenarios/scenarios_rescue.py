@@ -1,12 +1,15 @@
-"""Multi-rank scenarios of the rescue from the FSDP checkpoints accelerate (and so Trainer) writes."""
+"""Multi-rank scenarios of the rescue: the FSDP checkpoints accelerate (and so Trainer) writes, and Trainer's
+DeepSpeed ZeRO-3 checkpoints (`trainer_zero3`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from workers import lora_model, scenario, trainer_on_save
+from scenario_tools import lora_model, trainer_on_save
+from workers import scenario
 
 import shardsave
 
@@ -111,3 +114,37 @@ def trainer_fsdp(rank, world, out: Path, params):
         "fsdp": trainer.is_fsdp_enabled,
         "files": sorted(str(p.relative_to(out)) for p in (out / "run").rglob("*") if p.is_file()),
     }
+
+
+@scenario
+def trainer_zero3(rank, world, out: Path, params):
+    """transformers.Trainer with DeepSpeed ZeRO-3 (through accelerate, gloo) trains a LoRA model and writes its
+    checkpoint-N/ folders the way users get them; then shardsave.save_pretrained of the live model at the last
+    step (`reference/`) and the base model's config (`base/`)."""
+    import accelerate
+    from datasets_free import token_dataset
+    from peft import LoraConfig
+    from tiny import llama_config, peft_model
+    from transformers import Trainer, TrainingArguments
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    accelerate.PartialState(backend="gloo")
+    model = peft_model(LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    model.train()
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    args = TrainingArguments(
+        output_dir=str(out / "run"), max_steps=2, save_steps=2, per_device_train_batch_size=2, report_to=[],
+        learning_rate=1e-2, deepspeed=config, accelerator_config={"use_configured_state": True},
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(rank))
+    trainer.train()
+    shardsave.save_pretrained(trainer.model_wrapped, out / "reference")
+    if rank == 0:
+        llama_config().save_pretrained(str(out / "base"))
+    return {"checkpoints": sorted(p.name for p in (out / "run").glob("checkpoint-*"))}

@@ -1,5 +1,6 @@
 """The README as a new user meets it: its marked code blocks run as written, its versions table says what
-pyproject.toml says, and its "Layout of the code" lists every module under shardsave/ (and no other)."""
+pyproject.toml says, and its "Layout of the code" lists every module under shardsave/ (and no other), in the
+layer order of pyproject.toml's import contract."""
 
 from __future__ import annotations
 
@@ -123,24 +124,39 @@ def test_tested_column_is_what_ci_setup_installs():
     assert set(newest) - {"torch"} <= set(checked) and set(checked) - {"triton"} <= set(oldest)
 
 
-def listed_modules() -> set[str]:
-    """Paths of the .py files in the "Layout of the code" tree: `  name.py` under `shardsave/`, `    name.py`
-    under a `  folder/` line; deeper-indented lines continue a description."""
+#: An entry of the "Layout of the code" tree: two spaces per level, a module (`name.py`) or a folder (`name/`), then
+#: at least two spaces and what it is.
+ENTRY = re.compile(r"((?:  )+)(\w+(?:\.py|/)) {2,}\S.*")
+
+
+def layout_entries() -> list[tuple[int, str]]:
+    """(depth, path under shardsave/) of each entry of the "Layout of the code" tree, in order; folders end in `/`.
+    An entry sits at most one level below the folder above it; a line indented deeper than that continues the
+    description above it, and any other line is an error."""
     block = re.search(r"```\n(shardsave/\n.*?)```", section("Layout of the code"), re.DOTALL)
     assert block, "no shardsave/ tree in the Layout section"
-    listed, folder = set(), ""
+    entries, folders = [], []  # folders: the open folders, outermost first
     for line in block.group(1).splitlines()[1:]:
-        match = re.match(r"( +)(\S+)", line)
-        if not match or not re.fullmatch(r"[\w]+(\.py|/)", match.group(2)):
+        indent = len(line) - len(line.lstrip(" "))
+        if indent > 2 * (len(folders) + 1):
+            assert entries and line.strip(), f"Layout tree: a continuation line with nothing above it: {line!r}"
             continue
-        depth, name = len(match.group(1)), match.group(2)
-        if depth == 2:
-            folder = name if name.endswith("/") else ""
-            if name.endswith(".py"):
-                listed.add(name)
-        elif depth == 4 and folder and name.endswith(".py"):
-            listed.add(folder + name)
-    return listed
+        match = ENTRY.fullmatch(line)
+        assert match, f"Layout tree: not `<indent>name.py  what it is` or `<indent>folder/  what it is`: {line!r}"
+        depth, name = len(match.group(1)) // 2, match.group(2)
+        del folders[depth - 1 :]
+        path = "".join(folders) + name
+        entries.append((depth, path))
+        if name.endswith("/"):
+            folders.append(name)
+    return entries
+
+
+def listed_modules() -> set[str]:
+    """Paths of the .py files the "Layout of the code" tree lists, relative to shardsave/, at any depth."""
+    modules = [path for _, path in layout_entries() if path.endswith(".py")]
+    assert len(modules) == len(set(modules)), "the Layout tree lists a module twice"
+    return set(modules)
 
 
 def test_layout_lists_every_module():
@@ -150,6 +166,27 @@ def test_layout_lists_every_module():
     assert not listed - actual, (
         f"README's 'Layout of the code' lists modules that do not exist: {sorted(listed - actual)}"
     )
+
+
+def contract_layers() -> list[set[str]]:
+    """The layers of pyproject.toml's import-linter contract, top first, as names under shardsave."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (layers,) = [c["layers"] for c in contracts if c["type"] == "layers"]
+    return [{name.strip().removeprefix("shardsave.") for name in layer.split("|")} for layer in layers]
+
+
+def test_layout_lists_the_layers_top_to_bottom():
+    """The tree's top-level folders and modules appear in the contract's layer order, each named in a layer."""
+    layers = contract_layers()
+    order = []
+    for depth, path in layout_entries():
+        name = path.removesuffix("/").removesuffix(".py")
+        if depth == 1 and name != "__init__":
+            (index,) = [i for i, layer in enumerate(layers) if name in layer] or [None]
+            assert index is not None, f"README's Layout lists shardsave/{path}, which no layer of the contract names"
+            order.append((index, path))
+    assert order == sorted(order, key=lambda item: item[0]), f"README's Layout is not in layer order: {order}"
+    assert {i for i, _ in order} == set(range(len(layers))), "README's Layout misses a layer of the contract"
 
 
 def test_launch_table_commands_are_whole():

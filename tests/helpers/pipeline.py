@@ -4,6 +4,8 @@ full model's module names (the layers it does not run become parameter-free pass
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,25 +58,31 @@ def loss_fn(logits, target):
     return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
 
 
+def sgd_steps(stage_module, *, steps: int, seed: int, lr: float) -> Iterator[torch.Tensor]:
+    """Each training step's batch, yielded between the optimizer's zero_grad and step (SGD on the stage's trainable
+    parameters): the same batches on every data-parallel replica; the stage in train mode meanwhile, eval after."""
+    opt = torch.optim.SGD([p for p in stage_module.parameters() if p.requires_grad], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    stage_module.train()
+    for _ in range(steps):
+        ids = torch.randint(1, 90, (4, 8), generator=gen)
+        opt.zero_grad()
+        yield ids
+        opt.step()
+    stage_module.eval()
+
+
 def train_pipeline(stage_module, stage: int, group, *, steps: int = 2, seed: int = 11, lr: float = 0.1) -> None:
     """`steps` GPipe steps of 2 micro-batches; every data-parallel replica sees the same batches."""
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     pipe = PipelineStage(stage_module, stage, 2, torch.device("cpu"), group=group)
     schedule = ScheduleGPipe(pipe, n_microbatches=2, loss_fn=loss_fn)
-    params = [p for p in stage_module.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    stage_module.train()
-    for _ in range(steps):
-        ids = torch.randint(1, 90, (4, 8), generator=gen)
-        opt.zero_grad()
+    for ids in sgd_steps(stage_module, steps=steps, seed=seed, lr=lr):
         if stage == 0:
             schedule.step(ids)
         else:
             schedule.step(target=ids)
-        opt.step()
-    stage_module.eval()
 
 
 def pipeline_logits(stage_module, stage: int, peer: int, ids: torch.Tensor) -> torch.Tensor | None:
@@ -95,13 +103,7 @@ def train_by_hand(stage_module, stage: int, peer: int, *, steps: int = 2, seed: 
     step, stage 0's activations sent forward and their gradient sent back point to point."""
     import torch.distributed as dist
 
-    params = [p for p in stage_module.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    stage_module.train()
-    for _ in range(steps):
-        ids = torch.randint(1, 90, (4, 8), generator=gen)
-        opt.zero_grad()
+    for ids in sgd_steps(stage_module, steps=steps, seed=seed, lr=lr):
         if stage == 0:
             hidden = stage_module(ids)
             dist.send(hidden.detach().contiguous(), peer)
@@ -114,5 +116,3 @@ def train_by_hand(stage_module, stage: int, peer: int, *, steps: int = 2, seed: 
             hidden.requires_grad_(True)
             loss_fn(stage_module(hidden), ids).backward()
             dist.send(hidden.grad.contiguous(), peer)
-        opt.step()
-    stage_module.eval()

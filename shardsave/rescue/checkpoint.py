@@ -29,6 +29,7 @@ import torch
 
 from shardsave.checks.verify import check_tensors, warn_findings
 from shardsave.errors import RescueError
+from shardsave.formats.hf_model import DTYPES
 from shardsave.formats.texts import render_texts
 from shardsave.log import logger
 from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
@@ -49,7 +50,6 @@ from shardsave.storage.local import (
 __all__ = [
     "RescueError",
     "Source",
-    "DTYPES",
     "detect_source",
     "align_names",
     "key_format",
@@ -57,9 +57,6 @@ __all__ = [
     "callback_adapter",
     "rescue_adapter",
 ]
-
-#: `--dtype` choices: "auto" writes each tensor in the dtype the model trained it in.
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: The folder accelerate (and so Trainer) writes an FSDP model's DCP checkpoint into (one per model).
 FSDP_MODEL_DIR = re.compile(r"pytorch_model_fsdp_(\d+)$")
@@ -113,7 +110,7 @@ def detect_source(path: str | os.PathLike, *, tag: str | None = None) -> Source:
     holding one of those (never its `adapter_model.*`, which may be the broken file being rescued)."""
     from shardsave.formats.deepspeed import checkpoint_dir
     from shardsave.formats.fsdp import fsdp_files
-    from shardsave.save.shards import MANIFEST_NAME, SHARD_PATTERN
+    from shardsave.formats.shard_set import MANIFEST_NAME, SHARD_PATTERN
 
     given = Path(os.path.abspath(os.fspath(path)))
     if not given.exists():
@@ -585,7 +582,7 @@ def _lora_gap(checkpoint: _Checkpoint, plans: list[AdapterPlan], mapping: Mappin
 def callback_adapter(folder: Path, sound: bool | None = None) -> str:
     """Where in Trainer's `folder` (a checkpoint-N/) the adapter shardsave's ShardSaveCallback writes is, and
     what to do with it; `sound`: what verify found in the folder's own adapter, if known."""
-    from shardsave.save.shards import MANIFEST_NAME
+    from shardsave.formats.shard_set import MANIFEST_NAME
 
     out = []
     weights = next((folder / n for n in (SAFETENSORS_NAME, BIN_NAME) if (folder / n).is_file()), None)

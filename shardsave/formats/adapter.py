@@ -118,16 +118,17 @@ def load_pickle(
     what: str = "a pickle",
     error: Error = AdapterFilesError,
     expect: str | None = "a dict of named tensors",
+    legacy: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of the pickle `path`, past `pickle_gate`: `torch.load(weights_only=True)`, memory-mapped (the
-    legacy non-zip format cannot be: loaded whole). `expect`: what it must hold, named in the message (None: as
-    loaded)."""
+    """The tensors of the pickle `path`, past `pickle_gate`: `torch.load(weights_only=True)`, memory-mapped.
+    `legacy`: the legacy non-zip format too, loaded whole (it cannot be memory-mapped). `expect`: what it must
+    hold, named in the message (None: as loaded)."""
     pickle_gate(path, allow_pickle=allow_pickle, fix=fix, what=what, error=error)
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:  # the legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(exc):
+            if not legacy or "mmap" not in str(exc):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -153,7 +154,7 @@ def safetensors_names(path: Path, *, error: Error = AdapterFilesError) -> list[s
 def iter_tensors(
     path: Path, *, allow_pickle: bool, fix: str, error: Error = AdapterFilesError
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(key, tensor)` one at a time, memory-mapped: only the tensor being used is in memory."""
+    """`(key, tensor)` one at a time, memory-mapped (a legacy `.bin`: loaded whole): one tensor in memory at a time."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -165,7 +166,7 @@ def iter_tensors(
         except Exception as exc:
             raise error(f"{path}: reading its tensors failed ({exc}); the file is corrupt.") from None
         return
-    yield from load_pickle(path, allow_pickle=allow_pickle, fix=fix, error=error).items()
+    yield from load_pickle(path, allow_pickle=allow_pickle, fix=fix, error=error, legacy=True).items()
 
 
 def tensor_shapes(
@@ -191,7 +192,7 @@ def read_tensors(
             return load_file(str(path))
         except Exception as exc:
             raise error(f"{path}: not a readable safetensors file ({exc}).") from None
-    return load_pickle(path, allow_pickle=allow_pickle, fix=fix, what=what, error=error, expect=expect)
+    return load_pickle(path, allow_pickle=allow_pickle, fix=fix, what=what, error=error, expect=expect, legacy=True)
 
 
 def _open_folder(folder: Path, allow_pickle: bool) -> AdapterFiles:

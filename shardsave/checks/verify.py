@@ -35,6 +35,7 @@ from shardsave.formats.adapter import (
     tensor_shapes,
     weights_file,
 )
+from shardsave.formats.shard_set import MANIFEST_NAME
 from shardsave.log import logger
 from shardsave.storage.local import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 
@@ -47,6 +48,7 @@ __all__ = [
     "check_tensors",
     "warn_findings",
     "verify_adapter",
+    "callback_adapter",
     "main",
 ]
 
@@ -499,12 +501,43 @@ def verify_adapter(
         report.adapters.append(summary)
         report.findings += findings
     if checkpoint_notes and any(p.name.startswith("pytorch_model_fsdp") for p in root.iterdir()):
-        from shardsave.rescue.checkpoint import callback_adapter, fsdp1_lora_gap
+        from shardsave.formats.sources import fsdp1_lora_gap
 
         gap = fsdp1_lora_gap(root)
         if gap is not None:
             report.notes.append(f"{gap} {callback_adapter(root, sound=report.sound)}")
     return report
+
+
+def callback_adapter(folder: Path, sound: bool | None = None) -> str:
+    """Where in Trainer's `folder` (a checkpoint-N/) the adapter shardsave's ShardSaveCallback writes is, and
+    what to do with it; `sound`: what verify found in the folder's own adapter, if known."""
+    out = []
+    weights = next((folder / n for n in (SAFETENSORS_NAME, BIN_NAME) if (folder / n).is_file()), None)
+    if weights is not None and (folder / CONFIG_NAME).is_file():
+        if sound is None:
+            try:
+                sound = verify_adapter(folder, checkpoint_notes=False).sound
+            except VerifyError:
+                sound = False
+        out.append(
+            f"The adapter file {weights} is what shardsave's ShardSaveCallback writes there, if it ran: "
+            + ("`python -m shardsave.verify` finds it sound; use it as it is." if sound else
+               f"`python -m shardsave.verify {folder}` finds problems in it (not ShardSaveCallback's, then).")
+        )  # fmt: skip
+    shards = folder / "adapter_shards"
+    if (shards / MANIFEST_NAME).is_file():
+        out.append(
+            f"ShardSaveCallback(shards=True) wrote the adapter's shards to {shards}: write the adapter from them "
+            f"with `python -m shardsave.merge {shards} -o OUT`."
+        )
+    elif not sound:
+        out.append(
+            f"No adapter ShardSaveCallback wrote is in {folder}: the LoRA weights of this training are lost. Add "
+            f"shardsave.integrations.ShardSaveCallback() to the Trainer's callbacks (it writes a correct adapter "
+            f"into every checkpoint-N/ and restores it on resume), or train with FSDP2 (fsdp_version: 2)."
+        )
+    return " ".join(out)
 
 
 def _subject(finding: Finding) -> str:

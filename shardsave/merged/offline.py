@@ -49,7 +49,8 @@ def _adapters(
 ) -> list[AdapterFiles]:
     """The adapters to merge, in order: from an adapter folder or shard set directly, from a framework checkpoint
     through the rescue (into `scratch`), whose structure checks are made on `base`, the model merged into."""
-    from shardsave.rescue.checkpoint import RescueError, detect_source, rescue_adapter
+    from shardsave.formats.sources import detect_source
+    from shardsave.rescue.checkpoint import RescueError, rescue_adapter
 
     try:
         found = detect_source(source)

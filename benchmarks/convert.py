@@ -27,7 +27,8 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shardsave.tensors.convert import convert_tensor, read_initial_adapter  # noqa: E402
+from shardsave.formats.initial import read_initial_adapter  # noqa: E402
+from shardsave.tensors.convert import convert_tensor  # noqa: E402
 from shardsave.tensors.host import to_host  # noqa: E402
 
 

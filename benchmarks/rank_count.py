@@ -403,15 +403,16 @@ def _folder_items(wanted: Mapping[str, list[Slice]], n: int) -> list[int]:
 
 def index_bytes(saved: Mapping[str, list[Slice]], n: int) -> int:
     """The JSON size of the real `shard_index` of the set: what rank 0 posts and every other rank gets."""
-    from shardsave.formats.adapter import AdapterFiles, _Run, _Verified, shard_index
+    from shardsave.formats.runs import AdapterFiles, ElementRun
+    from shardsave.formats.shard_index import VerifiedShard, shard_index
 
     root = Path("/shards")
     paths = [root / f"shard-{k:05d}-of-{n:05d}.safetensors" for k in range(n)]
     specs = {peft_key(name): TensorSpec((max(s.stop for s in sl),), _BF16) for name, sl in saved.items()}
-    runs = {peft_key(name): [_Run(s.start, s.stop, paths[s.rank], 0) for s in sl if s.stop > s.start]
+    runs = {peft_key(name): [ElementRun(s.start, s.stop, paths[s.rank], 0) for s in sl if s.stop > s.start]
             for name, sl in saved.items()}  # fmt: skip
     mtime = 1733300000 * 10**9
-    verified = {p: _Verified(k, 10**6, mtime + k, "0" * 64, "0" * 32, n, "default", frozenset())
+    verified = {p: VerifiedShard(k, 10**6, mtime + k, "0" * 64, "0" * 32, n, "default", frozenset())
                 for k, p in enumerate(paths)}  # fmt: skip
     files = AdapterFiles(root, "shards", {"r": 16}, specs, runs, verified=verified, manifest_sha256="0" * 64)
     return len(json.dumps(shard_index(files)))

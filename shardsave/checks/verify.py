@@ -27,6 +27,15 @@ from pathlib import Path
 import torch
 
 from shardsave.errors import VerifyError
+from shardsave.formats.adapter import (
+    adapters_in,
+    iter_tensors,
+    read_config,
+    safetensors_names,
+    tensor_shapes,
+    weights_file,
+)
+from shardsave.formats.shard_set import MANIFEST_NAME
 from shardsave.log import logger
 from shardsave.storage.local import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 
@@ -39,6 +48,7 @@ __all__ = [
     "check_tensors",
     "warn_findings",
     "verify_adapter",
+    "callback_adapter",
     "main",
 ]
 
@@ -118,12 +128,14 @@ class Report:
 # --- reading -------------------------------------------------------------------------------------------
 
 
+_PICKLE_FIX = "Pass --allow-pickle (allow_pickle=True) to read it with torch.load(weights_only=True)."
+
+
 def _adapter_dirs(root: Path) -> list[tuple[str, Path]]:
     """`(name, folder)` of every adapter PEFT would load from `root`: `default` at the root, others below."""
     if not root.is_dir():
         raise VerifyError(f"{root}: not a directory. Pass the folder that holds {CONFIG_NAME}.")
-    found = [("default", root)] if (root / CONFIG_NAME).exists() else []
-    found += sorted((p.name, p) for p in root.iterdir() if p.is_dir() and (p / CONFIG_NAME).exists())
+    found = adapters_in(root)
     if not found:
         weights = [n for n in (SAFETENSORS_NAME, BIN_NAME) if (root / n).exists()]
         raise VerifyError(
@@ -137,64 +149,15 @@ def _adapter_dirs(root: Path) -> list[tuple[str, Path]]:
 
 def _read_config(directory: Path) -> dict:
     path = directory / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise VerifyError(f"{path}: unreadable ({exc}); restore the adapter_config.json the training wrote.") from None
-    if not isinstance(config, dict):
-        raise VerifyError(f"{path}: holds {type(config).__name__}, not a JSON object.")
+    config = read_config(path, error=VerifyError, fix="; restore the adapter_config.json the training wrote")
     if config.get("peft_type") == "LORA" and not (isinstance(config.get("r"), int) and config["r"] > 0):
         raise VerifyError(f"{path}: a LoRA config without a positive integer 'r' ({config.get('r')!r}).")
     return config
 
 
-def _weights_file(directory: Path) -> Path:
-    for name in (SAFETENSORS_NAME, BIN_NAME):
-        if (directory / name).is_file():
-            return directory / name
-    raise VerifyError(f"{directory}: has {CONFIG_NAME} but neither {SAFETENSORS_NAME} nor {BIN_NAME}.")
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:  # safe_open checks the header's bounds and that the data fills the file exactly
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
-        raise VerifyError(f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupt.") from None
-
-
 def _tensors(path: Path, allow_pickle: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """`(key, tensor)` one at a time, memory-mapped: only the tensor being checked is in memory."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        keys = _safetensors_keys(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in keys:
-                    yield key, f.get_tensor(key)
-        except Exception as exc:
-            raise VerifyError(f"{path}: reading its tensors failed ({exc}); the file is corrupt.") from None
-        return
-    if not allow_pickle:
-        raise VerifyError(
-            f"{path}: a pickle, and shardsave does not unpickle files unless asked (loading a pickle can run "
-            f"code). Pass --allow-pickle (allow_pickle=True) to read it with torch.load(weights_only=True)."
-        )
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # the legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise VerifyError(f"{path}: not loadable with torch.load(weights_only=True) ({exc}).") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise VerifyError(f"{path}: holds {type(state).__name__}, not a dict of named tensors.")
-    yield from state.items()
+    return iter_tensors(path, allow_pickle=allow_pickle, fix=_PICKLE_FIX, error=VerifyError)
 
 
 # --- checks ---------------------------------------------------------------------------------------------
@@ -428,9 +391,9 @@ def _check(name: str, config: Mapping, pairs: Iterable[tuple[str, torch.Tensor]]
 
 
 def _check_adapter(name: str, directory: Path, config: dict, allow_pickle: bool) -> tuple[AdapterSummary, list]:
-    path = _weights_file(directory)
+    path = weights_file(directory, error=VerifyError)
     if path.suffix == ".safetensors":
-        _safetensors_keys(path)  # unreadable: fail before any finding
+        safetensors_names(path, error=VerifyError)  # unreadable: fail before any finding
     count = 0
 
     def counted() -> Iterator[tuple[str, torch.Tensor]]:
@@ -496,14 +459,7 @@ def _expected_state(base_config, directory: Path) -> tuple[dict[str, tuple[int, 
 
 
 def _base_findings(name: str, path: Path, expected: dict, known: set[str], allow_pickle: bool) -> list[Finding]:
-    saved: dict[str, tuple[int, ...]] = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:  # readable: checked before
-            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    else:
-        saved = {k: tuple(t.shape) for k, t in _tensors(path, allow_pickle)}
+    saved = tensor_shapes(path, allow_pickle=allow_pickle, fix=_PICKLE_FIX, error=VerifyError)  # readable: checked
     out = []
     for key, shape in sorted(expected.items()):
         if key not in saved:
@@ -545,12 +501,43 @@ def verify_adapter(
         report.adapters.append(summary)
         report.findings += findings
     if checkpoint_notes and any(p.name.startswith("pytorch_model_fsdp") for p in root.iterdir()):
-        from shardsave.rescue.checkpoint import callback_adapter, fsdp1_lora_gap
+        from shardsave.formats.sources import fsdp1_lora_gap
 
         gap = fsdp1_lora_gap(root)
         if gap is not None:
             report.notes.append(f"{gap} {callback_adapter(root, sound=report.sound)}")
     return report
+
+
+def callback_adapter(folder: Path, sound: bool | None = None) -> str:
+    """Where in Trainer's `folder` (a checkpoint-N/) the adapter shardsave's ShardSaveCallback writes is, and
+    what to do with it; `sound`: what verify found in the folder's own adapter, if known."""
+    out = []
+    weights = next((folder / n for n in (SAFETENSORS_NAME, BIN_NAME) if (folder / n).is_file()), None)
+    if weights is not None and (folder / CONFIG_NAME).is_file():
+        if sound is None:
+            try:
+                sound = verify_adapter(folder, checkpoint_notes=False).sound
+            except VerifyError:
+                sound = False
+        out.append(
+            f"The adapter file {weights} is what shardsave's ShardSaveCallback writes there, if it ran: "
+            + ("`python -m shardsave.verify` finds it sound; use it as it is." if sound else
+               f"`python -m shardsave.verify {folder}` finds problems in it (not ShardSaveCallback's, then).")
+        )  # fmt: skip
+    shards = folder / "adapter_shards"
+    if (shards / MANIFEST_NAME).is_file():
+        out.append(
+            f"ShardSaveCallback(shards=True) wrote the adapter's shards to {shards}: write the adapter from them "
+            f"with `python -m shardsave.merge {shards} -o OUT`."
+        )
+    elif not sound:
+        out.append(
+            f"No adapter ShardSaveCallback wrote is in {folder}: the LoRA weights of this training are lost. Add "
+            f"shardsave.integrations.ShardSaveCallback() to the Trainer's callbacks (it writes a correct adapter "
+            f"into every checkpoint-N/ and restores it on resume), or train with FSDP2 (fsdp_version: 2)."
+        )
+    return " ".join(out)
 
 
 def _subject(finding: Finding) -> str:

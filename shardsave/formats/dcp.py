@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from shardsave.errors import DCPError, UnsafeMetadataError
 from shardsave.plan.names import canonical_name
+from shardsave.storage.reads import file_size, open_binary
 
 __all__ = [
     "METADATA_NAME",
@@ -172,7 +173,7 @@ def read_dcp_metadata(folder: str | os.PathLike) -> Metadata:
             f"{folder}: {what}, so it is not a torch.distributed.checkpoint folder (or its save did not finish: "
             f"DCP writes {METADATA_NAME} last). Pass the folder holding {METADATA_NAME} and the *.distcp files."
         )
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         try:
             metadata = _MetadataUnpickler(f, path).load()
         except DCPError:
@@ -359,7 +360,7 @@ def _check_files(folder: Path, selected: Iterable[DCPTensor]) -> None:
                 path = folder / chunk.file
                 if Path(chunk.file).is_absolute() or ".." in Path(chunk.file).parts:
                     raise DCPError(f"{folder / METADATA_NAME}: names the data file {chunk.file!r} outside the folder.")
-                sizes[chunk.file] = path.stat().st_size if path.is_file() else -1
+                sizes[chunk.file] = file_size(path) if path.is_file() else -1
             size = sizes[chunk.file]
             if size < 0:
                 raise DCPError(
@@ -421,7 +422,7 @@ def read_tensors(
             out[name] = torch.empty(tensor.shape, dtype=tensor.dtype)
     for file_name, items in jobs.items():
         path = folder / file_name
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             for name, chunk in sorted(items, key=lambda item: item[1].offset):
                 tensor = selected[name]
                 value = _load_chunk(f, path, tensor, chunk)

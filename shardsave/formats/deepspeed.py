@@ -40,6 +40,7 @@ import torch
 
 from shardsave.errors import DeepSpeedCheckpointError, UnsafeCheckpointError
 from shardsave.plan.names import canonical_name, path_component
+from shardsave.storage.reads import read_text
 
 __all__ = [
     "LATEST_NAME",
@@ -180,7 +181,7 @@ def checkpoint_dir(folder: str | os.PathLike, tag: str | None = None) -> Path:
                 f"{folder}: has no {LATEST_NAME!r} file and no *_model_states.pt, so it is not a DeepSpeed "
                 f"save folder. Tags present: {_tags(folder) or 'none'}; pass one as the tag, or the tag's folder."
             )
-        tag = latest.read_text().strip()
+        tag = read_text(latest).strip()
         source, where = latest, f"named by {latest}"
     else:
         source, where = folder, "asked for"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from shardsave.compat import peft_model_tags, peft_rules
 from shardsave.storage.local import CARD_NAME, adapter_dir, discard, stage_directory, write_config, write_files
+from shardsave.storage.reads import read_bytes
 
 __all__ = ["Texts", "render_text_files", "render_texts", "render_in_background", "abandon"]
 
@@ -38,7 +39,7 @@ def render_texts(peft_model, adapter_names: Sequence[str], existing_card: Path |
     """The card (updating `existing_card`, if given and present, as PEFT does) and the configs, as bytes by
     relative path; reused while every input PEFT's card and config writers read is the same (Trainer saves
     the same adapter config every N steps)."""
-    card = existing_card.read_bytes() if existing_card is not None and existing_card.is_file() else None
+    card = read_bytes(existing_card) if existing_card is not None and existing_card.is_file() else None
     key = _texts_key(peft_model, adapter_names, card)
     if key in _TEXTS:
         _TEXTS.move_to_end(key)

@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 
 from shardsave.compat import hf_saved_keys
+from shardsave.formats.hf_model import split_files, write_model_files
 from shardsave.log import logger
-from shardsave.merged.offline import split_files, write_model_files
 from shardsave.plan.keys import plan_choices
 from shardsave.plan.ranges import Slice
 from shardsave.plan.structure import Layout, build_layout, find_peft_model, peel

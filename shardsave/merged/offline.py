@@ -14,8 +14,6 @@ output is published atomically (`shardsave.storage.local.publish`).
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
 import shutil
@@ -23,7 +21,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,102 +28,20 @@ import torch
 from shardsave.compat import hf_saved_keys
 from shardsave.errors import MergedError
 from shardsave.formats.adapter import AdapterFiles, AdapterFilesError, open_adapter
+from shardsave.formats.hf_model import (
+    DTYPES,
+    MODEL_CONFIG,
+    ModelFiles,
+    read_model_files,
+    split_files,
+    write_model_files,
+)
 from shardsave.log import logger
-from shardsave.plan.names import path_component
 from shardsave.storage.local import BackgroundSync, check_destination, publish
-from shardsave.storage.streaming import FileRange, TensorSpec, dtype_from_name, file_order, read_header, write_streaming
+from shardsave.storage.streaming import FileRange, TensorSpec, file_order, write_streaming
 from shardsave.tensors.merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
 
-__all__ = ["MergedError", "DTYPES", "merge_into", "split_files", "write_model_files"]
-
-#: `--dtype` choices: "auto" is what `from_pretrained` picks (the config's dtype, else the checkpoint's).
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-_MODEL_CONFIG = "config.json"
-_SAFE_INDEX, _SAFE = "model.safetensors.index.json", "model.safetensors"
-_BIN_INDEX, _BIN = "pytorch_model.bin.index.json", "pytorch_model.bin"
-
-
-@dataclass
-class _Base:
-    """The base model's files: where each tensor is, its shape and stored dtype."""
-
-    folder: Path
-    files: dict[str, Path]  # key -> file
-    specs: dict[str, TensorSpec]
-    offsets: dict[str, int]  # safetensors: byte offset of the key's data
-    pickled: dict[Path, dict[str, torch.Tensor]]  # .bin files, memory-mapped
-
-    def read(self, key: str) -> torch.Tensor:
-        path = self.files[key]
-        if path in self.pickled:
-            return self.pickled[path][key]
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key)
-
-
-def _base_files(folder: Path, allow_pickle: bool) -> _Base:
-    if not (folder / _MODEL_CONFIG).is_file():
-        raise MergedError(f"{folder}: no config.json; --into needs a local Hugging Face model folder.")
-    for index_name, single, pickled in ((_SAFE_INDEX, _SAFE, False), (_BIN_INDEX, _BIN, True)):
-        if (folder / index_name).is_file():
-            try:
-                weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise MergedError(f"{folder / index_name}: not a weights index ({exc}).") from None
-            names = list(dict.fromkeys(weight_map.values()))
-            for name in names:  # each joined to the base folder: none may reach outside it
-                path_component(name, source=folder / index_name, what="weights file name", error=MergedError,
-                               fix="The index is damaged; download or copy the base model again.")  # fmt: skip
-        elif (folder / single).is_file():
-            weight_map, names = None, [single]
-        else:
-            continue
-        if pickled and not allow_pickle:
-            raise MergedError(
-                f"{folder / names[0]}: the base weights are pickles, and shardsave does not unpickle files unless "
-                f"asked (loading a pickle can run code). Pass --allow-pickle (allow_pickle=True) to read them with "
-                f"torch.load(weights_only=True), or convert the base to safetensors."
-            )
-        base = _Base(folder, {}, {}, {}, {})
-        for name in names:
-            path = folder / name
-            if not path.is_file():
-                raise MergedError(
-                    f"{path}: missing, but {folder / index_name} lists it; the base model folder is incomplete "
-                    f"(download or copy it again)."
-                )
-            _read_file(base, path, pickled)
-        if weight_map is not None:
-            wrong = [k for k, f in weight_map.items() if base.files.get(k, folder / f) != folder / f]
-            if wrong:
-                raise MergedError(f"{folder / index_name}: {wrong[:3]} are not in the files it names for them.")
-        return base
-    raise MergedError(f"{folder}: no {_SAFE}, {_SAFE_INDEX}, {_BIN} or {_BIN_INDEX}; not a model folder.")
-
-
-def _read_file(base: _Base, path: Path, pickled: bool) -> None:
-    if pickled:
-        try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise MergedError(f"{path}: not loadable with torch.load(weights_only=True) ({exc}).") from None
-        base.pickled[path] = tensors
-        stored = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
-    else:
-        try:
-            _, header = read_header(path)
-        except ValueError as exc:
-            raise MergedError(str(exc)) from None
-        stored = {}
-        for key, (dtype, offset, _, shape) in header.items():
-            stored[key] = (dtype_from_name(dtype), shape)
-            base.offsets[key] = offset
-    for key, (dtype, shape) in stored.items():
-        base.files[key] = path
-        base.specs[key] = TensorSpec(shape, dtype)
+__all__ = ["MergedError", "merge_into"]
 
 
 def _adapters(
@@ -134,7 +49,8 @@ def _adapters(
 ) -> list[AdapterFiles]:
     """The adapters to merge, in order: from an adapter folder or shard set directly, from a framework checkpoint
     through the rescue (into `scratch`), whose structure checks are made on `base`, the model merged into."""
-    from shardsave.rescue.checkpoint import RescueError, detect_source, rescue_adapter
+    from shardsave.formats.sources import detect_source
+    from shardsave.rescue.checkpoint import RescueError, rescue_adapter
 
     try:
         found = detect_source(source)
@@ -156,7 +72,7 @@ def _adapters(
     return out
 
 
-def _model_skeleton(base: _Base, dtype: torch.dtype | None):
+def _model_skeleton(base: ModelFiles, dtype: torch.dtype | None):
     """The model class `from_pretrained` would build, on the meta device: its keys in order, the tied ones, its
     parameter count, and the config and generation config it would save."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -164,7 +80,7 @@ def _model_skeleton(base: _Base, dtype: torch.dtype | None):
     try:
         config = AutoConfig.from_pretrained(str(base.folder))
     except Exception as exc:
-        raise MergedError(f"{base.folder / _MODEL_CONFIG}: transformers cannot read it ({exc}).") from None
+        raise MergedError(f"{base.folder / MODEL_CONFIG}: transformers cannot read it ({exc}).") from None
     if dtype is None:
         dtype = getattr(config, "dtype", None)
         if not isinstance(dtype, torch.dtype):
@@ -234,36 +150,6 @@ def _expected_shapes(step: Step, shape: tuple, given: dict[str, tuple]) -> dict[
     return {"A": (r, inner), "B": (out, r), **({"magnitude": (out,)} if step.dora else {})}
 
 
-def split_files(specs: dict[str, TensorSpec], max_shard_size: int | str, total_parameters: int):
-    """The shard files `save_pretrained` splits `specs` (in save order) into, `{file: [keys]}` (huggingface_hub's
-    split), and the index it writes beside them (None when unsharded)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    split = split_torch_state_dict_into_shards(
-        {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()},
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
-    )
-    index = None
-    if split.is_sharded:
-        index = {"metadata": {"total_parameters": total_parameters, **split.metadata},
-                 "weight_map": split.tensor_to_filename}  # fmt: skip
-    return dict(split.filename_to_tensors), index
-
-
-def write_model_files(tmp: Path, config, *, dtype: torch.dtype, architecture: str, generation, index) -> None:
-    """config.json (its dtype and architecture as save_pretrained records them), generation_config.json and the
-    shards' index, as the merged model's `save_pretrained` writes them. `config` is not changed."""
-    config = copy.deepcopy(config)
-    config.dtype = str(dtype).split(".")[1]
-    config.architectures = [architecture]
-    config.save_pretrained(str(tmp))
-    if generation is not None:
-        generation.save_pretrained(str(tmp))
-    if index is not None:
-        (tmp / _SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def merge_into(
     source: str | os.PathLike,
     base: str | os.PathLike,
@@ -296,7 +182,7 @@ def merge_into(
     for given in (source_path, base_path):
         if destination == given or destination in given.parents or given in destination.parents:
             raise MergedError(f"{destination}: overlaps {given}; write the merged model elsewhere.")
-    files = _base_files(base_path, allow_pickle)
+    files = read_model_files(base_path, allow_pickle=allow_pickle, error=MergedError)
     model, out_dtype, generation = _model_skeleton(files, DTYPES[dtype])
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}

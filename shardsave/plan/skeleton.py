@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from shardsave.errors import SkeletonError
+from shardsave.plan.structure import base_config_file
 
 __all__ = ["SkeletonError", "base_config", "peft_skeleton"]
 
@@ -33,20 +34,16 @@ def base_config(base: str | Path, *, what: str = "--base"):
     config.json is in the local cache. Nothing is downloaded."""
     from transformers import AutoConfig
 
-    folder = Path(base)
-    if not (folder / "config.json").is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(str(base), "config.json")
-        except Exception:  # not a repo id huggingface_hub accepts
-            cached = None
-        if not isinstance(cached, str):
-            raise SkeletonError(
-                f"{what} {base}: neither a folder with config.json nor a model in the local Hugging Face cache. "
-                f"Nothing is downloaded: pass the base model's folder, or download its config.json first."
-            )
-        folder = Path(cached).parent
+    try:
+        found = base_config_file(str(base))  # the folder's, else the local cache's (as PEFT looks it up)
+    except Exception:  # not a repo id huggingface_hub accepts
+        found = None
+    if not isinstance(found, str):
+        raise SkeletonError(
+            f"{what} {base}: neither a folder with config.json nor a model in the local Hugging Face cache. "
+            f"Nothing is downloaded: pass the base model's folder, or download its config.json first."
+        )
+    folder = Path(found).parent
     try:
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:

@@ -16,28 +16,35 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from shardsave.checks.verify import check_tensors, warn_findings
+from shardsave.checks.verify import callback_adapter, check_tensors, warn_findings
 from shardsave.errors import RescueError
+from shardsave.formats.hf_model import DTYPES
+from shardsave.formats.sources import (
+    ADAPTER_PART,
+    FSDP1_CAUSE,
+    FSDP_MODEL_DIR,
+    Source,
+    detect_source,
+    fsdp1_lora_gap,
+    key_format,
+)
 from shardsave.formats.texts import render_texts
 from shardsave.log import logger
 from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
 from shardsave.plan.structure import build_layout
 from shardsave.storage.local import (
-    BIN_NAME,
     CARD_NAME,
     CONFIG_NAME,
-    SAFETENSORS_NAME,
     adapter_dir,
     check_destination,
     publish,
@@ -49,7 +56,6 @@ from shardsave.storage.local import (
 __all__ = [
     "RescueError",
     "Source",
-    "DTYPES",
     "detect_source",
     "align_names",
     "key_format",
@@ -57,127 +63,6 @@ __all__ = [
     "callback_adapter",
     "rescue_adapter",
 ]
-
-#: `--dtype` choices: "auto" writes each tensor in the dtype the model trained it in.
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-#: The folder accelerate (and so Trainer) writes an FSDP model's DCP checkpoint into (one per model).
-FSDP_MODEL_DIR = re.compile(r"pytorch_model_fsdp_(\d+)$")
-_CHECKPOINT_DIR = re.compile(r"checkpoint-\d+$")  # what Trainer names its checkpoint folders
-#: Parameter-name components that only a PEFT adapter's tensors have.
-_ADAPTER_PART = re.compile(
-    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save|"
-    r"trainable_tokens_delta)(\.|$)"
-)
-#: A key as PEFT saves it (`get_peft_model_state_dict`): the adapter's slot with no adapter name after it.
-_PEFT_KEY = re.compile(
-    r"\.(lora_A|lora_B)\.(weight|bias)$|\.(lora_embedding_A|lora_embedding_B|lora_magnitude_vector|"
-    r"trainable_tokens_delta)$"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """What `python -m shardsave.merge` was pointed at, and where its data is."""
-
-    kind: str  # "shards" | "deepspeed" | "dcp" | "fsdp" (accelerate's pytorch_model_fsdp*.bin)
-    given: Path  # the path as passed
-    path: Path  # the folder holding the data: the shard set, the DeepSpeed tag folder, the DCP folder
-
-    def describe(self) -> str:
-        what = {
-            "shards": "a shardsave shard set",
-            "deepspeed": "a DeepSpeed ZeRO checkpoint",
-            "dcp": "a torch.distributed.checkpoint (DCP) folder",
-            "fsdp": "accelerate's FSDP model file(s)",
-        }[self.kind]
-        if self.kind == "fsdp":
-            from shardsave.formats.fsdp import fsdp_files
-
-            files = [p.name for p in fsdp_files(self.path)]
-            return f"{what} ({files[0]}{f' .. {files[-1]}' if len(files) > 1 else ''})"
-        return what if self.path == self.given else f"{what} ({self.path.relative_to(self.given)})"
-
-
-# --- what the source is -----------------------------------------------------------------------------------------
-
-
-def _is_deepspeed(folder: Path) -> bool:
-    return (folder / "latest").is_file() or any(folder.glob("*_model_states.pt"))
-
-
-def detect_source(path: str | os.PathLike, *, tag: str | None = None) -> Source:
-    """Recognise `path` from its files: a shard set (`manifest.json`), a DCP folder (`.metadata`), a DeepSpeed
-    save (`latest`, or a tag folder of `*_model_states.pt`), accelerate's FSDP model files
-    (`pytorch_model_fsdp.bin`, `pytorch_model_fsdp_0_rank<N>.bin`), or a Trainer / accelerate `checkpoint-N/`
-    holding one of those (never its `adapter_model.*`, which may be the broken file being rescued)."""
-    from shardsave.formats.deepspeed import checkpoint_dir
-    from shardsave.formats.fsdp import fsdp_files
-    from shardsave.save.shards import MANIFEST_NAME, SHARD_PATTERN
-
-    given = Path(os.path.abspath(os.fspath(path)))
-    if not given.exists():
-        raise RescueError(f"{given}: does not exist.")
-    if not given.is_dir():
-        raise RescueError(f"{given}: a file; pass the folder that holds the checkpoint.")
-    deepspeed = [given] if _is_deepspeed(given) else []
-    deepspeed += [p for p in sorted(given.iterdir()) if p.is_dir() and any(p.glob("*_model_states.pt"))]
-    if (given / MANIFEST_NAME).is_file() or any(SHARD_PATTERN.match(p.name) for p in given.iterdir()):
-        kind, data = "shards", given  # an incomplete set too: the merge says what is missing
-    elif (given / ".metadata").is_file():
-        kind, data = "dcp", given
-    elif deepspeed:
-        kind, data = "deepspeed", _deepspeed_dir(given, tag, checkpoint_dir)
-    else:
-        dcp = sorted(p for p in given.iterdir() if p.is_dir() and (p / ".metadata").is_file())
-        fsdp = sorted((p for p in dcp if FSDP_MODEL_DIR.match(p.name)), key=lambda p: int(p.name.rsplit("_", 1)[1]))
-        if fsdp or len(dcp) == 1:
-            kind, data = "dcp", (fsdp or dcp)[0]
-        elif dcp:
-            raise RescueError(
-                f"{given}: holds several DCP checkpoints ({[p.name for p in dcp]}); pass the one of the model."
-            )
-        elif fsdp_files(given):
-            kind, data = "fsdp", given
-        else:
-            raise RescueError(_not_a_source(given))
-    if tag is not None and kind != "deepspeed":
-        raise RescueError(f"{given}: --tag {tag!r} picks a DeepSpeed checkpoint tag, but this is {kind} data.")
-    return Source(kind, given, data)
-
-
-def _deepspeed_dir(given: Path, tag: str | None, checkpoint_dir: Callable) -> Path:
-    try:
-        return checkpoint_dir(given, tag)
-    except ValueError as exc:
-        raise RescueError(str(exc)) from None
-
-
-def _not_a_source(folder: Path) -> str:
-    names = sorted(p.name for p in folder.iterdir())
-    checkpoints = [n for n in names if _CHECKPOINT_DIR.match(n)]
-    if checkpoints:
-        newest = max(checkpoints, key=lambda n: int(n.rsplit("-", 1)[1]))
-        return (
-            f"{folder}: a training output folder holding {len(checkpoints)} checkpoint folder(s); pass one of them, "
-            f"e.g. {folder / newest} (the newest)."
-        )
-    if CONFIG_NAME in names or SAFETENSORS_NAME in names or BIN_NAME in names:
-        return (
-            f"{folder}: a PEFT adapter folder, with no framework checkpoint (DeepSpeed, DCP) or shard set to "
-            f"rescue it from. Check it with `python -m shardsave.verify {folder}`; to rebuild it, pass the "
-            f"checkpoint the training wrote (e.g. checkpoint-N/, holding global_stepN/ or pytorch_model_fsdp_0/)."
-        )
-    if not names:
-        return (
-            f"{folder}: empty: no shard set (manifest.json), DeepSpeed checkpoint or DCP folder. A save_shards "
-            f"writing here did not finish (its manifest.json is written last): re-run it."
-        )
-    return (
-        f"{folder}: neither a shardsave shard set (manifest.json), a DeepSpeed checkpoint (latest, "
-        f"global_stepN/*_model_states.pt) nor a DCP folder (.metadata); it holds {names[:8]}."
-    )
-
 
 # --- the adapter config -----------------------------------------------------------------------------------------
 
@@ -232,7 +117,7 @@ def _no_config_hint(checkpoint: _Checkpoint) -> str:
     if key_format(names) is None and all(n.startswith("base_model.model.") for n in names):
         hint += (
             f"and this checkpoint holds no LoRA tensor, only {len(names)} in PEFT's key format ({sorted(names)[:3]}): "
-            f"{_FSDP1_CAUSE}; "
+            f"{FSDP1_CAUSE}; "
         )
     return hint
 
@@ -299,7 +184,7 @@ def _open_checkpoint(source: Source, *, tag: str | None, allow_pickle: bool) -> 
             names = canonical_keys(files.tensors)
         except ShardedTensorFileError as exc:
             gap = exc.keys and key_format(exc.keys) is None  # FSDP1 adapter_only: modules_to_save alone
-            why = f" Nor does it hold the LoRA weights: {_FSDP1_CAUSE}. {callback_adapter(source.given)}" if gap else ""
+            why = f" Nor does it hold the LoRA weights: {FSDP1_CAUSE}. {callback_adapter(source.given)}" if gap else ""
             raise RescueError(f"{exc}{why}") from None
         except ValueError as exc:
             raise RescueError(str(exc)) from None
@@ -362,26 +247,11 @@ def align_names(needed: list[str], available: Mapping[str, object]) -> dict[str,
     return {n: a for n, a in mapped.items() if a in available}
 
 
-def key_format(names: Iterable[str]) -> str | None:
-    """How a checkpoint names its adapter tensors (a pure function of the names): "model" (the PeftModel's
-    parameter names, `...lora_A.<adapter>.weight`: DeepSpeed, DCP of the model's state dict, accelerate's FSDP2
-    FULL_STATE_DICT), "peft" (PEFT's saved keys, `...lora_A.weight`, no adapter name, one adapter: what
-    accelerate's `save_fsdp_model(..., adapter_only=True)` writes under SHARDED_STATE_DICT), or None when no name
-    shows a LoRA slot (a full fine-tune, or PEFT-format `modules_to_save` tensors alone)."""
-    model = peft = False
-    for n in names:
-        if _PEFT_KEY.search(n):
-            peft = True
-        elif _ADAPTER_PART.search(n):
-            model = True
-    return "model" if model else "peft" if peft else None
-
-
 def _adapter_names_in(names) -> set[str]:
     """The adapter names the checkpoint's PEFT tensors are stored under (`...lora_A.<name>.weight`)."""
     out = set()
     for n in names:
-        m = _ADAPTER_PART.search(n)
+        m = ADAPTER_PART.search(n)
         if m is not None:
             rest = n[m.end() :]
             out.add(rest.split(".")[0] if rest else n.rsplit(".", 1)[-1])
@@ -514,12 +384,12 @@ def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes
         )
     missing = [n for n in needed if n not in mapping]
     if missing:
-        adapter_missing = [n for n in missing if _ADAPTER_PART.search(n)]
+        adapter_missing = [n for n in missing if ADAPTER_PART.search(n)]
         if adapter_missing:
             raise RescueError(
                 f"{config_files}: does not fit the checkpoint {where}: the config needs {len(adapter_missing)} "
                 f"adapter tensor(s) the checkpoint does not have, e.g. {adapter_missing[:3]}; its adapter tensors "
-                f"are e.g. {[n for n in checkpoint.tensors if _ADAPTER_PART.search(n)][:3]}. Other target_modules or "
+                f"are e.g. {[n for n in checkpoint.tensors if ADAPTER_PART.search(n)][:3]}. Other target_modules or "
                 f"another base model? Pass the config the training used (--adapter-config)."
             )
         why = f" ({checkpoint.excluded})" if checkpoint.excluded else ""
@@ -540,7 +410,7 @@ def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes
     ours = set(peft_configs)
     extra = sorted(
         n for n in checkpoint.tensors
-        if n not in planned and (fmt == "peft" or _ADAPTER_PART.search(n) and _adapter_names_in([n]) & ours)
+        if n not in planned and (fmt == "peft" or ADAPTER_PART.search(n) and _adapter_names_in([n]) & ours)
     )  # fmt: skip
     if extra:
         raise RescueError(
@@ -553,13 +423,6 @@ def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes
             "%s also holds adapter(s) %s, for which no config was found; they are not written (pass "
             "--adapter-config with a folder holding their configs in subfolders named after them).", where, unknown
         )  # fmt: skip
-
-
-_FSDP1_CAUSE = (
-    "accelerate's save_fsdp_model(..., adapter_only=True), which Trainer calls for FSDP checkpoints, writes this "
-    "under FSDP1: it passes the FSDP1 wrapper to PEFT's get_peft_model_state_dict, which then finds no LoRA "
-    "weights (only the modules_to_save ones, if any)"
-)
 
 
 def _checkpoint_folder(source: Source) -> Path:
@@ -576,80 +439,9 @@ def _lora_gap(checkpoint: _Checkpoint, plans: list[AdapterPlan], mapping: Mappin
     )  # fmt: skip
     return (
         f"{checkpoint.source.path}: holds {what} none of its {len(lost)} LoRA tensors (e.g. {lost[:3]}). "
-        f"{_FSDP1_CAUSE}. The LoRA weights "
+        f"{FSDP1_CAUSE}. The LoRA weights "
         f"are not in this checkpoint (resumed with Trainer alone, it restores none of them), so the adapter cannot "
         f"be rescued from it. {callback_adapter(_checkpoint_folder(checkpoint.source))}"
-    )
-
-
-def callback_adapter(folder: Path, sound: bool | None = None) -> str:
-    """Where in Trainer's `folder` (a checkpoint-N/) the adapter shardsave's ShardSaveCallback writes is, and
-    what to do with it; `sound`: what verify found in the folder's own adapter, if known."""
-    from shardsave.save.shards import MANIFEST_NAME
-
-    out = []
-    weights = next((folder / n for n in (SAFETENSORS_NAME, BIN_NAME) if (folder / n).is_file()), None)
-    if weights is not None and (folder / CONFIG_NAME).is_file():
-        if sound is None:
-            from shardsave.checks.verify import VerifyError, verify_adapter
-
-            try:
-                sound = verify_adapter(folder, checkpoint_notes=False).sound
-            except VerifyError:
-                sound = False
-        out.append(
-            f"The adapter file {weights} is what shardsave's ShardSaveCallback writes there, if it ran: "
-            + ("`python -m shardsave.verify` finds it sound; use it as it is." if sound else
-               f"`python -m shardsave.verify {folder}` finds problems in it (not ShardSaveCallback's, then).")
-        )  # fmt: skip
-    shards = folder / "adapter_shards"
-    if (shards / MANIFEST_NAME).is_file():
-        out.append(
-            f"ShardSaveCallback(shards=True) wrote the adapter's shards to {shards}: write the adapter from them "
-            f"with `python -m shardsave.merge {shards} -o OUT`."
-        )
-    elif not sound:
-        out.append(
-            f"No adapter ShardSaveCallback wrote is in {folder}: the LoRA weights of this training are lost. Add "
-            f"shardsave.integrations.ShardSaveCallback() to the Trainer's callbacks (it writes a correct adapter "
-            f"into every checkpoint-N/ and restores it on resume), or train with FSDP2 (fsdp_version: 2)."
-        )
-    return " ".join(out)
-
-
-def fsdp1_lora_gap(folder: str | os.PathLike) -> str | None:
-    """What accelerate's FSDP1 adapter-only checkpoint in Trainer's `folder` (a checkpoint-N/) lacks, and why;
-    None when the folder holds no such checkpoint. From the checkpoint's metadata and names alone (no base
-    model needed): such a checkpoint names only PEFT-format `modules_to_save` tensors and no LoRA slot."""
-    from shardsave.formats.fsdp import ShardedTensorFileError, open_fsdp_files
-
-    try:
-        source = detect_source(folder)
-        if source.kind == "fsdp":
-            try:
-                names = list(open_fsdp_files(source.path).tensors)
-            except ShardedTensorFileError as exc:
-                names = exc.keys
-        elif source.kind == "dcp":
-            names = list(_open_checkpoint(source, tag=None, allow_pickle=False).tensors)
-        else:
-            return None
-    except ValueError:
-        return None
-    if key_format(names) is not None or not all(n.startswith("base_model.model.") for n in names):
-        return None
-    try:
-        targets = json.loads((Path(folder) / CONFIG_NAME).read_text()).get("target_modules")
-    except (OSError, ValueError, AttributeError):
-        targets = None
-    if not targets:
-        return None
-    what = f"{len(names)} tensor(s), {sorted(names)[:3]} (in PEFT's key format), and" if names else "no tensor:"
-    return (
-        f"{source.path}: accelerate's FSDP checkpoint of the adapter holds {what} no LoRA tensor of its "
-        f"target_modules {targets}. {_FSDP1_CAUSE}. Resumed with "
-        f"Trainer alone, this checkpoint restores none of the LoRA weights, and `python -m shardsave.merge` cannot "
-        f"rescue the adapter from it."
     )
 
 

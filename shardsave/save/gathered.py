@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardsave.checks.verify import check_tensors, warn_findings
+from shardsave.formats.initial import read_checked_initial
 from shardsave.formats.texts import Texts, abandon, render_in_background
 from shardsave.log import logger
 from shardsave.plan.cache import PlanCache
@@ -58,13 +59,7 @@ from shardsave.storage.local import (
     write_files,
     write_weights,
 )
-from shardsave.tensors.convert import (
-    check_convertible,
-    check_initial,
-    convert_config_dict,
-    read_initial_adapter,
-    rewrite_config_file,
-)
+from shardsave.tensors.convert import convert_config_dict, rewrite_config_file
 from shardsave.tensors.host import to_host
 
 __all__ = ["save_pretrained", "gather_state_dict", "start_save", "agree_start", "run_gather"]
@@ -274,10 +269,9 @@ def _check_conversion(
             f"are selected; pass selected_adapters=[<the PiSSA/CorDA/OLoRA adapter>]."
         )
     plan = plans[0]
-    check_convertible(plan.adapter_name, peft_model.peft_config[plan.adapter_name])
-    tensors = read_initial_adapter(initial, allow_pickle=allow_pickle)
-    check_initial({k: infos[src].shape for k, src in plan.entries.items()}, tensors, os.fspath(initial))
-    return tensors
+    shapes = {k: infos[src].shape for k, src in plan.entries.items()}
+    config = peft_model.peft_config[plan.adapter_name]
+    return read_checked_initial(plan.adapter_name, config, shapes, initial, allow_pickle=allow_pickle)
 
 
 def start_save(rdv: Rendezvous, model, directory, *, is_main_process, **options) -> tuple[_SaveRequest, int]:

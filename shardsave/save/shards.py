@@ -1,19 +1,11 @@
 """Per-rank shard files: every rank writes what it holds, and a manifest written last marks the set complete.
 
-Format (version `shardsave-shards/1`), in a directory:
-
-- `shard-RRRRR-of-WWWWW.safetensors`, one per rank. Each tensor is a 1-D run of elements `[start, stop)` of
-  the flattened full tensor. The safetensors metadata (all strings) holds:
-  `format`, `run_id`, `world_size`, `rank`; `entries`: a JSON list of
-  `{"tensor": <key in this file>, "adapter": <adapter name>, "key": <PEFT checkpoint key>,
-  "shape": [...], "dtype": <safetensors dtype>, "start": s, "stop": e}`; `adapters`: a JSON object
-  `{<adapter name>: {"config": <adapter_config.json text>, "keys": [<checkpoint keys in PEFT's order>]}}`;
-  `card`: the README.md text.
-- `manifest.json`, written by rank 0 after every rank reported its file written and fsynced:
-  `{"format", "run_id", "world_size", "files": [{"rank", "name", "size", "sha256"}]}`.
+The files are the shard set of `shardsave.formats.shard_set` (its format, names and reader): one
+`shard-RRRRR-of-WWWWW.safetensors` per rank, each tensor a 1-D run of elements of the flattened full tensor, and
+`manifest.json`, written by rank 0 after every rank reported its file written and fsynced.
 
 Tensors that every rank holds whole (DDP, buffers, unsharded parameters) are written once in total, by
-ranks in turn. Reading needs only these files: `shardsave.merge`.
+ranks in turn. Reading needs only these files: `shardsave.save.stitch` (`python -m shardsave.merge`).
 """
 
 from __future__ import annotations
@@ -29,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from shardsave.formats.shard_set import FORMAT, MANIFEST_NAME, SHARD_PATTERN, sha256_of, shard_name
 from shardsave.formats.texts import render_texts
 from shardsave.log import logger
 from shardsave.ranks.rendezvous import (
@@ -48,24 +41,9 @@ from shardsave.tensors.host import to_host
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name", "save_shards", "sha256_of"]
 
-FORMAT = "shardsave-shards/1"
-MANIFEST_NAME = "manifest.json"
 RUN_MARKER = (
     ".shardsave-run"  # rank 0 writes the run id here first: a rank that cannot read it is on another filesystem
 )
-SHARD_PATTERN = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
-
-
-def shard_name(rank: int, world_size: int) -> str:
-    return f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _PART = re.compile(r"^\.(?:shard-\d{5}-of-\d{5}\.safetensors|manifest\.json)\.")

@@ -15,7 +15,6 @@ Differences from PEFT, on purpose (PEFT's result is wrong or unloadable in these
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,7 +24,6 @@ __all__ = [
     "kind_of",
     "check_convertible",
     "convert_config_dict",
-    "read_initial_adapter",
     "check_initial",
     "converted_shape",
     "convert_tensor",
@@ -84,39 +82,6 @@ def convert_config_dict(data: Mapping) -> dict:
 def rewrite_config_file(path: Path) -> None:
     """Apply `convert_config_dict` to an `adapter_config.json` in PEFT's own JSON layout."""
     path.write_text(json.dumps(convert_config_dict(json.loads(path.read_text())), indent=2, sort_keys=True))
-
-
-def read_initial_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The initial adapter's tensors, read-only: `adapter_model.safetensors`, or - only with `allow_pickle` -
-    `adapter_model.bin` through `torch.load(weights_only=True)` (a pickle can run code when loaded)."""
-    root = Path(os.fspath(path))
-    safetensors_file, bin_file = root / "adapter_model.safetensors", root / "adapter_model.bin"
-    if safetensors_file.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(safetensors_file))
-        except Exception as exc:
-            raise ValueError(f"{safetensors_file}: not a readable safetensors file ({exc}).") from None
-    if bin_file.is_file():
-        if not allow_pickle:
-            raise ValueError(
-                f"{bin_file}: the initial adapter is a pickle, and shardsave does not unpickle files unless asked "
-                f"(loading a pickle can run code). Re-save it with safe_serialization=True, or pass "
-                f"allow_pickle=True (merge: --allow-pickle) to load it with torch.load(weights_only=True)."
-            )
-        try:
-            tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{bin_file}: not loadable with torch.load(weights_only=True) ({exc}).") from None
-        if not isinstance(tensors, dict) or not all(torch.is_tensor(v) for v in tensors.values()):
-            raise ValueError(f"{bin_file}: holds {type(tensors).__name__}, not a dict of tensors.")
-        return tensors
-    raise ValueError(
-        f"path_initial_model_for_weight_conversion={os.fspath(path)!r}: no adapter_model.safetensors or "
-        f"adapter_model.bin there. Pass the directory where the PiSSA/CorDA/OLoRA adapter was saved right after "
-        f"initialisation, before training."
-    )
 
 
 def converted_shape(key: str, shape: tuple[int, ...], initial_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -80,7 +80,7 @@ def test_a_shard_set_read_through_another_ranks_index(tmp_path):
 
 def test_the_index_of_a_regular_layout_stays_small():
     """The runs of 448 tensors split over 1024 ranks (a ZeRO-3 set, 458752 runs) in a few KiB."""
-    from shardsave.formats import adapter as adapter_files
+    from shardsave.formats import shard_index as adapter_files
 
     rows = [(k, f, f * 1000, (f + 1) * 1000) for k in range(448) for f in range(1024)]
     packed = adapter_files._pack(rows, 4)

@@ -14,7 +14,6 @@ from peft import LoraConfig
 from tiny import peft_model
 from torch.distributed.checkpoint.metadata import Metadata
 
-from shardsave.formats import dcp as dcp_source
 from shardsave.formats.dcp import (
     DCPError,
     UnsafeMetadataError,
@@ -23,6 +22,7 @@ from shardsave.formats.dcp import (
     read_dcp_metadata,
     read_tensors,
 )
+from shardsave.storage import reads  # the DCP reader opens its files through the storage seam
 
 LORA = LoraConfig(target_modules=["q_proj", "v_proj"], r=5)
 
@@ -44,7 +44,7 @@ def saved(tmp_path):
 
 
 class CountingFile:
-    """A file opened by dcp_source, recording every byte range it reads."""
+    """A file opened by the DCP reader (through storage.reads), recording every byte range it reads."""
 
     def __init__(self, path, ranges):
         self._f, self._path, self._ranges = open(path, "rb"), Path(path), ranges
@@ -77,7 +77,7 @@ class CountingFile:
 def test_reads_only_the_selected_byte_ranges(saved, monkeypatch):
     folder, lora = saved
     ranges = []
-    monkeypatch.setattr(dcp_source, "open", lambda path, mode="rb": CountingFile(path, ranges), raising=False)
+    monkeypatch.setattr(reads, "open", lambda path, mode="rb": CountingFile(path, ranges), raising=False)
     got = read_tensors(folder, list(lora))
     assert list(got) == list(lora)
     for key, value in lora.items():
@@ -104,7 +104,7 @@ def test_metadata_lists_tensors_without_reading_data(saved, monkeypatch):
     opened = []
     real_open = open
     monkeypatch.setattr(
-        dcp_source, "open", lambda p, mode="rb": opened.append(Path(p).name) or real_open(p, mode), raising=False
+        reads, "open", lambda p, mode="rb": opened.append(Path(p).name) or real_open(p, mode), raising=False
     )
     entries = dcp_tensors(folder)
     assert opened == [".metadata"]

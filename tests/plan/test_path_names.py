@@ -16,9 +16,9 @@ from tiny import base_model, files_under, peft_model
 
 import shardsave
 from shardsave.formats.adapter import AdapterFilesError
+from shardsave.formats.shard_set import sha256_of
 from shardsave.merged.offline import MergedError, merge_into
 from shardsave.plan.names import is_path_component
-from shardsave.save.shards import sha256_of
 from shardsave.save.stitch import ShardSetError, main
 from shardsave.storage import local as writer
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import shardsave
-from shardsave.save.shards import FORMAT, MANIFEST_NAME, shard_name
+from shardsave.formats.shard_set import FORMAT, MANIFEST_NAME, shard_name
 
 WORLD = 1100
 LIMIT = 256

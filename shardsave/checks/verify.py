@@ -28,7 +28,7 @@ import torch
 
 from shardsave.errors import VerifyError
 from shardsave.log import logger
-from shardsave.storage.local import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from shardsave.plan.names import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 
 __all__ = [
     "VerifyError",

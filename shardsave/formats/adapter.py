@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 
 from shardsave.errors import AdapterFilesError
-from shardsave.plan.names import path_component
+from shardsave.plan.names import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, path_component
 from shardsave.plan.ranges import read_items
-from shardsave.storage.local import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from shardsave.storage.streaming import TensorSpec, dtype_from_name, dtype_name, read_header
 
 __all__ = ["AdapterFilesError", "AdapterFiles", "open_adapter", "is_shard_set", "shard_index", "open_indexed"]

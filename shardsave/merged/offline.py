@@ -18,8 +18,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,8 +31,10 @@ from shardsave.errors import MergedError
 from shardsave.formats.adapter import AdapterFiles, AdapterFilesError, open_adapter
 from shardsave.log import logger
 from shardsave.plan.names import path_component
-from shardsave.storage.local import BackgroundSync, check_destination, publish
+from shardsave.storage.files import remove_scratch, scratch_directory, write_text
+from shardsave.storage.local import check_destination, check_overwrite, publish
 from shardsave.storage.streaming import FileRange, TensorSpec, dtype_from_name, file_order, read_header, write_streaming
+from shardsave.storage.sync import BackgroundSync
 from shardsave.tensors.merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
 
 __all__ = ["MergedError", "DTYPES", "merge_into", "split_files", "write_model_files"]
@@ -261,7 +261,7 @@ def write_model_files(tmp: Path, config, *, dtype: torch.dtype, architecture: st
     if generation is not None:
         generation.save_pretrained(str(tmp))
     if index is not None:
-        (tmp / _SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_text(tmp / _SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def merge_into(
@@ -291,8 +291,7 @@ def merge_into(
     if not base_path.is_dir():
         raise MergedError(f"{base_path}: {'does not exist' if not base_path.exists() else 'not a folder'} (--into).")
     destination = check_destination(output)
-    if destination.exists() and not overwrite:
-        raise MergedError(f"{destination}: already exists; pass overwrite=True (--overwrite) to replace it.")
+    check_overwrite(destination, overwrite, MergedError)
     for given in (source_path, base_path):
         if destination == given or destination in given.parents or given in destination.parents:
             raise MergedError(f"{destination}: overlaps {given}; write the merged model elsewhere.")
@@ -312,8 +311,7 @@ def merge_into(
         raise MergedError(f"{base_path}: {wrong[0]} is {list(files.specs[wrong[0]].shape)}, the config makes it "
                           f"{list(shapes[wrong[0]])}; the weights do not fit config.json.")  # fmt: skip
 
-    scratch = Path(tempfile.mkdtemp(prefix=".shardsave-merge-", dir=destination.parent if destination.parent.is_dir()
-                                    else None))  # fmt: skip
+    scratch = scratch_directory(".shardsave-merge-", near=destination.parent)
     try:
         adapters = _adapters(source_path, selected_adapters, allow_pickle, scratch, base_path)
         names = list(selected_adapters) if selected_adapters else ["default"]
@@ -375,7 +373,7 @@ def merge_into(
                 ahead.close()
             torch.set_num_threads(threads)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_scratch(scratch)
     changed = sum(1 for k in written if k in plan)
     logger.info("merged %d adapter(s) into %d of %d tensors of %s into %s in %.2f s", len(adapters), changed,
                 len(written), base_path, destination, time.perf_counter() - started)  # fmt: skip

@@ -14,7 +14,6 @@ Differences from PEFT, on purpose (PEFT's result is wrong or unloadable in these
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +29,6 @@ __all__ = [
     "converted_shape",
     "convert_tensor",
     "segment",
-    "rewrite_config_file",
 ]
 
 _A_SUFFIXES = ("lora_A.weight", "lora_embedding_A")
@@ -79,11 +77,6 @@ def convert_config_dict(data: Mapping) -> dict:
     if data.get("alpha_pattern"):
         out["alpha_pattern"] = {k: 2 * v for k, v in data["alpha_pattern"].items()}
     return out
-
-
-def rewrite_config_file(path: Path) -> None:
-    """Apply `convert_config_dict` to an `adapter_config.json` in PEFT's own JSON layout."""
-    path.write_text(json.dumps(convert_config_dict(json.loads(path.read_text())), indent=2, sort_keys=True))
 
 
 def read_initial_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ from shardsave.formats.adapter import (
 )
 from shardsave.formats.shard_set import MANIFEST_NAME
 from shardsave.log import logger
-from shardsave.storage.local import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from shardsave.plan.names import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 
 __all__ = [
     "VerifyError",

@@ -26,8 +26,7 @@ from shardsave.errors import AdapterFilesError
 from shardsave.formats.runs import AdapterFiles, ElementRun
 from shardsave.formats.shard_index import open_indexed, open_shards, shard_index
 from shardsave.formats.shard_set import MANIFEST_NAME
-from shardsave.plan.names import path_component
-from shardsave.storage.local import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from shardsave.plan.names import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, path_component
 from shardsave.storage.reads import read_text
 from shardsave.storage.streaming import TensorSpec, dtype_from_name, read_header
 

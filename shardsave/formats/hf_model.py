@@ -19,6 +19,7 @@ import torch
 
 from shardsave.formats.adapter import load_pickle, pickle_gate
 from shardsave.plan.names import path_component
+from shardsave.storage.files import write_text
 from shardsave.storage.reads import read_text
 from shardsave.storage.streaming import TensorSpec, dtype_from_name, read_header
 
@@ -150,4 +151,4 @@ def write_model_files(tmp: Path, config, *, dtype: torch.dtype, architecture: st
     if generation is not None:
         generation.save_pretrained(str(tmp))
     if index is not None:
-        (tmp / _SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_text(tmp / _SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shardsave.errors import RescueError
 from shardsave.formats.shard_set import MANIFEST_NAME, SHARD_PATTERN
-from shardsave.storage.local import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from shardsave.plan.names import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from shardsave.storage.reads import read_text
 
 __all__ = [

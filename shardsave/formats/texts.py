@@ -8,7 +8,6 @@ directory the adapter is published from (`Texts.staged`).
 from __future__ import annotations
 
 import json
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardsave.compat import peft_model_tags, peft_rules
-from shardsave.storage.local import CARD_NAME, adapter_dir, discard, stage_directory, write_config, write_files
+from shardsave.formats.adapter_write import CARD_NAME, write_config
+from shardsave.plan.names import adapter_dir
+from shardsave.storage.files import make_dirs, remove_scratch, scratch_directory, write_bytes, write_files
+from shardsave.storage.local import discard, stage_directory
 from shardsave.storage.reads import read_bytes
 
 __all__ = ["Texts", "render_text_files", "render_texts", "render_in_background", "abandon"]
@@ -44,12 +46,14 @@ def render_texts(peft_model, adapter_names: Sequence[str], existing_card: Path |
     if key in _TEXTS:
         _TEXTS.move_to_end(key)
         return _TEXTS[key]
-    with tempfile.TemporaryDirectory(prefix="shardsave-texts-") as tmp:
-        root = Path(tmp)
+    root = scratch_directory("shardsave-texts-")
+    try:
         if card is not None:
-            (root / CARD_NAME).write_bytes(card)
+            write_bytes(root / CARD_NAME, card)
         render_text_files(peft_model, adapter_names, root)
-        texts = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        texts = {str(p.relative_to(root)): read_bytes(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    finally:
+        remove_scratch(root)
     _TEXTS[key] = texts
     while len(_TEXTS) > 8:
         _TEXTS.popitem(last=False)
@@ -128,7 +132,7 @@ def render_text_files(peft_model, adapter_names: Sequence[str], root: Path) -> N
     peft_model.create_or_update_model_card(str(root))
     for name in adapter_names:
         out = adapter_dir(root, name)
-        out.mkdir(exist_ok=True)
+        make_dirs(out)
         config = peft_model.peft_config[name]
         write_config(
             out,

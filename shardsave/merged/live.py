@@ -55,8 +55,10 @@ from shardsave.ranks.collect.sharded import ShardedCollector, Transfer, comm_dev
 from shardsave.ranks.rendezvous import Ranks, Rendezvous, SaveError, raise_on_failure, resolve_timeout, status_of
 from shardsave.ranks.replicas import ALL_RANKS, fingerprints, held_prints
 from shardsave.save.gathered import agree_start, run_gather
+from shardsave.storage.files import RangeWriter, preallocate, remove_file, write_text
 from shardsave.storage.filesystems import filesystem_type, parallel_safe
 from shardsave.storage.local import check_destination, check_path_argument, discard, publish, stage_directory
+from shardsave.storage.reads import read_text
 from shardsave.storage.streaming import TensorSpec, file_layout, file_order, write_streaming
 from shardsave.tensors.merge_math import PEFT_PREFIX, MergeRefused, Step, merge_tensor, plan_merge
 
@@ -609,10 +611,8 @@ def _stage_files(
             for filename, keys in merged.files.items():
                 specs = {k: merged.specs[k] for k in keys}
                 head, _ = file_layout(specs, metadata={"format": "pt"})
-                with open(tmp / filename, "wb") as f:
-                    f.write(head)
-                    f.truncate(len(head) + sum(spec.nbytes for spec in specs.values()))
-            (tmp / _RUN_MARKER).write_text(run)
+                preallocate(tmp / filename, head, len(head) + sum(spec.nbytes for spec in specs.values()))
+            write_text(tmp / _RUN_MARKER, run)
         except Exception as exc:
             error = exc
         rdv.post("staged", status_of(error, tmp=str(tmp), run=run))
@@ -627,7 +627,7 @@ def _stage_files(
             return None
         tmp, run = Path(staged["tmp"]), staged["run"]
     try:
-        sees = (tmp / _RUN_MARKER).read_text() == run
+        sees = read_text(tmp / _RUN_MARKER) == run
     except OSError:
         sees = False
     error = None
@@ -669,12 +669,6 @@ class _Written:
     offset: int
     nbytes: int
     crc: int
-
-
-def _pwrite(fd: int, data: memoryview, at: int) -> None:
-    while data.nbytes:
-        written = os.pwrite(fd, data, at)
-        data, at = data[written:], at + written
 
 
 def _read_back(tmp: Path, ranges: list[_Written], sizes: Mapping[str, int], rank: int) -> None:
@@ -721,7 +715,7 @@ def _write_in_place(rdv, merged: _Merged, runs: _MergedRuns, order, writer: int,
     ranks = rdv.ranks
     layouts = {f: file_layout({k: merged.specs[k] for k in keys}, metadata={"format": "pt"})
                for f, keys in merged.files.items()}  # fmt: skip
-    fds: dict[str, int] = {}
+    files = RangeWriter(tmp)
     written: list[_Written] = []
     error = None
     try:
@@ -748,22 +742,18 @@ def _write_in_place(rdv, merged: _Merged, runs: _MergedRuns, order, writer: int,
             itemsize = merged.specs[key].dtype.itemsize
             try:
                 for start, data in pieces:
-                    if filename not in fds:
-                        fds[filename] = os.open(tmp / filename, os.O_WRONLY)
                     raw = memoryview(data.detach().to("cpu").contiguous().view(torch.uint8).numpy())
                     at = layouts[filename][1][key] + start * itemsize
-                    _pwrite(fds[filename], raw, at)
+                    files.write(filename, raw, at)
                     written.append(_Written(filename, at, raw.nbytes, zlib.crc32(raw)))
             except OSError as exc:
                 error = _write_error(exc, ranks.rank, tmp)
         if error is None:
-            for fd in fds.values():
-                os.fsync(fd)
+            files.sync()
     except OSError as exc:
         error = _write_error(exc, ranks.rank, tmp)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        files.close()
     sizes = {}
     if ranks.rank == writer:  # the headers it staged, and each file's size
         for filename, (head, _) in layouts.items():
@@ -788,7 +778,7 @@ def _write_in_place(rdv, merged: _Merged, runs: _MergedRuns, order, writer: int,
     error = None
     with rdv.heartbeat():
         try:
-            (tmp / _RUN_MARKER).unlink()
+            remove_file(tmp / _RUN_MARKER, missing_ok=False)
             publish(destination, lambda _: None, staged=tmp)
         except Exception as exc:
             error = exc

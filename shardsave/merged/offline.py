@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,8 +35,10 @@ from shardsave.formats.hf_model import (
     write_model_files,
 )
 from shardsave.log import logger
-from shardsave.storage.local import BackgroundSync, check_destination, publish
+from shardsave.storage.files import remove_scratch, scratch_directory
+from shardsave.storage.local import check_destination, check_overwrite, publish
 from shardsave.storage.streaming import FileRange, TensorSpec, file_order, write_streaming
+from shardsave.storage.sync import BackgroundSync
 from shardsave.tensors.merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
 
 __all__ = ["MergedError", "merge_into"]
@@ -177,8 +177,7 @@ def merge_into(
     if not base_path.is_dir():
         raise MergedError(f"{base_path}: {'does not exist' if not base_path.exists() else 'not a folder'} (--into).")
     destination = check_destination(output)
-    if destination.exists() and not overwrite:
-        raise MergedError(f"{destination}: already exists; pass overwrite=True (--overwrite) to replace it.")
+    check_overwrite(destination, overwrite, MergedError)
     for given in (source_path, base_path):
         if destination == given or destination in given.parents or given in destination.parents:
             raise MergedError(f"{destination}: overlaps {given}; write the merged model elsewhere.")
@@ -198,8 +197,7 @@ def merge_into(
         raise MergedError(f"{base_path}: {wrong[0]} is {list(files.specs[wrong[0]].shape)}, the config makes it "
                           f"{list(shapes[wrong[0]])}; the weights do not fit config.json.")  # fmt: skip
 
-    scratch = Path(tempfile.mkdtemp(prefix=".shardsave-merge-", dir=destination.parent if destination.parent.is_dir()
-                                    else None))  # fmt: skip
+    scratch = scratch_directory(".shardsave-merge-", near=destination.parent)
     try:
         adapters = _adapters(source_path, selected_adapters, allow_pickle, scratch, base_path)
         names = list(selected_adapters) if selected_adapters else ["default"]
@@ -261,7 +259,7 @@ def merge_into(
                 ahead.close()
             torch.set_num_threads(threads)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_scratch(scratch)
     changed = sum(1 for k in written if k in plan)
     logger.info("merged %d adapter(s) into %d of %d tensors of %s into %s in %.2f s", len(adapters), changed,
                 len(written), base_path, destination, time.perf_counter() - started)  # fmt: skip

@@ -4,15 +4,23 @@ Pure string functions, no torch. Every place that needs a model-independent name
 `canonical_name`, so a wrapper added by FSDP1, activation checkpointing or `torch.compile` never leaks
 into a saved key. Every name that is joined to a directory (an adapter's folder, a shard file a manifest
 lists, a weights file an index names) goes through `path_component`, so that a name read from a file cannot
-write or read outside that directory.
+write or read outside that directory. The file names of a PEFT adapter folder live here too: the format's writer
+(`shardsave.formats.adapter_write`) and reader use them, and so does the storage, which must know which files a
+new save supersedes.
 """
 
 from __future__ import annotations
 
 import ntpath
 import re
+from pathlib import Path
 
 __all__ = [
+    "SAFETENSORS_NAME",
+    "BIN_NAME",
+    "CONFIG_NAME",
+    "CARD_NAME",
+    "ADAPTER_FILES",
     "WRAPPER_COMPONENTS",
     "canonical_name",
     "is_under",
@@ -20,7 +28,16 @@ __all__ = [
     "is_path_component",
     "path_component",
     "check_adapter_name",
+    "adapter_dir",
 ]
+
+#: The files of a PEFT adapter folder: the weights (safetensors or pickle), the config, the model card.
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+CARD_NAME = "README.md"
+#: What a new adapter replaces in a folder: its weights in either format, and its config.
+ADAPTER_FILES = frozenset({SAFETENSORS_NAME, BIN_NAME, CONFIG_NAME})
 
 #: Name components that wrappers insert between a module and its children. They never belong to a
 #: saved key: FSDP1 (`FullyShardedDataParallel`), activation checkpointing (`CheckpointWrapper`) and
@@ -107,3 +124,12 @@ def check_adapter_name(adapter_name: str) -> None:
             f"save_directory/<adapter name>/, so the name must be a plain directory name without '/', '\\', "
             f"NUL, '.' or '..'. Rename the adapter (e.g. with a new `adapter_name` when loading it)."
         )
+
+
+def adapter_dir(root: Path, adapter_name: str) -> Path:
+    """Where PEFT puts an adapter: the root for `default`, a subdirectory named after it otherwise; `ValueError`
+    for a name that is not one plain path component (`path_component`): every adapter written goes through
+    here, whatever file its name came from, so none lands outside `root`."""
+    if adapter_name == "default":
+        return root
+    return root / path_component(adapter_name, source=root, fix="Rename the adapter; nothing was written.")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -28,6 +26,7 @@ import torch
 
 from shardsave.checks.verify import callback_adapter, check_tensors, warn_findings
 from shardsave.errors import RescueError
+from shardsave.formats.adapter_write import CARD_NAME, CONFIG_NAME, write_weights
 from shardsave.formats.hf_model import DTYPES
 from shardsave.formats.sources import (
     ADAPTER_PART,
@@ -41,17 +40,11 @@ from shardsave.formats.sources import (
 from shardsave.formats.texts import render_texts
 from shardsave.log import logger
 from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
+from shardsave.plan.names import adapter_dir
 from shardsave.plan.structure import build_layout
-from shardsave.storage.local import (
-    CARD_NAME,
-    CONFIG_NAME,
-    adapter_dir,
-    check_destination,
-    publish,
-    replace_adapter_files,
-    write_files,
-    write_weights,
-)
+from shardsave.storage.files import remove_scratch, scratch_directory, write_bytes, write_files
+from shardsave.storage.local import check_destination, check_overwrite, publish, replace_adapter_files
+from shardsave.storage.reads import read_bytes
 
 __all__ = [
     "RescueError",
@@ -132,9 +125,12 @@ def _load_config(path: Path):
         if path.name == CONFIG_NAME:
             config = PeftConfig.from_pretrained(str(path.parent))
         else:  # a config file under another name: PEFT reads folders only
-            with tempfile.TemporaryDirectory() as tmp:
-                shutil.copyfile(path, Path(tmp) / CONFIG_NAME)
-                config = PeftConfig.from_pretrained(tmp)
+            scratch = scratch_directory("tmp")
+            try:
+                write_bytes(scratch / CONFIG_NAME, read_bytes(path))
+                config = PeftConfig.from_pretrained(str(scratch))
+            finally:
+                remove_scratch(scratch)
     except Exception as exc:
         raise RescueError(f"{path}: not an adapter config PEFT can read ({type(exc).__name__}: {exc}).") from None
     peft_type = getattr(config.peft_type, "value", config.peft_type)
@@ -484,11 +480,8 @@ def rescue_adapter(
     destination = check_destination(output)
     # into the checkpoint-N/ folder itself: its adapter files alone are replaced (the broken ones being rescued)
     in_place = destination == found.given and (found.path != found.given or found.kind == "fsdp")
-    if destination.exists() and not overwrite:
-        raise RescueError(
-            f"{destination}: already exists; pass overwrite=True (--overwrite) to replace "
-            + ("its adapter files (nothing else in it is touched)." if in_place else "it.")
-        )
+    replaced = "its adapter files (nothing else in it is touched)." if in_place else "it."
+    check_overwrite(destination, overwrite, RescueError, replaced=replaced)
     if not in_place and (destination == found.path or destination in found.path.parents):
         raise RescueError(
             f"{destination}: would replace the checkpoint {found.path} itself; write the adapter elsewhere."

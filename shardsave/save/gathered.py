@@ -21,12 +21,13 @@ import torch.distributed as dist
 from torch import nn
 
 from shardsave.checks.verify import check_tensors, warn_findings
+from shardsave.formats.adapter_write import CONFIG_NAME, rewrite_config_file, write_weights
 from shardsave.formats.initial import read_checked_initial
 from shardsave.formats.texts import Texts, abandon, render_in_background
 from shardsave.log import logger
 from shardsave.plan.cache import PlanCache
 from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
-from shardsave.plan.names import check_adapter_name
+from shardsave.plan.names import adapter_dir, check_adapter_name
 from shardsave.plan.stages import pack_union, union_views, unpack_union
 from shardsave.plan.structure import Layout, build_layout, find_peft_model, peel
 from shardsave.ranks.collect import (
@@ -48,18 +49,10 @@ from shardsave.ranks.rendezvous import (
     status_of,
 )
 from shardsave.ranks.replicas import digests, diverging, held_prints, members, to_ask
-from shardsave.storage.local import (
-    CONFIG_NAME,
-    adapter_dir,
-    check_destination,
-    check_path_argument,
-    publish,
-    remove_stale,
-    replace_adapter_files,
-    write_files,
-    write_weights,
-)
-from shardsave.tensors.convert import convert_config_dict, rewrite_config_file
+from shardsave.storage.files import write_files
+from shardsave.storage.local import check_destination, check_path_argument, publish, replace_adapter_files
+from shardsave.storage.stale import remove_stale
+from shardsave.tensors.convert import convert_config_dict
 from shardsave.tensors.host import to_host
 
 __all__ = ["save_pretrained", "gather_state_dict", "start_save", "agree_start", "run_gather"]

@@ -24,6 +24,7 @@ import torch
 from shardsave.formats.shard_set import FORMAT, MANIFEST_NAME, SHARD_PATTERN, sha256_of, shard_name
 from shardsave.formats.texts import render_texts
 from shardsave.log import logger
+from shardsave.plan.names import CARD_NAME, CONFIG_NAME, adapter_dir
 from shardsave.ranks.rendezvous import (
     MissingRanksError,
     Ranks,
@@ -35,7 +36,10 @@ from shardsave.ranks.rendezvous import (
 )
 from shardsave.ranks.replicas import ALL_RANKS, digests, diverging, fingerprints, to_ask
 from shardsave.save.gathered import start_save
-from shardsave.storage.local import CARD_NAME, CONFIG_NAME, adapter_dir, atomic_file, remove_stale_in
+from shardsave.storage.files import make_dirs, remove_file, write_text
+from shardsave.storage.local import atomic_file
+from shardsave.storage.reads import read_text
+from shardsave.storage.stale import remove_stale_in
 from shardsave.storage.streaming import TensorSpec, dtype_name, write_streaming
 from shardsave.tensors.host import to_host
 
@@ -55,7 +59,7 @@ def _remove_stale_parts(directory: Path) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_file(path, lambda tmp: tmp.write_text(text))
+    atomic_file(path, lambda tmp: write_text(tmp, text))
 
 
 def _texts(peft_model, adapter_names: list[str]) -> tuple[str, dict[str, str]]:
@@ -199,7 +203,7 @@ def save_shards(
         manifest = {"format": FORMAT, "run_id": run_id, "world_size": ranks.world_size, "files": files}
         try:
             _atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2))
-            (directory / RUN_MARKER).unlink(missing_ok=True)
+            remove_file(directory / RUN_MARKER)
         except OSError as exc:
             raise SaveError(f"shardsave.save_shards: writing {directory / MANIFEST_NAME} failed: {exc}") from exc
 
@@ -210,7 +214,7 @@ def save_shards(
             rdv.agree("replicas", {"prints": mine}, decide=_check_replicas)
     except SaveError as exc:
         if ranks.rank == 0:
-            (directory / RUN_MARKER).unlink(missing_ok=True)
+            remove_file(directory / RUN_MARKER)
             if isinstance(exc, MissingRanksError):
                 _remove_stale_parts(directory)  # a rank died mid-write: its part-written file, if provably dead
         raise
@@ -220,18 +224,18 @@ def save_shards(
 
 def _clear(directory: Path) -> None:
     """The folder, emptied of a previous set: no manifest may vouch for a set being rewritten."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    make_dirs(directory, parents=True)
+    remove_file(directory / MANIFEST_NAME)
     for stale in directory.iterdir():
         if SHARD_PATTERN.match(stale.name):
-            stale.unlink(missing_ok=True)  # ranks of one node clear the same folder
+            remove_file(stale)  # ranks of one node clear the same folder
     _remove_stale_parts(directory)
 
 
 def _check_shared(directory: Path, run_id: str, rank: int) -> None:
     """Every rank must see the directory rank 0 prepared: save_shards needs one filesystem shared by all."""
     try:
-        seen = (directory / RUN_MARKER).read_text()
+        seen = read_text(directory / RUN_MARKER)
     except OSError:
         seen = None
     if seen != run_id:

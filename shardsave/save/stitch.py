@@ -40,15 +40,9 @@ from shardsave.formats.shard_set import (
     shard_folders,
 )
 from shardsave.log import logger
-from shardsave.storage.local import (
-    BIN_NAME,
-    CARD_NAME,
-    CONFIG_NAME,
-    SAFETENSORS_NAME,
-    adapter_dir,
-    check_destination,
-    publish,
-)
+from shardsave.plan.names import BIN_NAME, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME, adapter_dir
+from shardsave.storage.files import make_dirs, write_text
+from shardsave.storage.local import check_destination, check_overwrite, publish
 from shardsave.storage.streaming import FileRange, TensorSpec, write_streaming
 from shardsave.tensors.convert import convert_config_dict, convert_tensor, converted_shape
 
@@ -94,8 +88,7 @@ def merge_shards(
     initial = None
     if path_initial_model_for_weight_conversion is not None:
         initial = _check_conversion(shard_set, path_initial_model_for_weight_conversion, allow_pickle)
-    if output.exists() and not overwrite:
-        raise ShardSetError(f"{output}: already exists; pass overwrite=True (--overwrite) to replace it.")
+    check_overwrite(output, overwrite, ShardSetError)
     if any(output == f or f in output.parents for f in folders):
         raise ShardSetError(f"{output}: inside a shard directory; write the adapter elsewhere.")
 
@@ -113,10 +106,10 @@ def merge_shards(
         warn_findings(verify_adapter(tmp, allow_pickle=True).findings, output)
 
     def _write_output(tmp: Path) -> None:
-        (tmp / CARD_NAME).write_text(shard_set.card)
+        write_text(tmp / CARD_NAME, shard_set.card)
         for name, adapter in shard_set.adapters.items():
             out = adapter_dir(tmp, name)
-            out.mkdir(exist_ok=True)
+            make_dirs(out)
             config = adapter["config"]
             specs = shard_set.specs.get(name, {})
             if initial is not None:
@@ -126,7 +119,7 @@ def merge_shards(
                                   v.dtype)
                     for k, v in specs.items()
                 }  # fmt: skip
-            (out / CONFIG_NAME).write_text(config)
+            write_text(out / CONFIG_NAME, config)
 
             def produce(key: str, name: str = name) -> torch.Tensor | list[FileRange]:
                 if initial is None and safe_serialization:  # the bytes as they are: copied by the kernel

@@ -1,5 +1,6 @@
-"""Reading checkpoint files: the read side of the storage seam, so that no module above `shardsave.storage` opens a
-checkpoint path itself (an object store plugs in here next: a ranged GET for `read_range`).
+"""Reading checkpoint files: the read side of the storage seam (`shardsave.storage.base.Storage`), so that no module
+above `shardsave.storage` opens a checkpoint path itself (an object store plugs in here next: a ranged GET for
+`read_range`, a HEAD for `file_size`).
 
 Local POSIX files today. Every reader of a format (`shardsave.formats`) reads through these functions."""
 
@@ -35,4 +36,5 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def file_size(path: str | os.PathLike) -> int:
+    """The size of `path` in bytes."""
     return os.stat(path).st_size

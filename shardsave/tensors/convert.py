@@ -14,9 +14,7 @@ Differences from PEFT, on purpose (PEFT's result is wrong or unloadable in these
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
@@ -28,7 +26,6 @@ __all__ = [
     "converted_shape",
     "convert_tensor",
     "segment",
-    "rewrite_config_file",
 ]
 
 _A_SUFFIXES = ("lora_A.weight", "lora_embedding_A")
@@ -77,11 +74,6 @@ def convert_config_dict(data: Mapping) -> dict:
     if data.get("alpha_pattern"):
         out["alpha_pattern"] = {k: 2 * v for k, v in data["alpha_pattern"].items()}
     return out
-
-
-def rewrite_config_file(path: Path) -> None:
-    """Apply `convert_config_dict` to an `adapter_config.json` in PEFT's own JSON layout."""
-    path.write_text(json.dumps(convert_config_dict(json.loads(path.read_text())), indent=2, sort_keys=True))
 
 
 def converted_shape(key: str, shape: tuple[int, ...], initial_shape: tuple[int, ...]) -> tuple[int, ...]:

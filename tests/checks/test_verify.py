@@ -20,7 +20,7 @@ from tiny import assert_same_files, base_model, llama_config, peft_model, train_
 
 import shardsave
 from shardsave.checks.verify import KINDS, VerifyError, check_tensors, main, verify_adapter, warn_findings
-from shardsave.storage.local import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from shardsave.plan.names import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]
 REPO = Path(__file__).resolve().parents[2]

@@ -49,15 +49,15 @@ def install_kill(point: str, stall: float = 60) -> None:
 
         save_module.write_weights = partial
     elif point == "publish":  # everything written in the hidden directory, not yet swapped in
-        before(writer_module, "_fsync_tree")
+        before(writer_module, "fsync_tree")
     elif point == "swap":  # swapped in, the previous adapter not yet removed
-        original = writer_module._rename_exchange
+        original = writer_module.rename_exchange
 
         def exchange_then_die(a, b):
             original(a, b)
             kill_self()
 
-        writer_module._rename_exchange = exchange_then_die
+        writer_module.rename_exchange = exchange_then_die
     elif point == "shard_write":  # this rank's shard half written
 
         def partial_shard(path, *args, **kwargs):

@@ -188,7 +188,7 @@ def test_full_disk_exits_1_and_publishes_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_background_sync_raises_the_fsync_error_when_left(tmp_path):
-    from shardsave.storage.local import BackgroundSync
+    from shardsave.storage.sync import BackgroundSync
 
     (tmp_path / "a").write_bytes(b"x")
     with pytest.raises(FileNotFoundError), BackgroundSync() as sync:

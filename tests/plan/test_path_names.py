@@ -18,9 +18,8 @@ import shardsave
 from shardsave.formats.adapter import AdapterFilesError
 from shardsave.formats.shard_set import sha256_of
 from shardsave.merged.offline import MergedError, merge_into
-from shardsave.plan.names import is_path_component
+from shardsave.plan.names import adapter_dir, is_path_component
 from shardsave.save.stitch import ShardSetError, main
-from shardsave.storage import local as writer
 
 QV = ["q_proj", "v_proj"]
 
@@ -146,9 +145,9 @@ def test_every_adapter_written_is_a_folder_of_the_output(tmp_path, name):
     """The writers' last line of defence (save, merge, rescue all place adapters through `adapter_dir`)."""
     assert not is_path_component(name)
     with pytest.raises(ValueError, match="plain path component"):
-        writer.adapter_dir(tmp_path, name)
-    assert writer.adapter_dir(tmp_path, "default") == tmp_path
-    assert writer.adapter_dir(tmp_path, "other") == tmp_path / "other"
+        adapter_dir(tmp_path, name)
+    assert adapter_dir(tmp_path, "default") == tmp_path
+    assert adapter_dir(tmp_path, "other") == tmp_path / "other"
     assert files_under(tmp_path) == []
 
 

@@ -12,7 +12,7 @@ from peft import LoraConfig
 from tiny import peft_model
 
 import shardsave
-from shardsave.storage import local as writer
+from shardsave.storage import local
 
 QV = ["q_proj", "v_proj"]
 
@@ -46,7 +46,7 @@ def two_adapters():
 @pytest.mark.parametrize("swap", ["exchange", "two-renames"])
 def test_new_adapter_has_peft_modes(tmp_path, umask, swap, monkeypatch):
     if swap == "two-renames":
-        monkeypatch.setattr(writer, "_rename_exchange", lambda a, b: False)
+        monkeypatch.setattr(local, "rename_exchange", lambda a, b: False)
     model = two_adapters()
     model.save_pretrained(str(tmp_path / "theirs"), selected_adapters=["default", "other"])
     shardsave.save_pretrained(model, tmp_path / "ours", selected_adapters=["default", "other"])
@@ -86,9 +86,9 @@ def test_shard_files_and_manifest_have_new_file_modes(tmp_path, umask):
 
 def test_atomic_file_keeps_the_mode_of_the_file_it_replaces(tmp_path, umask):
     path = tmp_path / "manifest.json"
-    writer.atomic_file(path, lambda tmp: tmp.write_text("a"))
+    local.atomic_file(path, lambda tmp: tmp.write_text("a"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     os.chmod(path, 0o640)
-    writer.atomic_file(path, lambda tmp: tmp.write_text("b"))
+    local.atomic_file(path, lambda tmp: tmp.write_text("b"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shardsave.storage import local as writer
-from shardsave.storage import owner
+from shardsave.storage import owner, stale
 from shardsave.storage.owner import UNKNOWN_SPACE, Owner, owner_tag, space_key, space_parts
 
 # the owner module alone, without importing shardsave (and torch) in every child
@@ -146,14 +145,14 @@ if child:
     os._exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
 assert os.getpid() == pid_wanted, os.getpid()
 sys.path.insert(0, root)
-from shardsave.storage import local as writer
+from shardsave.storage import local
 
 def fill(tmp):
     (tmp / "adapter_config.json").write_text("{}")
     print(tmp.name, flush=True)
     sys.stdin.readline()  # stay mid-publish until the test has tried to clean up
 
-writer.publish(dest, fill)
+local.publish(dest, fill)
 os._exit(0)
 """
 
@@ -173,7 +172,7 @@ def test_live_writer_in_another_container_keeps_its_directory(tmp_path):
     try:
         hidden = tmp_path / proc.stdout.readline().strip()
         assert hidden.is_dir() and hidden != tmp_path
-        assert writer.remove_stale(dest) == []
+        assert stale.remove_stale(dest) == []
         assert hidden.is_dir()
         proc.stdin.write("\n")
         proc.stdin.flush()

@@ -12,7 +12,7 @@ from peft import LoraConfig
 from tiny import assert_same_files, peft_model
 
 import shardsave
-from shardsave.storage import local as writer
+from shardsave.storage import local, stale
 from shardsave.storage.owner import UNKNOWN_SPACE, Owner, space_key, space_parts
 
 QV = ["q_proj", "v_proj"]
@@ -22,12 +22,12 @@ QV = ["q_proj", "v_proj"]
 def swap(request, monkeypatch):
     """Every test runs with the atomic exchange and with the fallback for systems without it."""
     if request.param == "two-renames":
-        monkeypatch.setattr(writer, "_rename_exchange", lambda a, b: False)
+        monkeypatch.setattr(local, "rename_exchange", lambda a, b: False)
     return request.param
 
 
 def leftovers(parent):
-    return [p.name for p in parent.iterdir() if writer.TMP_MARK in p.name or writer.OLD_MARK in p.name]
+    return [p.name for p in parent.iterdir() if stale.TMP_MARK in p.name or stale.OLD_MARK in p.name]
 
 
 def snapshot(root):
@@ -90,10 +90,10 @@ def test_model_folder_publish_drops_every_weights_file_of_the_previous_save(tmp_
         (dest / name).write_text("old")
     new = {"config.json": "new", "model-00001-of-00002.safetensors": "new", "model-00002-of-00002.safetensors": "new",
            "model.safetensors.index.json": "new"}  # fmt: skip
-    writer.publish(dest, lambda tmp: [(tmp / k).write_text(v) for k, v in new.items()])
+    local.publish(dest, lambda tmp: [(tmp / k).write_text(v) for k, v in new.items()])
     kept = {"tokenizer.json": "old", "README.md": "old", "sub/model.safetensors": "old"}
     assert snapshot(dest) == {k: v.encode() for k, v in {**new, **kept}.items()}
-    writer.publish(dest, lambda tmp: [(tmp / k).write_text("single") for k in ("config.json", "model.safetensors")])
+    local.publish(dest, lambda tmp: [(tmp / k).write_text("single") for k in ("config.json", "model.safetensors")])
     assert sorted(snapshot(dest)) == sorted(["config.json", "model.safetensors", *kept])
 
     adapter = tmp_path / "adapter"
@@ -101,7 +101,7 @@ def test_model_folder_publish_drops_every_weights_file_of_the_previous_save(tmp_
     for name in ("adapter_model.bin", "model.safetensors", "config.json"):
         (adapter / name).write_text("old")
     files = ("adapter_config.json", "adapter_model.safetensors")
-    writer.publish(adapter, lambda tmp: [(tmp / k).write_text("new") for k in files])
+    local.publish(adapter, lambda tmp: [(tmp / k).write_text("new") for k in files])
     assert sorted(snapshot(adapter)) == sorted(["config.json", "model.safetensors", *files])
     assert leftovers(tmp_path) == []
 
@@ -153,14 +153,14 @@ def test_stale_leftovers_of_a_dead_writer_are_removed(tmp_path):
     dead, here = dead_writer(), Owner.current()
     container = Owner(dead.pid, dead.start, space_key((*space_parts()[:2], "4:4026532000", space_parts()[3])))
     names = [
-        f".adapter{writer.TMP_MARK}{dead.tag}0123abcd",  # dead writer: removed
-        f".adapter{writer.OLD_MARK}{dead.tag}4567cdef",  # dead writer: removed
-        f".adapter{writer.TMP_MARK}{here.tag}89abcdef",  # alive (this process): kept
-        f".adapter{writer.TMP_MARK}{Owner(here.pid, here.start, UNKNOWN_SPACE).tag}01234567",  # unknown: kept
-        f".adapter{writer.TMP_MARK}{container.tag}89012345",  # another pid namespace (container): kept
-        f".adapter{writer.TMP_MARK}{dead.pid}-{'0' * 8}-abc12345",  # an earlier version's format: kept
-        f".adapter{writer.TMP_MARK}{dead.tag}my-backup",  # not a name shardsave makes: kept
-        f".other{writer.TMP_MARK}{dead.tag}abcdef01",  # another destination: kept
+        f".adapter{stale.TMP_MARK}{dead.tag}0123abcd",  # dead writer: removed
+        f".adapter{stale.OLD_MARK}{dead.tag}4567cdef",  # dead writer: removed
+        f".adapter{stale.TMP_MARK}{here.tag}89abcdef",  # alive (this process): kept
+        f".adapter{stale.TMP_MARK}{Owner(here.pid, here.start, UNKNOWN_SPACE).tag}01234567",  # unknown: kept
+        f".adapter{stale.TMP_MARK}{container.tag}89012345",  # another pid namespace (container): kept
+        f".adapter{stale.TMP_MARK}{dead.pid}-{'0' * 8}-abc12345",  # an earlier version's format: kept
+        f".adapter{stale.TMP_MARK}{dead.tag}my-backup",  # not a name shardsave makes: kept
+        f".other{stale.TMP_MARK}{dead.tag}abcdef01",  # another destination: kept
     ]
     for name in names:
         (tmp_path / name).mkdir()
@@ -170,15 +170,15 @@ def test_stale_leftovers_of_a_dead_writer_are_removed(tmp_path):
 
 
 def test_previous_adapter_that_cannot_be_put_back_is_kept(tmp_path, monkeypatch):
-    aside = tmp_path / f".adapter{writer.OLD_MARK}{dead_writer().tag}0123abcd"
+    aside = tmp_path / f".adapter{stale.OLD_MARK}{dead_writer().tag}0123abcd"
     aside.mkdir()
     (aside / "adapter_config.json").write_text("{}")
 
     def refuse(a, b):
         raise PermissionError(13, "Permission denied", str(a))
 
-    monkeypatch.setattr(writer, "_rename_noreplace", refuse)
-    assert writer.remove_stale(tmp_path / "adapter") == []
+    monkeypatch.setattr(stale, "rename_noreplace", refuse)
+    assert stale.remove_stale(tmp_path / "adapter") == []
     assert (aside / "adapter_config.json").read_text() == "{}"
 
 
@@ -190,9 +190,9 @@ def test_previous_adapter_moved_aside_by_a_dead_writer_is_put_back(tmp_path):
     model.save_pretrained(str(dest))
     (dest / "trainer_state.json").write_text("{}")
     before = snapshot(dest)
-    aside = tmp_path / f".adapter{writer.OLD_MARK}{dead_writer().tag}0123abcd"
+    aside = tmp_path / f".adapter{stale.OLD_MARK}{dead_writer().tag}0123abcd"
     dest.rename(aside)
-    assert writer.remove_stale(dest) == []
+    assert stale.remove_stale(dest) == []
     assert snapshot(dest) == before and leftovers(tmp_path) == []
 
     dest.rename(aside)  # and a save in that state keeps the other files of the directory

@@ -13,8 +13,9 @@ from peft import LoraConfig
 from tiny import assert_same_files, peft_model
 
 import shardsave
-from shardsave.storage import local as writer
+from shardsave.storage import local
 from shardsave.storage.owner import owner_tag
+from shardsave.storage.stale import TMP_MARK
 
 QV = ["q_proj", "v_proj"]
 OTHERS = ["optimizer.pt", "trainer_state.json", "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt"]
@@ -56,9 +57,9 @@ def test_replaces_adapter_files_only(tmp_path, monkeypatch):
     root = checkpoint(tmp_path / "checkpoint-3")
     before = identity(root)
     synced = []
-    real_fsync = writer._fsync
-    monkeypatch.setattr(writer, "_fsync", lambda path: (synced.append(Path(path)), real_fsync(path)))
-    assert writer.replace_adapter_files(root, fill_new) == root
+    real_fsync = local.fsync
+    monkeypatch.setattr(local, "fsync", lambda path: (synced.append(Path(path)), real_fsync(path)))
+    assert local.replace_adapter_files(root, fill_new) == root
     assert identity(root) == before  # same inode, same mtime, no extra hard link
     assert (root / "adapter_model.safetensors").read_bytes() == b"new weights"
     assert (root / "README.md").read_text() == "new card"
@@ -78,14 +79,14 @@ def test_failure_while_filling_leaves_previous_files(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        writer.replace_adapter_files(root, half)
+        local.replace_adapter_files(root, half)
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
     assert hidden(root) == []
 
 
 def test_missing_directory_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an existing directory"):
-        writer.replace_adapter_files(tmp_path / "nowhere", fill_new)
+        local.replace_adapter_files(tmp_path / "nowhere", fill_new)
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -93,10 +94,10 @@ def test_stale_temporary_of_a_dead_writer_is_removed(tmp_path):
     root = checkpoint(tmp_path / "checkpoint-3")
     code = "from shardsave.storage.owner import owner_tag; print(owner_tag())"
     dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
-    stale, alive = f"{writer.TMP_MARK}{dead}0123abcd", f"{writer.TMP_MARK}{owner_tag()}4567cdef"
+    stale, alive = f"{TMP_MARK}{dead}0123abcd", f"{TMP_MARK}{owner_tag()}4567cdef"
     for name in (stale, alive):
         (root / name).mkdir()
-    writer.replace_adapter_files(root, fill_new)
+    local.replace_adapter_files(root, fill_new)
     assert hidden(root) == [alive]
 
 

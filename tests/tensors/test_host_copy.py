@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardsave.storage.local import write_weights
+from shardsave.formats.adapter_write import write_weights
 from shardsave.tensors.host import pack_to_host as _pack_to_host
 from shardsave.tensors.host import to_host
 

@@ -1,18 +1,19 @@
 """Load a saved adapter into a model wherever its ranks hold it: `shardsave.load_pretrained`.
 
-Every rank already knows, from metadata alone, which element range of each tensor it holds (the collectors'
-`own`, the same plan the save gathers with), and the files say where each saved element lies (safetensors
-offsets, or a shard set's runs: `shardsave.formats.adapter`). So each rank reads exactly its own elements, with
-no tensor collective, whatever world size and backend saved the adapter: resharding N -> M is an intersection
-of ranges (`shardsave.plan.ranges.read_items`). Everything is checked and read on every rank before any parameter
-is written, and the ranks agree through the store as a save does: on any error every rank raises and the model
-is as it was. DeepSpeed's fp32 master weights are written too (ZeRO-1/2/3, and the stage-0 fp16/bf16 optimizers'
-own fp32 copies), so that the next `engine.step()` continues from the loaded weights rather than bringing the old
-ones back. A ZeRO-3 engine without an optimizer (evaluating adapters) has no masters: its partitions alone are
-written. A ZeRO-3 parameter that is gathered at the time (persistent, inside `GatheredParameters`, kept by the
-prefetcher) gets its full copy written too, so that a forward before the release, or a `GatheredParameters`
-exit that re-partitions from the full copy, sees the loaded values; one whose gather is in flight, or whose
-partition lives on NVMe (the memory holds a placeholder or a swap buffer), is refused before anything is written.
+Every rank already knows, from metadata alone, which element range of each tensor it holds (the collectors' `own`,
+the same plan the save gathers with), and the files say where each saved element lies (safetensors offsets, or a
+shard set's runs: `shardsave.formats.adapter`). So each rank reads exactly its own elements, with no tensor
+collective, whatever world size and backend saved the adapter: resharding N -> M is an intersection of ranges
+(`shardsave.plan.ranges.read_items`). Everything is checked and read on every rank before any parameter is written,
+and the ranks agree through the store as a save does (`shardsave.ranks.handshake.agree_on_plan`): on any error every
+rank raises and the model is as it was. DeepSpeed's fp32 master weights are written too (ZeRO-1/2/3, and the stage-0
+fp16/bf16 optimizers' own fp32 copies), so that the next `engine.step()` continues from the loaded weights rather
+than bringing the old ones back. A ZeRO-3 engine without an optimizer (evaluating adapters) has no masters: its
+partitions alone are written. A ZeRO-3 parameter that is gathered at the time (persistent, inside
+`GatheredParameters`, kept by the prefetcher) gets its full copy written too, so that a forward before the release,
+or a `GatheredParameters` exit that re-partitions from the full copy, sees the loaded values; one whose gather is in
+flight, or whose partition lives on NVMe (the memory holds a placeholder or a swap buffer), is refused before
+anything is written.
 
 A shard set is verified once, by rank 0 (manifest, headers, coverage, checksums), which hands the others an index
 of which file holds which run; each rank then opens only the files holding its ranges, each proven to be the file
@@ -43,7 +44,9 @@ from shardsave.plan.keys import plan_choices
 from shardsave.plan.structure import build_layout, find_peft_model, peel
 from shardsave.ranks.collect import collector_for
 from shardsave.ranks.collect.walk import state_entries
-from shardsave.ranks.rendezvous import Ranks, Rendezvous, check_same_args, resolve_timeout
+from shardsave.ranks.handshake import Request, agree_on_plan
+from shardsave.ranks.identity import Ranks, resolve_timeout
+from shardsave.ranks.rendezvous import Rendezvous, check_same_args
 
 __all__ = ["LoadResult", "AdapterMismatchError", "CONFIG_FIELDS", "compare_configs", "load_pretrained"]
 
@@ -113,11 +116,16 @@ class _Write:
 
 
 @dataclass(slots=True)
-class _Prepared:
+class _Prepared(Request):
+    """What a rank plans to load, checked and read before the agreement (`shardsave.ranks.handshake`)."""
+
     args: dict
     writes: list[_Write]
     result: LoadResult
     path: str
+
+    def status(self) -> dict:
+        return {"args": self.args, "unexpected": self.result.unexpected_keys, "path": self.path}
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,23 +470,26 @@ def load_pretrained(
     ranks = Ranks.current()
     rdv = Rendezvous(ranks, op="load_pretrained", timeout=resolve_timeout(timeout))
     index = _verify_once(rdv, path, adapter_name, allow_pickle) if ranks.distributed else None
-    prepared, error, files = None, None, None
-    try:
-        if isinstance(index, dict):
-            files = open_indexed(path, index)
-        else:
-            files = index or open_adapter(path, adapter_name, allow_pickle=allow_pickle)
-        prepared = _prepare(model, files, adapter_name, strict, ranks)
-        _check_masters(prepared.writes)
-    except Exception as exc:  # every rank learns of it below, then raises
-        error = exc
-    finally:
-        if files is not None:
-            files.close()  # everything was read: the writes hold the values
-    payload = {"args": {}} if prepared is None else {
-        "args": prepared.args, "unexpected": prepared.result.unexpected_keys, "path": prepared.path
-    }  # fmt: skip
-    unexpected = rdv.agree("load", payload, own=error, decide=_decide if ranks.distributed else None)
+
+    def prepare() -> _Prepared:
+        files = None
+        try:
+            if isinstance(index, dict):
+                files = open_indexed(path, index)
+            else:
+                files = index or open_adapter(path, adapter_name, allow_pickle=allow_pickle)
+            prepared = _prepare(model, files, adapter_name, strict, ranks)
+            _check_masters(prepared.writes)
+            return prepared
+        finally:
+            if files is not None:
+                files.close()  # everything was read: the writes hold the values
+
+    # the handshake's first step alone: every rank writes its own part (no writer, no replica to compare: each
+    # copy is written), and ranks holding different parts take their own keys (`_decide`), with nothing to restage
+    prepared, unexpected = agree_on_plan(
+        rdv, prepare, phase="load", failed={"args": {}}, decide=_decide if ranks.distributed else None
+    )
     if unexpected is not None:
         prepared.result.unexpected_keys[:] = unexpected
     rdv.forget_previous()

@@ -50,6 +50,37 @@ def decide_parallel(statuses: Mapping[int, Mapping], required: bool | None) -> d
     return {"parallel": True, "why": "every rank sees the staged folder" + (" (parallel_write=True)" if unsafe else "")}
 
 
+def _stage(rdv: Rendezvous, merged: MergedPlan, destination: Path, required: bool | None) -> tuple[Path, str] | None:
+    """The writer's part of `stage_files`: the staged folder and the run id it marked it with, posted to the others;
+    None (posted too) where the filesystem is not known to keep concurrent writes and they are not `required`."""
+    fstype = filesystem_type(destination.parent)
+    if required is None and not parallel_safe(fstype):
+        logger.info("save_merged: %s is on a %s filesystem, which may keep only the last writer's bytes of a "
+                    "file: the merged runs stream to the writer (parallel_write=True writes in parallel and "
+                    "checks the result)", destination, fstype, extra={"writer": True})  # fmt: skip
+        rdv.post("staged", status_of(None, tmp=None))
+        return None
+    tmp, run, error = None, uuid.uuid4().hex, None
+    try:
+        tmp = stage_directory(destination)
+        model_files(tmp, merged)
+        for filename, keys in merged.files.items():
+            specs = {k: merged.specs[k] for k in keys}
+            head, _ = file_layout(specs, metadata={"format": "pt"})
+            with open(tmp / filename, "wb") as f:
+                f.write(head)
+                f.truncate(len(head) + sum(spec.nbytes for spec in specs.values()))
+        (tmp / _RUN_MARKER).write_text(run)
+    except Exception as exc:
+        error = exc
+    rdv.post("staged", status_of(error, tmp=str(tmp), run=run))
+    if error is not None:
+        if tmp is not None:
+            discard(tmp)
+        raise error
+    return tmp, run
+
+
 def stage_files(
     rdv: Rendezvous, merged: MergedPlan, writer: int, destination: Path, required: bool | None
 ) -> Path | None:
@@ -60,31 +91,10 @@ def stage_files(
     the writer stages nothing, unless `required`."""
     ranks = rdv.ranks
     if ranks.rank == writer:
-        fstype = filesystem_type(destination.parent)
-        if required is None and not parallel_safe(fstype):
-            logger.info("save_merged: %s is on a %s filesystem, which may keep only the last writer's bytes of a "
-                        "file: the merged runs stream to the writer (parallel_write=True writes in parallel and "
-                        "checks the result)", destination, fstype, extra={"writer": True})  # fmt: skip
-            rdv.post("staged", status_of(None, tmp=None))
+        staged = _stage(rdv, merged, destination, required)
+        if staged is None:
             return None
-        tmp, run, error = None, uuid.uuid4().hex, None
-        try:
-            tmp = stage_directory(destination)
-            model_files(tmp, merged)
-            for filename, keys in merged.files.items():
-                specs = {k: merged.specs[k] for k in keys}
-                head, _ = file_layout(specs, metadata={"format": "pt"})
-                with open(tmp / filename, "wb") as f:
-                    f.write(head)
-                    f.truncate(len(head) + sum(spec.nbytes for spec in specs.values()))
-            (tmp / _RUN_MARKER).write_text(run)
-        except Exception as exc:
-            error = exc
-        rdv.post("staged", status_of(error, tmp=str(tmp), run=run))
-        if error is not None:
-            if tmp is not None:
-                discard(tmp)
-            raise error
+        tmp, run = staged
     else:
         staged = rdv.wait_for("staged", writer)
         raise_on_failure({writer: staged}, own=None, ranks=ranks, op="save_merged")
@@ -178,22 +188,30 @@ def _lost(rank: int, path: Path, what: str) -> SaveError:
     )
 
 
-def write_in_place(
-    rdv: Rendezvous,
+def _own_pieces(runs: MergedRuns, key: str, world_size: int) -> list[tuple[int, torch.Tensor]]:
+    """(first element, merged values) of every run of `key` this rank writes (`_mine`)."""
+    pieces = []
+    for piece in _mine(runs, key, world_size):
+        if runs.collector.slices(key) is None:
+            pieces.append((0, runs.collector.whole(key)))
+        else:
+            pieces.append((piece.start, runs.collector.local(key, piece)))
+    return pieces
+
+
+def _write_runs(
     merged: MergedPlan,
     runs: MergedRuns,
     order,
-    writer: int,
-    destination: Path,
     tmp: Path,
     exchange: Exchange,
-) -> None:
-    """Every rank writes its merged runs into the staged files (pwrite at their offsets) and fsyncs them; DoRA
-    tensors whose runs cut rows are gathered and written by the writer. Once every rank has, each reads its
-    ranges back; the writer publishes only if every rank's match."""
-    ranks = rdv.ranks
-    layouts = {f: file_layout({k: merged.specs[k] for k in keys}, metadata={"format": "pt"})
-               for f, keys in merged.files.items()}  # fmt: skip
+    layouts: dict,
+    rank: int,
+    world_size: int,
+) -> tuple[list[_Written], Exception | None]:
+    """This rank's merged runs, written into the staged files at their offsets and fsynced, in `order`; DoRA tensors
+    whose runs cut rows are gathered to the writer and written there (a collective: taken part in even after a
+    failure here). Returns what was written and this rank's first error."""
     fds: dict[str, int] = {}
     written: list[_Written] = []
     error = None
@@ -207,12 +225,7 @@ def write_in_place(
                     break
                 pieces = [] if tensor is None else [(0, tensor.reshape(-1))]
             elif error is None:
-                pieces = []
-                for piece in _mine(runs, key, ranks.world_size):
-                    if runs.collector.slices(key) is None:
-                        pieces.append((0, runs.collector.whole(key)))
-                    else:
-                        pieces.append((piece.start, runs.collector.local(key, piece)))
+                pieces = _own_pieces(runs, key, world_size)
             else:
                 continue
             error = error or runs.error
@@ -228,15 +241,34 @@ def write_in_place(
                     _pwrite(fds[filename], raw, at)
                     written.append(_Written(filename, at, raw.nbytes, zlib.crc32(raw)))
             except OSError as exc:
-                error = write_error(exc, ranks.rank, tmp)
+                error = write_error(exc, rank, tmp)
         if error is None:
             for fd in fds.values():
                 os.fsync(fd)
     except OSError as exc:
-        error = write_error(exc, ranks.rank, tmp)
+        error = write_error(exc, rank, tmp)
     finally:
         for fd in fds.values():
             os.close(fd)
+    return written, error
+
+
+def write_in_place(
+    rdv: Rendezvous,
+    merged: MergedPlan,
+    runs: MergedRuns,
+    order,
+    writer: int,
+    destination: Path,
+    tmp: Path,
+    exchange: Exchange,
+) -> None:
+    """Every rank writes its merged runs into the staged files (`_write_runs`). Once every rank has, each reads its
+    ranges back; the writer publishes only if every rank's match."""
+    ranks = rdv.ranks
+    layouts = {f: file_layout({k: merged.specs[k] for k in keys}, metadata={"format": "pt"})
+               for f, keys in merged.files.items()}  # fmt: skip
+    written, error = _write_runs(merged, runs, order, tmp, exchange, layouts, ranks.rank, ranks.world_size)
     sizes = {}
     if ranks.rank == writer:  # the headers it staged, and each file's size
         for filename, (head, _) in layouts.items():

@@ -106,10 +106,8 @@ def _skeleton(hf_model):
     return skeleton, hf_saved_keys(skeleton)
 
 
-def plan_merged(
-    model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size, path: str, is_main: bool
-) -> MergedPlan:
-    peft_model = find_peft_model(model)
+def _selected(peft_model, selected: list[str] | None) -> list[str]:
+    """The adapters to merge, in order: those named, else the active adapter (all of them if several are active)."""
     names = list(peft_model.peft_config) if selected is None else list(selected)
     unknown = [n for n in names if n not in peft_model.peft_config]
     if unknown or not names:
@@ -117,24 +115,11 @@ def plan_merged(
                          f"{list(peft_model.peft_config)}.")  # fmt: skip
     if selected is None and len(names) > 1:
         names = [peft_model.active_adapter] if isinstance(peft_model.active_adapter, str) else names
-    root = peel(model)
-    collector = collector_for(root, ranks)
-    infos = collector.infos()
-    layout = build_layout(peft_model)
-    choices = plan_choices(layout, peft_model, list(infos), names, False)
-    entries = {n: choices[n][False].entries for n in names}
-    try:
-        steps = plan_merge([(n, _live_config(peft_model.peft_config[n]), list(entries[n])) for n in names])
-    except MergeRefused as exc:
-        raise ValueError(f"shardsave.save_merged: {exc}") from None
-    hf_model = peft_model.get_base_model()
-    skeleton, saved = _skeleton(hf_model)
-    adapter_state = _adapter_state(layout)
-    live: dict[str, str] = {}
-    for name in infos:
-        if any(name == p or name.startswith(p + ".") for p in adapter_state):
-            continue
-        live.setdefault(_merged_name(name), name)
+    return names
+
+
+def _check_changed(steps: dict[str, list[Step]], skeleton, saved: list[str]) -> None:
+    """Every key the adapter changes is one the base model saves untied: else PEFT's merge differs or fails."""
     tied = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})
     for key in steps:
         if key in tied:
@@ -147,6 +132,12 @@ def plan_merged(
                 f"shardsave.save_merged: the adapter changes {key}, which the base model does not have (lora_bias on "
                 f"a layer without a bias?); PEFT cannot merge it either."
             )
+
+
+def _sources(
+    saved: list[str], steps: dict[str, list[Step]], entries: dict, live: dict[str, str], hf_model
+) -> tuple[dict[str, str], dict[str, list[Step]], dict[tuple[str, str], str]]:
+    """Each saved key's live source and remaining steps, and the live name of every factor a step uses."""
     sources, plan, factors = {}, {}, {}
     for key in saved:
         key_steps = list(steps.get(key, []))
@@ -167,6 +158,33 @@ def plan_merged(
             for adapter_key in step.tensors.values():
                 factors[step.adapter, adapter_key] = entries[step.adapter][adapter_key]
         plan[key] = key_steps
+    return sources, plan, factors
+
+
+def plan_merged(
+    model, ranks: Ranks, selected: list[str] | None, dtype, max_shard_size, path: str, is_main: bool
+) -> MergedPlan:
+    """This rank's `MergedPlan` (the writer's with its destination resolved), from metadata alone."""
+    peft_model = find_peft_model(model)
+    names = _selected(peft_model, selected)
+    collector = collector_for(peel(model), ranks)
+    infos = collector.infos()
+    layout = build_layout(peft_model)
+    choices = plan_choices(layout, peft_model, list(infos), names, False)
+    entries = {n: choices[n][False].entries for n in names}
+    try:
+        steps = plan_merge([(n, _live_config(peft_model.peft_config[n]), list(entries[n])) for n in names])
+    except MergeRefused as exc:
+        raise ValueError(f"shardsave.save_merged: {exc}") from None
+    hf_model = peft_model.get_base_model()
+    skeleton, saved = _skeleton(hf_model)
+    adapter_state = _adapter_state(layout)
+    live: dict[str, str] = {}
+    for name in infos:
+        if not any(name == p or name.startswith(p + ".") for p in adapter_state):
+            live.setdefault(_merged_name(name), name)
+    _check_changed(steps, skeleton, saved)
+    sources, plan, factors = _sources(saved, steps, entries, live, hf_model)
     specs = {}
     for key in saved:
         info = infos[sources[key]]
@@ -185,7 +203,7 @@ def plan_merged(
         "plan": hashlib.sha256(json.dumps(layout_digest).encode()).hexdigest()[:16],
     }
     merged = MergedPlan(collector, specs, sources, plan, factors, files, index, hf_model.config, generation,
-                     type(hf_model).__name__, args)  # fmt: skip
+                        type(hf_model).__name__, args)  # fmt: skip
     merged.whole_on_writer = split_rows(merged)
     if ranks.distributed:
         merged.replicas = _copies(collector, [*sources.values(), *factors.values()], ranks)

@@ -157,7 +157,7 @@ def save_pretrained(
         error = run_gather(request.collector.prepare_gather(request.sources, writer), writer, rdv)[1]
         if error is not None:
             raise error
-        # only what a provably dead writer on this host left
+        # waited for while its heartbeat goes on (a slow filesystem); a provably dead one: what it left here, removed
         await_writer(rdv, writer, on_missing=lambda: remove_stale(request.destination))
         return
     cleanup: list[Callable[[], None]] = []  # removing the previous adapter: after the others are released

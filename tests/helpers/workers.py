@@ -1157,10 +1157,10 @@ def _merged_disk_full(wrapped, folder: Path, rank: int, *, parallel: bool) -> No
     the previous folder stays as it was."""
     import errno
 
-    from shardsave.merged import live as merged_save
+    from shardsave.merged import exchange as merged_exchange
 
     name = "pwrite" if parallel else "write_streaming"
-    owner = merged_save.os if parallel else merged_save
+    owner = os if parallel else merged_exchange
     real, calls = getattr(owner, name), []
 
     def full(*args, **kwargs):

@@ -45,7 +45,8 @@ import torch.distributed as dist  # noqa: E402
 import shardsave.ranks.rendezvous as ranks_module  # noqa: E402
 from shardsave.plan.ranges import Slice, chunk_ranges, plan_transfer  # noqa: E402
 from shardsave.ranks.collect.zero3 import partition_slices  # noqa: E402
-from shardsave.ranks.rendezvous import Ranks, Rendezvous, status_of  # noqa: E402
+from shardsave.ranks.identity import Ranks  # noqa: E402
+from shardsave.ranks.rendezvous import Rendezvous, status_of  # noqa: E402
 from shardsave.storage.streaming import TensorSpec  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -5,7 +5,7 @@
     python benchmarks/store_bytes.py --tree /tmp/before     # the same, measured on that code
 
 N threads, one `Rendezvous` each over one `HashStore` that counts the bytes every rank sets and reads and the
-bytes held at every moment, run `shardsave.save.gathered.agree_start` (the start of `save_pretrained`, `save_shards` and
+bytes held at every moment, run `shardsave.ranks.handshake.start` (the start of `save_pretrained`, `save_shards` and
 `gather_state_dict`) on what each rank of a layout reports: the fingerprints of the runs it holds copies of
 (HSDP: shards of 8 ranks, the rest replicas) and, for pipeline stages, its part (8 stages, the ranks of each
 stage data-parallel under DDP, or FSDP). The adapter: Llama-7B-shaped, LoRA r=16 on all 7 projections of 32
@@ -114,7 +114,7 @@ class View:
 
 @dataclass
 class Report:
-    """What a rank reports at the start (the fields `agree_start` reads)."""
+    """What a rank reports at the start (the request `shardsave.ranks.handshake.start` reads)."""
 
     args: dict
     decided: dict | None
@@ -168,8 +168,20 @@ def simulate(layout: str, n: int, drift: tuple[int, int] | None = None) -> dict:
     empty when the save may go on) and the union rank 1 follows (pipeline layouts)."""
     import torch.distributed as dist
 
-    from shardsave.ranks.rendezvous import Ranks, Rendezvous
-    from shardsave.save.gathered import agree_start
+    try:  # this checkout: the handshake, over requests that declare its contract
+        from shardsave.ranks.handshake import WriterRequest, start
+        from shardsave.ranks.identity import Ranks
+        from shardsave.ranks.rendezvous import Rendezvous
+
+        made = type("Report", (Report, WriterRequest), {})
+    except ImportError:  # the code before it (--tree): agree_start in the save module, the report duck-typed
+        from shardsave.ranks.rendezvous import Ranks, Rendezvous
+        from shardsave.save.gathered import agree_start
+
+        made = Report
+
+        def start(rdv, prepare, main):
+            return agree_start(rdv, rdv.ranks, prepare, main)
 
     grouped = hasattr(importlib.import_module("shardsave.ranks.replicas"), "digests")  # the code after item 13
     store, books = dist.HashStore(), Bytes()
@@ -185,13 +197,13 @@ def simulate(layout: str, n: int, drift: tuple[int, int] | None = None) -> dict:
         else:
             replicas, view = {}, stage_view(rank, n, "ddp" if layout == "pipeline x DDP" else "fsdp")
             plan = f"stage{rank // (n // STAGES)}"
-        reports[rank] = Report({**args, "plan": plan}, decided if rank == 0 else None, replicas, view)
+        reports[rank] = made({**args, "plan": plan}, decided if rank == 0 else None, replicas, view)
         return reports[rank]
 
     def rank_main(rank: int) -> None:
         try:
             rdv = Rendezvous(Ranks(rank, n), op="bench", timeout=120, store=View(store, books, rank), generation=0)
-            agree_start(rdv, rdv.ranks, lambda is_main: prepare(rank), rank == 0)
+            start(rdv, lambda is_main: prepare(rank), rank == 0)
         except BaseException as exc:  # reported after the join
             errors[rank] = exc
 

@@ -12,16 +12,11 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from shardsave.errors import RemoteError
 from shardsave.log import logger
-from shardsave.ranks.rendezvous import (
-    Heartbeat,
-    Ranks,
-    RemoteError,
-    Rendezvous,
-    raise_on_failure,
-    resolve_timeout,
-    status_of,
-)
+from shardsave.ranks.heartbeat import Heartbeat
+from shardsave.ranks.identity import Ranks, resolve_timeout
+from shardsave.ranks.rendezvous import Rendezvous, raise_on_failure, status_of
 from shardsave.save.gathered import save_pretrained
 from shardsave.save.shards import save_shards
 

@@ -12,19 +12,27 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["logger", "enable_logging", "LOG_LEVEL_VARIABLE"]
+__all__ = ["logger", "enable_logging", "process_rank", "LOG_LEVEL_VARIABLE"]
 
 LOG_LEVEL_VARIABLE = "SHARDSAVE_LOG_LEVEL"
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in the default process group, (0, 1) without one: the one rule, here at
+    the bottom so that the logger needs nothing above it (`shardsave.ranks.identity.Ranks.current` uses it)."""
+    import torch.distributed as dist  # here: importing the logger costs no torch import
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class _RankZeroOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if os.environ.get("SHARDSAVE_LOG_ALL_RANKS") == "1" or getattr(record, "writer", False):
             return True
-        from shardsave.ranks.rendezvous import Ranks
-
-        return Ranks.current().rank == 0
+        return process_rank()[0] == 0
 
 
 class _RankFormatter(logging.Formatter):
@@ -32,10 +40,8 @@ class _RankFormatter(logging.Formatter):
     from WARNING up."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from shardsave.ranks.rendezvous import Ranks
-
-        ranks = Ranks.current()
-        prefix = f"[rank {ranks.rank}] " if ranks.distributed else ""
+        rank, world_size = process_rank()
+        prefix = f"[rank {rank}] " if world_size > 1 else ""
         level = f" {record.levelname}" if record.levelno >= logging.WARNING else ""
         return f"{prefix}{record.name}{level}: {super().format(record)}"
 

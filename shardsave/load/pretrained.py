@@ -1,18 +1,21 @@
 """Load a saved adapter into a model wherever its ranks hold it: `shardsave.load_pretrained`.
 
-Every rank already knows, from metadata alone, which element range of each tensor it holds (the collectors'
-`own`, the same plan the save gathers with), and the files say where each saved element lies (safetensors
-offsets, or a shard set's runs: `shardsave.formats.adapter`). So each rank reads exactly its own elements, with
-no tensor collective, whatever world size and backend saved the adapter: resharding N -> M is an intersection
-of ranges (`shardsave.plan.ranges.read_items`). Everything is checked and read on every rank before any parameter
-is written, and the ranks agree through the store as a save does: on any error every rank raises and the model
-is as it was. DeepSpeed's fp32 master weights are written too (ZeRO-1/2/3, and the stage-0 fp16/bf16 optimizers'
-own fp32 copies), so that the next `engine.step()` continues from the loaded weights rather than bringing the old
-ones back. A ZeRO-3 engine without an optimizer (evaluating adapters) has no masters: its partitions alone are
-written. A ZeRO-3 parameter that is gathered at the time (persistent, inside `GatheredParameters`, kept by the
-prefetcher) gets its full copy written too, so that a forward before the release, or a `GatheredParameters`
-exit that re-partitions from the full copy, sees the loaded values; one whose gather is in flight, or whose
-partition lives on NVMe (the memory holds a placeholder or a swap buffer), is refused before anything is written.
+Every rank already knows, from metadata alone, which element range of each tensor it holds (the collectors' `own`,
+the same plan the save gathers with), and the files say where each saved element lies (safetensors offsets, or a
+shard set's runs: `shardsave.formats.adapter`). So each rank reads exactly its own elements, with no tensor
+collective, whatever world size and backend saved the adapter: resharding N -> M is an intersection of ranges
+(`shardsave.plan.ranges.read_items`). Everything is checked and read on every rank before any parameter is written,
+and the ranks agree through the store as a save does (`shardsave.ranks.handshake.agree_on_plan`): on any error every
+rank raises and the model is as it was. DeepSpeed's fp32 master weights are written too (ZeRO-1/2/3, and the stage-0
+fp16/bf16 optimizers' own fp32 copies), so that the next `engine.step()` continues from the loaded weights rather
+than bringing the old ones back. A ZeRO-3 engine without an optimizer (evaluating adapters) has no masters: its
+partitions alone are written. A ZeRO-3 parameter that is gathered at the time (persistent, inside
+`GatheredParameters`, kept by the prefetcher) gets its full copy written too, so that a forward before the release,
+or a `GatheredParameters` exit that re-partitions from the full copy, sees the loaded values; one whose gather is in
+flight, or whose partition lives on NVMe (the memory holds a placeholder or a swap buffer), is refused before
+anything is written.
+
+What each rank writes where, with DeepSpeed's masters and the ZeRO-3 refusals, is `shardsave.load.writes`.
 
 A shard set is verified once, by rank 0 (manifest, headers, coverage, checksums), which hands the others an index
 of which file holds which run; each rank then opens only the files holding its ranges, each proven to be the file
@@ -21,29 +24,28 @@ rank 0 verified (same size and mtime, else its own checksum against the manifest
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
-import sys
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch
 from torch import nn
 
 from shardsave.errors import AdapterMismatchError
 from shardsave.formats.adapter import AdapterFiles, is_shard_set, open_adapter, open_indexed, shard_index
+from shardsave.load.writes import Fp32Copies, Write, apply_writes, check_masters, writes_of
 from shardsave.log import logger
 from shardsave.plan.cache import PlanCache
 from shardsave.plan.keys import plan_choices
 from shardsave.plan.structure import build_layout, find_peft_model, peel
 from shardsave.ranks.collect import collector_for
 from shardsave.ranks.collect.walk import state_entries
-from shardsave.ranks.rendezvous import Ranks, Rendezvous, check_same_args, resolve_timeout
+from shardsave.ranks.handshake import Request, agree_on_plan
+from shardsave.ranks.identity import Ranks, resolve_timeout
+from shardsave.ranks.rendezvous import Rendezvous, check_same_args
 
 __all__ = ["LoadResult", "AdapterMismatchError", "CONFIG_FIELDS", "compare_configs", "load_pretrained"]
 
@@ -102,22 +104,16 @@ def compare_configs(saved: Mapping, live: Mapping) -> list[str]:
 
 
 @dataclass(slots=True)
-class _Write:
-    name: str  # canonical state-dict name (the primary of tied names)
-    target: torch.Tensor  # 1-D view of this rank's elements [start, stop) of the live tensor
-    value: torch.Tensor  # what goes there, already in the target's dtype
-    param: nn.Parameter | None
-    start: int
-    master: torch.Tensor | None = None  # the fp32 values of DeepSpeed's master partition, when it has one
-    master_target: torch.Tensor | None = None  # where they go when shardsave writes them itself (stage 0)
+class _Prepared(Request):
+    """What a rank plans to load, checked and read before the agreement (`shardsave.ranks.handshake`)."""
 
-
-@dataclass(slots=True)
-class _Prepared:
     args: dict
-    writes: list[_Write]
+    writes: list[Write]
     result: LoadResult
     path: str
+
+    def status(self) -> dict:
+        return {"args": self.args, "unexpected": self.result.unexpected_keys, "path": self.path}
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,12 +181,12 @@ def _prepare(model: nn.Module, files: AdapterFiles, adapter_name: str, strict: b
                 f"not a floating-point type: converting would change its values."
             )
     writes, seen = [], set()
-    copies = _Fp32Copies(model, root)
+    copies = Fp32Copies(model, root)
     for key, source in loaded.items():
         name = collector.primary(source)
         if name not in seen:  # tied names: written once
             seen.add(name)
-            writes += _writes_of(collector, name, params.get(name), files, key, copies)
+            writes += writes_of(collector, name, params.get(name), files, key, copies)
     # what was planned and what the files hold (not the path: a node may keep its copy elsewhere)
     # (which keys each rank loads is its own: ranks holding different parts of the model load different keys)
     specs = [[k, list(v.shape), str(v.dtype)] for k, v in files.specs.items()]
@@ -221,178 +217,6 @@ def _reshard(root: nn.Module) -> None:
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def _writes_of(collector, name: str, param, files, key: str, copies: _Fp32Copies) -> list[_Write]:
-    """This rank's writes of one tensor: its own range, or the whole tensor where every rank holds it whole; with
-    the fp32 master copy DeepSpeed keeps of it."""
-    if param is not None and hasattr(param, "ds_id") and hasattr(param, "ds_tensor"):
-        return _zero3_writes(collector, name, param, files, key)
-    if collector.slices(name) is None:
-        whole = collector.whole(name).detach().view(-1)
-        raw = files.read(key, 0, whole.numel())
-        write = _Write(name, whole, raw.to(whole.dtype), param, 0)
-        if param is not None and getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
-            write.master = raw.float()
-        elif param is not None and (target := copies.of(param)) is not None:  # stage 0, fp16/bf16
-            write.master, write.master_target = raw.float(), target
-        return [write]
-    writes = []
-    for run in collector.own(name):  # every run this rank holds (none: nothing to write here)
-        target = collector.local(name, run).detach()
-        writes.append(_Write(name, target, files.read(key, run.start, run.stop).to(target.dtype), param, run.start))
-    return writes
-
-
-def _zero3_writes(collector, name: str, param, files, key: str) -> list[_Write]:
-    """ZeRO-3: the rank's partition `ds_tensor` (member k of its partition group holds `[k*P, (k+1)*P)`,
-    zero-padded at the end) with the optimizer's fp32 copy of it where there is an optimizer; and the full tensor
-    too where the parameter is gathered now (persistent, below `stage3_param_persistence_threshold`, or inside a
-    `GatheredParameters` / kept by the prefetcher). Refused first where such a write would not load it."""
-    problem = _zero3_unwritable(param)
-    if problem is not None:
-        raise RuntimeError(f"{name}: {problem}; nothing was loaded.")
-    numel = int(param.ds_numel)
-    start, stop = collector.partition(name)
-    local = param.ds_tensor.detach().view(-1)
-    raw = files.read(key, start, stop)
-    master = None
-    if hasattr(param, "_z3_optimizer") and param.requires_grad:  # no optimizer (evaluation): no masters
-        if stop - start == local.numel():  # no padding: an fp32 read is the master itself (no second buffer)
-            master = raw.float()
-        else:
-            master = torch.zeros(local.numel(), dtype=torch.float32)
-            master[: stop - start] = raw.float()
-    writes = [_Write(name, local[: stop - start], raw.to(local.dtype), param, start, master)]
-    if param.data.numel() == numel:  # gathered now (persistent, GatheredParameters, the prefetcher): its full copy
-        whole = param.data.detach().view(-1)
-        writes.append(_Write(name, whole, files.read(key, 0, numel).to(whole.dtype), None, 0))
-    return writes
-
-
-def _zero3_unwritable(param) -> str | None:
-    """Why writing a ZeRO-3 parameter's partition in place would not load it, or `None` (a pure predicate over
-    DeepSpeed's attributes): its partition lives on NVMe (`offload_param.device: nvme`; what memory holds is a
-    placeholder or a swap buffer that is released without being written back), or its gather is in flight (the
-    full copy is being filled from the old partitions)."""
-    partition = param.ds_tensor
-    location = getattr(partition, "final_location", None)
-    if str(getattr(location, "value", location)) == "nvme":
-        return (
-            "its ZeRO-3 partition is offloaded to NVMe (offload_param device 'nvme'): writing the copy in memory "
-            "would not reach the swap file. Load with offload_param on 'cpu' or 'none', or load before offloading"
-        )
-    if partition.numel() != int(getattr(partition, "ds_numel", partition.numel())):
-        return (
-            f"its ZeRO-3 partition holds {partition.numel()} elements, DeepSpeed expects {partition.ds_numel} "
-            f"(ds_tensor.ds_numel): a placeholder (NVMe offload or a released partition)"
-        )
-    status = getattr(param, "ds_status", None)
-    if str(getattr(status, "name", status)) == "INFLIGHT":
-        return (
-            "its ZeRO-3 gather is in flight (ds_status INFLIGHT): call load_pretrained outside the forward, after "
-            "the prefetched gathers completed"
-        )
-    return None
-
-
-class _Fp32Copies:
-    """The fp32 copies a DeepSpeed stage-0 fp16/bf16 optimizer keeps of the model's low-precision parameters
-    (`FP16_Optimizer`: flat per group; `FP16_UnfusedOptimizer`: one per parameter), which nothing links to the
-    parameters: found through the engine that holds the model, and only when a low-precision parameter without
-    ZeRO's own mapping is loaded. Without them the next step would copy the old fp32 values back."""
-
-    def __init__(self, model: nn.Module, root: nn.Module):
-        self._model, self._root = model, root
-        self._copies: dict[int, torch.Tensor] | None = None
-
-    def of(self, param: torch.Tensor) -> torch.Tensor | None:
-        if param.dtype not in (torch.float16, torch.bfloat16) or "deepspeed" not in sys.modules:
-            return None
-        if self._copies is None:
-            engine = _engine_of(self._model, self._root)
-            self._copies = _fp32_copies(getattr(engine, "optimizer", None)) if engine is not None else {}
-        return self._copies.get(id(param))
-
-
-def _fp32_copies(optimizer) -> dict[int, torch.Tensor]:
-    """`id(low-precision parameter) -> 1-D view of its fp32 copy` in a stage-0 optimizer (pure over its groups)."""
-    groups = getattr(optimizer, "fp16_groups", None)
-    if not groups:
-        return {}
-    out = {}
-    if getattr(optimizer, "fp32_groups_flat", None) is not None:  # fused: one flat fp32 tensor per group
-        for params, flat in zip(groups, optimizer.fp32_groups_flat, strict=True):
-            offset = 0
-            for p in params:
-                out[id(p)] = flat.data.view(-1)[offset : offset + p.numel()]
-                offset += p.numel()
-    elif getattr(optimizer, "fp32_groups", None) is not None:  # unfused: an fp32 tensor per parameter
-        for params, copies in zip(groups, optimizer.fp32_groups, strict=True):
-            for p, copy in zip(params, copies, strict=True):
-                out[id(p)] = copy.data.view(-1)
-    return out
-
-
-_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _engine_of(model: nn.Module, root: nn.Module):
-    """The DeepSpeed engine wrapping `root`: `model` itself or one of its wrappers, else (the caller passed the
-    engine's `module`) found back through `root` <- the engine's `_modules` <- its `__dict__` <- the engine
-    (three heap scans at most, remembered per module)."""
-    from deepspeed import DeepSpeedEngine
-
-    current = model
-    for _ in range(16):
-        if isinstance(current, DeepSpeedEngine):
-            return current
-        inner = getattr(current, "_modules", {}).get("module") or getattr(current, "_modules", {}).get("_orig_mod")
-        if inner is None:
-            break
-        current = inner
-    cached = _ENGINES.get(root)
-    if cached is not None and cached._modules.get("module") is root:
-        return cached
-    held: list = [root]
-    for key in ("module", "_modules", None):  # as FSDP1's wrapper is found: one heap scan per link
-        referrers = gc.get_referrers(*held)
-        for engine in referrers:
-            if isinstance(engine, DeepSpeedEngine) and engine._modules.get("module") is root:
-                _ENGINES[root] = engine
-                return engine
-        ids = {id(obj) for obj in held}
-        held = [r for r in referrers if key is not None and isinstance(r, dict) and id(r.get(key)) in ids]
-        if not held:
-            break
-    return None
-
-
-def _check_masters(writes: list[_Write]) -> None:
-    """The DeepSpeed calls that write the fp32 masters exist (checked before any parameter is written)."""
-    if any(w.master is not None for w in writes) and "deepspeed" not in sys.modules:
-        raise RuntimeError("DeepSpeed parameters without deepspeed imported: cannot update their fp32 master weights.")
-
-
-def _apply(writes: list[_Write]) -> None:
-    with torch.no_grad():
-        for w in writes:
-            w.target.copy_(w.value.view(-1))
-            if getattr(w.param, "ds_secondary_tensor", None) is not None:
-                # ZeRO++ hpZ: a copy of the partition cut for the node, which the next gather would read
-                # instead of the partition just written; DeepSpeed rebuilds it from the partition after a step
-                w.param.ds_secondary_tensor = None
-        masters = [w for w in writes if w.master is not None]
-        if masters:
-            from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
-
-            for w in masters:
-                if w.master_target is not None:
-                    w.master_target.copy_(w.master.view(-1))
-                elif hasattr(w.param, "ds_id"):
-                    safe_set_local_fp32_param(w.param, w.master)
-                else:
-                    safe_set_full_fp32_param(w.param, w.master.view(w.param.shape))
 
 
 def _verify_once(rdv: Rendezvous, path, adapter_name: str, allow_pickle: bool) -> AdapterFiles | dict | None:
@@ -462,29 +286,32 @@ def load_pretrained(
     ranks = Ranks.current()
     rdv = Rendezvous(ranks, op="load_pretrained", timeout=resolve_timeout(timeout))
     index = _verify_once(rdv, path, adapter_name, allow_pickle) if ranks.distributed else None
-    prepared, error, files = None, None, None
-    try:
-        if isinstance(index, dict):
-            files = open_indexed(path, index)
-        else:
-            files = index or open_adapter(path, adapter_name, allow_pickle=allow_pickle)
-        prepared = _prepare(model, files, adapter_name, strict, ranks)
-        _check_masters(prepared.writes)
-    except Exception as exc:  # every rank learns of it below, then raises
-        error = exc
-    finally:
-        if files is not None:
-            files.close()  # everything was read: the writes hold the values
-    payload = {"args": {}} if prepared is None else {
-        "args": prepared.args, "unexpected": prepared.result.unexpected_keys, "path": prepared.path
-    }  # fmt: skip
-    unexpected = rdv.agree("load", payload, own=error, decide=_decide if ranks.distributed else None)
+
+    def prepare() -> _Prepared:
+        files = None
+        try:
+            if isinstance(index, dict):
+                files = open_indexed(path, index)
+            else:
+                files = index or open_adapter(path, adapter_name, allow_pickle=allow_pickle)
+            prepared = _prepare(model, files, adapter_name, strict, ranks)
+            check_masters(prepared.writes)
+            return prepared
+        finally:
+            if files is not None:
+                files.close()  # everything was read: the writes hold the values
+
+    # the handshake's first step alone: every rank writes its own part (no writer, no replica to compare: each
+    # copy is written), and ranks holding different parts take their own keys (`_decide`), with nothing to restage
+    prepared, unexpected = agree_on_plan(
+        rdv, prepare, phase="load", failed={"args": {}}, decide=_decide if ranks.distributed else None
+    )
     if unexpected is not None:
         prepared.result.unexpected_keys[:] = unexpected
     rdv.forget_previous()
     error = None
     try:
-        _apply(prepared.writes)
+        apply_writes(prepared.writes)
     except Exception as exc:  # not expected (copies into existing storage): still agreed on, never hidden
         error = exc
     rdv.agree("loaded", {}, own=error)

@@ -1,4 +1,5 @@
-"""Who this process is, and how all ranks agree before and after a save without ever hanging.
+"""How all ranks agree before and after a shardsave call without ever hanging (who they are: `identity`; the
+writer's sign of life: `heartbeat`).
 
 Agreement goes through the process group's key-value store, not through collectives: every rank posts
 its status under a per-call key, rank 0 gathers them and posts one verdict that every rank reads. A rank
@@ -9,95 +10,25 @@ which every other rank re-raises. Tensor traffic only starts once the verdict sa
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
 
 from shardsave.errors import MissingRanksError, RemoteError, SaveError
-from shardsave.log import logger
+from shardsave.ranks.heartbeat import Heartbeat, beat_key, patience, read_beat
+from shardsave.ranks.identity import Ranks
 
 __all__ = [
-    "DEFAULT_TIMEOUT",
-    "Ranks",
     "Rendezvous",
-    "Heartbeat",
     "SaveError",
     "MissingRanksError",
     "RemoteError",
+    "status_of",
+    "raise_on_failure",
     "check_same_args",
 ]
-
-#: Seconds a rank waits for the others at each step of a save before it gives up, where the process group's
-#: own timeout is not known (see `resolve_timeout`).
-DEFAULT_TIMEOUT = 300.0
-
-#: The default timeout's share of the process group's own timeout: shardsave's error comes before the group's.
-GROUP_SHARE = 0.9
-
-
-@dataclass(frozen=True, slots=True)
-class Ranks:
-    """This process's place in the default process group (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def current(cls) -> Ranks:
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_timeout(timeout: float | None) -> float:
-    """The save's timeout in seconds; warns (once per value) when the process group cannot honour it.
-
-    None: 90% of the process group's own timeout (`init_process_group(timeout=)`; Trainer's `ddp_timeout`,
-    1800 s by default), so that a save waits as long as the job's own collectives would and still fails with
-    shardsave's error before the group's watchdog ends the job; `DEFAULT_TIMEOUT` where torch does not expose it.
-    """
-    if timeout is None:
-        own = group_timeout()
-        return DEFAULT_TIMEOUT if own is None else GROUP_SHARE * own
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    timeout = float(timeout)
-    own = group_timeout()
-    if own is not None and timeout > own and (timeout, own) not in _warned:
-        _warned.add((timeout, own))
-        logger.warning(
-            "shardsave: timeout=%g s exceeds the process group's own timeout of %g s: a gather that waits that "
-            "long is ended by the process group first (on NCCL its watchdog aborts the communicator and the job). "
-            "Pass a timeout below %g s, or create the process group with a longer timeout.",
-            timeout,
-            own,
-            own,
-        )
-    return timeout
-
-
-_warned: set[tuple[float, float]] = set()
-
-
-def group_timeout() -> float | None:
-    """The default process group's own collective timeout in seconds, where torch exposes it."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = dist.group.WORLD
-    for device in getattr(group, "_device_types", ()):
-        try:
-            return group._get_backend(device).options._timeout.total_seconds()
-        except (AttributeError, RuntimeError):
-            continue
-    return None
 
 
 class Rendezvous:
@@ -326,14 +257,14 @@ class Rendezvous:
 
     def _wait_alive(self, key: str, rank: int, phase: str, *, heartbeat: bool) -> None:
         """Wait for `key`, posted by `rank`, as `wait_for` says; raise if it does not come."""
-        beat_key = _beat_key(rank)
+        beat = beat_key(rank)
         started = time.monotonic()
-        last = _read_beat(self._store, beat_key) if heartbeat else None
+        last = read_beat(self._store, beat) if heartbeat else None
         while not self._wait([key], self.timeout, phase):
             if not heartbeat:
                 raise self._missing_error(phase, (rank,))
-            beat = _read_beat(self._store, beat_key)
-            if beat is None or beat == last:  # no beat for a whole timeout: dead or stuck
+            seen = read_beat(self._store, beat)
+            if seen is None or seen == last:  # no beat for a whole timeout: dead or stuck
                 error = self._missing_error(phase, (rank,))
                 error.args = (f"{error.args[0]} Its heartbeat stopped: it has probably died or hangs (check its log).",)
                 raise error
@@ -344,12 +275,12 @@ class Rendezvous:
                     f"{waited:.0f} s (this is rank {self.ranks.rank}; the limit is 12 x timeout, at least 1 h). Its "
                     f"filesystem may hang; its half-written output, if any, is never published."
                 )
-            last = beat
+            last = seen
 
     def heartbeat(self) -> Heartbeat:
         """A heartbeat this rank keeps while it works on something the others wait for (`wait_for`). Its counter
         (one per rank, kept across calls) is not tied to a call: it may run before this call's first step."""
-        return Heartbeat(self._store, _beat_key(self.ranks.rank), self.timeout)
+        return Heartbeat(self._store, beat_key(self.ranks.rank), self.timeout)
 
     def release(self, phase: str) -> None:
         """Delete what the agreement on `phase` left in the store as soon as it is read, for agreements whose
@@ -395,58 +326,8 @@ _CALLS = "shardsave/calls"  # rank 0's count of the calls it opened: the last ca
 _JOINED, _REVOKED = "joined", "revoked"
 
 
-def _beat_key(rank: int) -> str:
-    return f"shardsave/beat/{rank}"
-
-
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class Heartbeat:
-    """A thread that bumps a counter in the store while the writer writes, on its own store client, so that
-    the others can tell a slow writer from a dead or stuck one. Used as a context manager."""
-
-    def __init__(self, store, key: str, timeout: float):
-        self.key = key
-        self.interval = max(min(timeout / 4, 30.0), 0.05)
-        self._store = store
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> Heartbeat:
-        if self._store is not None:
-            self._thread = threading.Thread(target=self._run, name="shardsave-heartbeat", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        client = None  # connected at the first beat: a save shorter than the interval costs no connection
-        while not self._stop.wait(self.interval):
-            try:
-                if client is None:
-                    clone = getattr(self._store, "clone", None)
-                    client = clone() if clone is not None else self._store
-                client.add(self.key, 1)
-            except (RuntimeError, dist.DistError):
-                return
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-def patience(timeout: float) -> float:
-    """How long the others wait for a writer whose heartbeat goes on: 12 x timeout, at least an hour."""
-    return max(12 * timeout, 3600.0)
-
-
-def _read_beat(store, key: str) -> int | None:
-    try:
-        return int(store.add(key, 0))
-    except (RuntimeError, dist.DistError):
-        return None
 
 
 def _raise_verdict(verdict: dict, rdv: Rendezvous, phase: str) -> object:

@@ -6,7 +6,8 @@ and rank 0 compares before it vouches for the set.
 What goes through the store stays small at any number of ranks: each rank posts one digest per replica group (the
 ranks that hold the same runs as it does, from metadata) instead of a fingerprint per run. Rank 0 compares the
 digests of each group (`to_ask`); only where they differ does it ask, in a second round, one rank per distinct
-digest for its fingerprints of that group, to name the tensor that differs (`diverging`).
+digest for its fingerprints of that group, to name the tensor that differs (`refuse_drift`, the one refusal).
+The two rounds run in `shardsave.ranks.handshake` (`replicas_to_check`, `compare_replicas`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,23 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 
-__all__ = ["fingerprints", "diverging", "held_prints", "group_id", "digests", "to_ask", "members", "ALL_RANKS"]
+from shardsave.errors import SaveError
+
+__all__ = [
+    "fingerprints",
+    "diverging",
+    "held_prints",
+    "group_id",
+    "digests",
+    "to_ask",
+    "members",
+    "refuse_drift",
+    "ALL_RANKS",
+]
 
 #: The replica group of tensors that every rank holds whole.
 ALL_RANKS = "all"
@@ -130,3 +143,40 @@ def members(by_rank: Mapping[int, Mapping[str, str]], groups: Sequence[str]) -> 
         for group in wanted.intersection(posted):
             out[group].append(rank)
     return out
+
+
+def refuse_drift(
+    prints: Mapping[int, Mapping[str, Mapping[str, str]]], groups: Mapping[str, list[int]], *, written: bool = False
+) -> NoReturn:
+    """Rank 0's refusal of copies that drifted apart, from the fingerprints the ranks asked posted (by rank, by
+    replica group; `groups`: each group's members), naming what differs. Two messages, as users know them: before
+    anything moved (the start of every call: runs of sharded tensors, a `ValueError` that every rank raises, as for
+    any disagreement of the ranks' inputs); and `written` (`save_shards`, once the files are written: the tensors
+    every rank holds whole, a `SaveError`, which the other ranks raise as a `RemoteError` naming rank 0)."""
+    by_rank = {rank: {k: v for p in grouped.values() for k, v in p.items()} for rank, grouped in prints.items()}
+    differ = diverging(by_rank)
+    if written:
+        names = [set(p) for p in by_rank.values()]
+        differ = differ or sorted(set.union(*names) - set.intersection(*names))  # (or: named differently)
+        raise SaveError(
+            f"shardsave.save_shards: {len(differ)} tensor(s) that every rank holds whole differ between ranks "
+            f"(e.g. {differ[:3]}); the set would mix them, so no manifest was written. The ranks' copies are "
+            f"out of sync (gradients not all-reduced, or weights changed on some ranks only): save from a "
+            f"synchronised model, or use shardsave.save_pretrained, which writes the main process's copy."
+        )
+    if not differ:  # the members hold the same runs by their metadata but report other ones
+        keys = {rank: sorted(p)[:4] for rank, p in by_rank.items() if p}
+        raise ValueError(
+            f"ranks {sorted(keys)} hold copies of the same runs of sharded tensors by their layout, but report "
+            f"different runs ({keys}): the ranks' layouts disagree. Save from one model wrapped the same way on "
+            f"every rank."
+        )
+    name, _, start = differ[0].rpartition("@")
+    group = next(g for grouped in prints.values() for g, p in grouped.items() if differ[0] in p)
+    raise ValueError(
+        f"{len(differ)} run(s) of sharded tensors differ between the ranks that hold copies of them, e.g. "
+        f"{name} from element {start} on ranks {groups[group]}: the copies drifted apart during training (e.g. a "
+        f"LoRA tensor replicated across tensor-parallel ranks whose gradients are not all-reduced there), so "
+        f"any one of them would be a silent choice. Keep replicas in sync (shard such tensors over that "
+        f"dimension too), then save."
+    )

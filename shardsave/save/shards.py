@@ -5,7 +5,9 @@ The files are the shard set of `shardsave.formats.shard_set` (its format, names 
 `manifest.json`, written by rank 0 after every rank reported its file written and fsynced.
 
 Tensors that every rank holds whole (DDP, buffers, unsharded parameters) are written once in total, by
-ranks in turn. Reading needs only these files: `shardsave.save.stitch` (`python -m shardsave.merge`).
+ranks in turn; their copies are compared before the manifest vouches for them (the replica check of
+`shardsave.ranks.handshake`). The start is `save_pretrained`'s (`shardsave.save.request.start_save`): the same
+plan and agreement, without a gather. Reading needs only these files: `shardsave.merge`.
 """
 
 from __future__ import annotations
@@ -21,21 +23,16 @@ from pathlib import Path
 
 import torch
 
+from shardsave.errors import MissingRanksError, SaveError
 from shardsave.formats.shard_set import FORMAT, MANIFEST_NAME, SHARD_PATTERN, sha256_of, shard_name
 from shardsave.formats.texts import render_texts
 from shardsave.log import logger
 from shardsave.plan.names import CARD_NAME, CONFIG_NAME, adapter_dir
-from shardsave.ranks.rendezvous import (
-    MissingRanksError,
-    Ranks,
-    Rendezvous,
-    SaveError,
-    raise_on_failure,
-    resolve_timeout,
-    status_of,
-)
-from shardsave.ranks.replicas import ALL_RANKS, digests, diverging, fingerprints, to_ask
-from shardsave.save.gathered import start_save
+from shardsave.ranks.handshake import compare_replicas, replicas_to_check
+from shardsave.ranks.identity import Ranks, resolve_timeout
+from shardsave.ranks.rendezvous import Rendezvous, raise_on_failure, status_of
+from shardsave.ranks.replicas import ALL_RANKS, digests, fingerprints
+from shardsave.save.request import SaveRequest, start_save
 from shardsave.storage.files import make_dirs, remove_file, write_text
 from shardsave.storage.local import atomic_file
 from shardsave.storage.reads import read_text
@@ -68,7 +65,9 @@ def _texts(peft_model, adapter_names: list[str]) -> tuple[str, dict[str, str]]:
     return files[CARD_NAME].decode(), configs
 
 
-def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _local_runs(
+    request: SaveRequest, ranks: Ranks
+) -> tuple[list[dict], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """This rank's entries and tensors: its slices of sharded tensors, and its turn of whole ones; and every
     whole (replicated) tensor, by checkpoint key, for the replica check."""
     collector = request.collector
@@ -94,20 +93,6 @@ def _local_runs(request, ranks: Ranks) -> tuple[list[dict], dict[str, torch.Tens
                 entries.append({"tensor": name, "adapter": plan.adapter_name, "key": key, "shape": list(info.shape),
                                 "dtype": dtype_name(info.dtype), "start": start, "stop": stop})  # fmt: skip
     return entries, tensors, replicated
-
-
-def _check_replicas(statuses: dict[int, dict]) -> None:
-    """The second round, only when the ranks' digests of their whole tensors differ: the ranks asked (one per
-    distinct digest) posted their fingerprints; name what differs."""
-    by_rank = {rank: status["prints"] for rank, status in statuses.items()}
-    names = [set(prints) for prints in by_rank.values()]
-    differ = diverging(by_rank) or sorted(set.union(*names) - set.intersection(*names))  # (or: named differently)
-    raise SaveError(
-        f"shardsave.save_shards: {len(differ)} tensor(s) that every rank holds whole differ between ranks "
-        f"(e.g. {differ[:3]}); the set would mix them, so no manifest was written. The ranks' copies are "
-        f"out of sync (gradients not all-reduced, or weights changed on some ranks only): save from a "
-        f"synchronised model, or use shardsave.save_pretrained, which writes the main process's copy."
-    )
 
 
 def save_shards(
@@ -188,17 +173,17 @@ def save_shards(
         atomic_file(path, lambda tmp: write_streaming(tmp, specs, host.__getitem__, metadata=metadata, digest=digest))
         report = {"name": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
         if ranks.distributed:  # one digest in the store; the fingerprints only if rank 0 asks (they differ)
-            prints = fingerprints(replicated)
-            report["replicas"] = digests({ALL_RANKS: prints})
+            prints = {ALL_RANKS: fingerprints(replicated)}
+            report["replicas"] = digests(prints)
     except Exception as exc:
         error = exc
 
     def write_manifest(statuses: dict[int, dict]) -> dict | None:
         """Rank 0, once every rank's file is written: the manifest that vouches for the set, unless the copies of
         the tensors every rank holds whole differ (then: which ranks to ask for their fingerprints)."""
-        ask = to_ask({rank: status.get("replicas", {}) for rank, status in statuses.items()})
-        if ask:
-            return {"ask": [rank for rank in ask]}
+        recheck = replicas_to_check(statuses)
+        if recheck:
+            return recheck
         files = [{"rank": r, **{k: s[k] for k in ("name", "size", "sha256")}} for r, s in sorted(statuses.items())]
         manifest = {"format": FORMAT, "run_id": run_id, "world_size": ranks.world_size, "files": files}
         try:
@@ -209,9 +194,8 @@ def save_shards(
 
     try:
         recheck = rdv.agree("done", report, own=error, decide=write_manifest)
-        if recheck:
-            mine = prints if ranks.rank in recheck["ask"] else {}
-            rdv.agree("replicas", {"prints": mine}, decide=_check_replicas)
+        if recheck:  # the same check as at the start (`shardsave.ranks.handshake`), with the shard set's message
+            compare_replicas(rdv, prints, recheck, written=True)
     except SaveError as exc:
         if ranks.rank == 0:
             remove_file(directory / RUN_MARKER)

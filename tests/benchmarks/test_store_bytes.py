@@ -1,7 +1,7 @@
-"""What a save's start puts through the store at hundreds of ranks (threads as ranks, `agree_start` itself, on a
-store that counts bytes; benchmarks/store_bytes.py): one digest per rank and replica group instead of a fingerprint
-per run, the fingerprints asked for only when a group's copies differ (and the error still names the run), and a
-pipeline's union deleted from the store once every rank has read it."""
+"""What a save's start puts through the store at hundreds of ranks (threads as ranks, the handshake's `start` itself,
+on a store that counts bytes; benchmarks/store_bytes.py): one digest per rank and replica group instead of a
+fingerprint per run, the fingerprints asked for only when a group's copies differ (and the error still names the
+run), and a pipeline's union deleted from the store once every rank has read it."""
 
 from __future__ import annotations
 

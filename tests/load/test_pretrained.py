@@ -155,7 +155,7 @@ def test_zero3_master_is_the_read_itself_when_unpadded():
     per-rank memory goal, <= 2x the share, benchmarks/load.py); a padded partition still gets a zero-filled one."""
     from types import SimpleNamespace
 
-    from shardsave.load import pretrained as load_module
+    from shardsave.load import writes as load_module
 
     files = SimpleNamespace(read=lambda key, start, stop: torch.arange(start, stop, dtype=torch.float32))
     for numel, padded in ((8, 8), (7, 8)):
@@ -164,11 +164,11 @@ def test_zero3_master_is_the_read_itself_when_unpadded():
             ds_id=0, ds_numel=numel, ds_tensor=torch.zeros(padded), data=torch.empty(0), requires_grad=True,
             _z3_optimizer=object(),
         )  # fmt: skip
-        (write,) = load_module._zero3_writes(collector, "w", param, files, "w")
+        (write,) = load_module.zero3_writes(collector, "w", param, files, "w")
         assert write.master.tolist() == [*range(numel), *[0.0] * (padded - numel)]
         assert (write.master.data_ptr() == write.value.data_ptr()) == (numel == padded)
         del param._z3_optimizer  # an engine without an optimizer: its partition only
-        (write,) = load_module._zero3_writes(collector, "w", param, files, "w")
+        (write,) = load_module.zero3_writes(collector, "w", param, files, "w")
         assert write.master is None and write.value.tolist() == list(range(numel))
 
 
@@ -178,15 +178,15 @@ def test_zero3_partitions_that_cannot_be_written_in_place_are_named():
     wrong size, a gather in flight. The 2-rank refusal is in tests/load/test_load_guards.py."""
     from types import SimpleNamespace
 
-    from shardsave.load import pretrained as load_module
+    from shardsave.load import writes as load_module
 
     def param(status="NOT_AVAILABLE", location=None, numel=4):
         partition = torch.zeros(numel)
         partition.ds_numel, partition.final_location = 4, location
         return SimpleNamespace(ds_tensor=partition, ds_status=SimpleNamespace(name=status))
 
-    assert load_module._zero3_unwritable(param()) is None
-    assert load_module._zero3_unwritable(param("AVAILABLE")) is None  # gathered: written with its full copy
-    assert "offloaded to NVMe" in load_module._zero3_unwritable(param(location=SimpleNamespace(value="nvme")))
-    assert "placeholder" in load_module._zero3_unwritable(param(numel=1))
-    assert "in flight" in load_module._zero3_unwritable(param("INFLIGHT"))
+    assert load_module.zero3_unwritable(param()) is None
+    assert load_module.zero3_unwritable(param("AVAILABLE")) is None  # gathered: written with its full copy
+    assert "offloaded to NVMe" in load_module.zero3_unwritable(param(location=SimpleNamespace(value="nvme")))
+    assert "placeholder" in load_module.zero3_unwritable(param(numel=1))
+    assert "in flight" in load_module.zero3_unwritable(param("INFLIGHT"))

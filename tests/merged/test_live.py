@@ -163,7 +163,7 @@ def _q_proj_merge(dora: bool):
 def test_every_input_of_a_merge_is_moved_to_the_merge_device(monkeypatch, dora):
     """A base run on one device (a GPU shard) and factors on another (the host) are merged on one device: the
     result's bits then depend on that device alone. 'meta' stands in for the device the inputs are not on."""
-    from shardsave.merged import live as merged_save
+    from shardsave.merged import exchange as merged_save
 
     base, steps, tensors = _q_proj_merge(dora)
     devices, real = [], merged_save.merge_tensor
@@ -220,7 +220,7 @@ def test_reading_back_finds_a_range_that_did_not_hold(tmp_path, monkeypatch):
     import zlib
 
     from shardsave import SaveError
-    from shardsave.merged import live as merged_save
+    from shardsave.merged import parallel as merged_save
 
     monkeypatch.setattr(merged_save, "_READ_CHUNK", 7)  # ranges over several chunks
     data = os.urandom(100)

@@ -11,7 +11,9 @@ import pytest
 import torch.distributed as dist
 from threads import CountingStore, run_ranks
 
-from shardsave.ranks.rendezvous import MissingRanksError, Ranks, RemoteError, Rendezvous, SaveError
+from shardsave.errors import MissingRanksError, RemoteError, SaveError
+from shardsave.ranks.identity import Ranks
+from shardsave.ranks.rendezvous import Rendezvous
 
 
 def one_save(store, world: int, generation: int, *, timeout=30.0):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from shardsave.ranks.collect.sharded import pick_device
-from shardsave.ranks.rendezvous import group_timeout, resolve_timeout
+from shardsave.ranks.identity import group_timeout, resolve_timeout
 
 CPU, CUDA0, CUDA3, CUDA5 = (torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 3),
                             torch.device("cuda", 5))  # fmt: skip

@@ -8,8 +8,10 @@ from peft import LoraConfig
 from tiny import peft_model
 
 import shardsave
-from shardsave.ranks.rendezvous import Ranks, Rendezvous, SaveError
-from shardsave.save.gathered import run_gather
+from shardsave.errors import SaveError
+from shardsave.ranks.handshake import run_gather
+from shardsave.ranks.identity import Ranks
+from shardsave.ranks.rendezvous import Rendezvous
 
 
 def test_gather_state_dict_returns_copies_not_live_parameters():

@@ -30,7 +30,7 @@ def calls_recover(rank, world, out: Path, params):
     fails with a RuntimeError; then every rank saves twice (FSDP2), and rank 0 writes PEFT's own save."""
     from backends import wrap
 
-    import shardsave.save.gathered as save_module
+    import shardsave.ranks.handshake as handshake
 
     timeout = params["timeout"]
     wrapped, _ = wrap(lora_model(params), "fsdp2")
@@ -40,15 +40,15 @@ def calls_recover(rank, world, out: Path, params):
             _attempt(steps, f"alone{who}", lambda: shardsave.save_pretrained(wrapped, out / "lone", timeout=timeout))
         dist.barrier()
 
-    original = save_module._decide_start
+    original = handshake._decide_start
     if rank == 0:
 
         def broken(statuses):
             raise RuntimeError("rank 0's decision failed")
 
-        save_module._decide_start = broken
+        handshake._decide_start = broken
     _attempt(steps, "decide", lambda: shardsave.save_pretrained(wrapped, out / "broken", timeout=3 * timeout))
-    save_module._decide_start = original
+    handshake._decide_start = original
 
     for n in (1, 2):
         _attempt(steps, f"save{n}", lambda n=n: shardsave.save_pretrained(wrapped, out / f"ours{n}", timeout=30))

@@ -53,7 +53,8 @@ def merged_failures(rank, world, out: Path, params):
     from backends import wrap
     from pipeline import cut_stage
 
-    import shardsave.merged.live as merged_save
+    import shardsave.merged.exchange as exchange
+    import shardsave.merged.parallel as parallel
     import shardsave.ranks.collect.staged as staged
     from shardsave.ranks.collect.sharded import ShardedCollector
 
@@ -95,25 +96,25 @@ def merged_failures(rank, world, out: Path, params):
 
     cases = {
         "factors_prepare": (1, ShardedCollector, "prepare_gather", fail(MemoryError("injected: no memory")), {}),
-        "factors_sent": (1, merged_save, "run_gather", sent_then_failed, {"parallel_write": False}),
-        "merge": (1, merged_save, "merge_on", fail(RuntimeError("injected: merge failed")), {"parallel_write": False}),
-        "merge_parallel": (1, merged_save, "merge_on", fail(RuntimeError("injected: merge failed")), {}),
-        "zeros": (1, merged_save.os, "pwrite", zeros, {}),
-        "fuse_writer": (0, merged_save, "filesystem_type", lambda real, path: "fuse.gcsfuse", {}),
-        "fuse_rank1": (1, merged_save, "filesystem_type", lambda real, path: "fuse.gcsfuse", {}),
+        "factors_sent": (1, exchange, "run_gather", sent_then_failed, {"parallel_write": False}),
+        "merge": (1, exchange, "merge_on", fail(RuntimeError("injected: merge failed")), {"parallel_write": False}),
+        "merge_parallel": (1, exchange, "merge_on", fail(RuntimeError("injected: merge failed")), {}),
+        "zeros": (1, parallel.os, "pwrite", zeros, {}),
+        "fuse_writer": (0, parallel, "filesystem_type", lambda real, path: "fuse.gcsfuse", {}),
+        "fuse_rank1": (1, parallel, "filesystem_type", lambda real, path: "fuse.gcsfuse", {}),
     }
     for case in params["cases"]:
         victim, owner, name, replacement, kwargs = cases[case]
-        real_pwrite = merged_save.os.pwrite
+        real_pwrite = parallel.os.pwrite
         pwrites.clear()
-        merged_save.os.pwrite = counting(real_pwrite)  # os itself: every pwrite of this process is counted
+        parallel.os.pwrite = counting(real_pwrite)  # os itself: every pwrite of this process is counted
         undo = _once(owner, name, replacement, call=2 if name == "merge_on" else 1) if rank == victim else None
         try:
             results[case] = _outcome(lambda kwargs=kwargs: save(**kwargs))
         finally:
             if undo is not None:
                 undo()
-            merged_save.os.pwrite = real_pwrite
+            parallel.os.pwrite = real_pwrite
         results[case]["pwrites"] = len(pwrites)
         results[case]["after"] = {p.name: p.read_bytes().hex() for p in target.iterdir()} == json.loads(
             (out / "first.json").read_text()
@@ -190,11 +191,12 @@ def _merged_disk_full(wrapped, folder: Path, rank: int, *, parallel: bool) -> No
     rank 1's while every rank writes its runs into the staged files. Every rank raises, nothing is published,
     the previous folder stays as it was."""
     import errno
+    import os
 
-    from shardsave.merged import live as merged_save
+    from shardsave.merged import exchange as merged_exchange
 
     name = "pwrite" if parallel else "write_streaming"
-    owner = merged_save.os if parallel else merged_save
+    owner = os if parallel else merged_exchange
     real, calls = getattr(owner, name), []
 
     def full(*args, **kwargs):

@@ -1,13 +1,16 @@
-"""One collector per way of holding parameters; `collector_for` picks the one a model needs."""
+"""One collector per way of holding parameters; `collector_for` picks the one a model needs. Beside them: the
+collector of a model whose ranks hold different parts (`staged_collector`), and that of tensors computed from
+another collector's (`DerivedCollector`: `save_merged`'s merged weights)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from shardsave.ranks.collect.base import Collector, TensorInfo
+from shardsave.ranks.collect.derived import DerivedCollector
 from shardsave.ranks.collect.local import LocalCollector
 from shardsave.ranks.collect.sharded import TransferError
-from shardsave.ranks.rendezvous import Ranks
+from shardsave.ranks.identity import Ranks
 
 __all__ = [
     "Collector",
@@ -17,6 +20,8 @@ __all__ = [
     "collector_for",
     "describe_stage",
     "staged_collector",
+    "check_readable",
+    "DerivedCollector",
 ]
 
 
@@ -76,3 +81,16 @@ def staged_collector(inner: Collector, union: dict, ranks: Ranks) -> Collector:
     from shardsave.ranks.collect.staged import StagedCollector
 
     return StagedCollector(inner, union["tensors"], union["runs"], ranks.rank, ranks.world_size)
+
+
+def check_readable(collector: Collector, names: list[str], rank: int) -> None:
+    """Read (as views) this rank's part of every tensor of `names`, so that a state in which it cannot be read
+    (inside FSDP1's `summon_full_params`, ZeRO-3 NVMe offload) fails while planning, on every rank alike, rather than
+    in the middle of the gather."""
+    for name in dict.fromkeys(collector.primary(n) for n in names):
+        pieces = collector.slices(name)
+        if pieces is None:
+            collector.whole(name)
+        for piece in pieces or ():
+            if piece.rank == rank and piece.stop > piece.start:
+                collector.local(name, piece)

@@ -23,7 +23,7 @@ __all__ = ["FSDP1Collector"]
 
 
 @dataclass(frozen=True, slots=True)
-class _Run:
+class _FlatPlace:
     """Where one original parameter lives inside its unit's flat parameter."""
 
     flat: nn.Parameter
@@ -52,7 +52,7 @@ class FSDP1Collector(ShardedCollector):
         for raw, _ in root.named_modules(remove_duplicate=False):
             order.setdefault(canonical_name(raw), len(order))
 
-        self._runs: dict[str, _Run] = {}
+        self._places: dict[str, _FlatPlace] = {}
         infos: dict[str, TensorInfo] = {}
         keys: dict[str, tuple] = {}  # state-dict position: (module in pre-order, params before buffers, index)
         for raw_path, module in root.named_modules():
@@ -70,7 +70,7 @@ class FSDP1Collector(ShardedCollector):
             shard = int(flat._sharded_size[0]) if group is not None else 0
             for index, (fqn, shape, offset) in enumerate(zip(flat._fqns, flat._shapes, offsets, strict=True)):
                 name = canonical_name(_join(raw_path, fqn))
-                self._runs[name] = _Run(flat, offset, shard, group, groups)
+                self._places[name] = _FlatPlace(flat, offset, shard, group, groups)
                 infos[name] = TensorInfo(tuple(shape), flat.dtype, bool(flat.requires_grad))
                 keys[name] = (order.get(name.rpartition(".")[0], len(order)), 0, index)
             for spi in flat._shared_param_infos:
@@ -84,7 +84,7 @@ class FSDP1Collector(ShardedCollector):
         for position, (name, tensor, is_param) in enumerate(state_entries(root)):
             if _is_flat_param(tensor):
                 continue
-            if name in self._runs or name in self._aliases:  # use_orig_params=True: a sharded view
+            if name in self._places or name in self._aliases:  # use_orig_params=True: a sharded view
                 registered_grad[name] = bool(tensor.requires_grad)
                 continue
             self._tensors[name] = tensor
@@ -98,69 +98,69 @@ class FSDP1Collector(ShardedCollector):
         self._infos = {name: infos[name] for name in sorted(infos, key=keys.__getitem__)}
 
     def _slices(self, name: str) -> list[Slice] | None:
-        run = self._runs.get(name)
-        if run is None or run.group_ranks is None:
+        place = self._places.get(name)
+        if place is None or place.group_ranks is None:
             return None
-        groups = sorted(run.groups)  # the same order on every rank
+        groups = sorted(place.groups)  # the same order on every rank
         shift = zlib.crc32(name.encode())
-        ranges = enumerate(self._ranges(name, run))
+        ranges = enumerate(self._ranges(name, place))
         return [Slice(groups[(i + shift) % len(groups)][i], lo, hi) for i, (lo, hi) in ranges if hi > lo]
 
-    def _ranges(self, name: str, run: _Run) -> list[tuple[int, int]]:
+    def _ranges(self, name: str, place: _FlatPlace) -> list[tuple[int, int]]:
         """Elements of `name` in each shard of its flat parameter (shard i: the i-th rank of a shard group)."""
         numel = math.prod(self._infos[name].shape)
         out = []
-        for i in range(len(run.group_ranks)):
-            lo = max(run.offset, i * run.shard)
-            hi = min(run.offset + numel, (i + 1) * run.shard)
-            out.append((lo - run.offset, max(hi, lo) - run.offset))
+        for i in range(len(place.group_ranks)):
+            lo = max(place.offset, i * place.shard)
+            hi = min(place.offset + numel, (i + 1) * place.shard)
+            out.append((lo - place.offset, max(hi, lo) - place.offset))
         return out
 
     def own(self, name: str) -> list[Slice]:
-        run = self._runs.get(name)
-        if run is None or run.group_ranks is None:
+        place = self._places.get(name)
+        if place is None or place.group_ranks is None:
             return []
-        lo, hi = self._ranges(name, run)[self._group_index(run)]
+        lo, hi = self._ranges(name, place)[self._group_index(place)]
         return [Slice(self.rank, lo, hi)] if hi > lo else []
 
     def replicated(self, name: str) -> bool:
-        run = self._runs.get(name)
-        return run is not None and len(run.groups) > 1
+        place = self._places.get(name)
+        return place is not None and len(place.groups) > 1
 
     def held_by(self, name: str, rank: int) -> list[tuple[int, int]]:
-        run = self._runs.get(name)
-        if run is None or len(run.groups) < 2:
+        place = self._places.get(name)
+        if place is None or len(place.groups) < 2:
             return []
-        k = next((g.index(rank) for g in run.groups if rank in g), None)
-        lo, hi = (0, 0) if k is None else self._ranges(name, run)[k]
+        k = next((g.index(rank) for g in place.groups if rank in g), None)
+        lo, hi = (0, 0) if k is None else self._ranges(name, place)[k]
         return [(lo, hi)] if hi > lo else []
 
     def holders(self, name: str, run: Slice) -> tuple[int, ...]:
         """HYBRID_SHARD: shard `k` of every replica's shard group holds the same range: those ranks."""
-        groups = self._runs[name].groups
+        groups = self._places[name].groups
         k = next(g.index(self.rank) for g in groups if self.rank in g)
         return tuple(sorted(g[k] for g in groups))
 
     def local(self, name: str, piece: Slice) -> torch.Tensor:
-        run = self._runs[name]
-        shard = run.flat.data
-        if shard.numel() != run.shard:
+        place = self._places[name]
+        shard = place.flat.data
+        if shard.numel() != place.shard:
             raise RuntimeError(
                 f"{name}: the FSDP1 flat parameter holds {shard.numel()} elements on this rank, expected its "
-                f"{run.shard}-element shard; do not save inside summon_full_params() or a forward pass."
+                f"{place.shard}-element shard; do not save inside summon_full_params() or a forward pass."
             )
-        begin = run.offset + piece.start - self._group_index(run) * run.shard
+        begin = place.offset + piece.start - self._group_index(place) * place.shard
         return shard[begin : begin + piece.stop - piece.start]
 
-    def _group_index(self, run: _Run) -> int:
-        return run.group_ranks.index(self.rank)
+    def _group_index(self, place: _FlatPlace) -> int:
+        return place.group_ranks.index(self.rank)
 
     def whole(self, name: str) -> torch.Tensor:
-        run = self._runs.get(name)
-        if run is None:
+        place = self._places.get(name)
+        if place is None:
             return self._tensors[name]
         numel = math.prod(self._infos[name].shape)
-        return run.flat.data[run.offset : run.offset + numel].view(self._infos[name].shape)
+        return place.flat.data[place.offset : place.offset + numel].view(self._infos[name].shape)
 
 
 def _hybrid_groups(module, own: tuple[int, ...], world_size: int, where: str) -> tuple[tuple[int, ...], ...]:

@@ -48,6 +48,7 @@ from shardsave.compat import hf_saved_keys
 from shardsave.log import logger
 from shardsave.merged.offline import split_files, write_model_files
 from shardsave.plan.keys import plan_choices
+from shardsave.plan.merge_steps import PEFT_PREFIX, MergeRefused, Step, plan_merge
 from shardsave.plan.ranges import Slice
 from shardsave.plan.structure import Layout, build_layout, find_peft_model, peel
 from shardsave.ranks.collect import Collector, TensorInfo, collector_for, describe_stage, staged_collector
@@ -58,7 +59,7 @@ from shardsave.save.gathered import agree_start, run_gather
 from shardsave.storage.filesystems import filesystem_type, parallel_safe
 from shardsave.storage.local import check_destination, check_path_argument, discard, publish, stage_directory
 from shardsave.storage.streaming import TensorSpec, file_layout, file_order, write_streaming
-from shardsave.tensors.merge_math import PEFT_PREFIX, MergeRefused, Step, merge_tensor, plan_merge
+from shardsave.tensors.merge_math import merge_tensor
 
 __all__ = ["save_merged", "MERGE_DEVICE", "merge_on", "decide_parallel"]
 

@@ -32,10 +32,11 @@ from shardsave.compat import hf_saved_keys
 from shardsave.errors import MergedError
 from shardsave.formats.adapter import AdapterFiles, AdapterFilesError, open_adapter
 from shardsave.log import logger
+from shardsave.plan.merge_steps import MergeRefused, Step, plan_merge
 from shardsave.plan.names import path_component
 from shardsave.storage.local import BackgroundSync, check_destination, publish
 from shardsave.storage.streaming import FileRange, TensorSpec, dtype_from_name, file_order, read_header, write_streaming
-from shardsave.tensors.merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
+from shardsave.tensors.merge_math import merge_dtype, merge_tensor
 
 __all__ = ["MergedError", "DTYPES", "merge_into", "split_files", "write_model_files"]
 

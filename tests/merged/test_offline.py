@@ -13,9 +13,9 @@ from safetensors import safe_open
 from tiny import base_model, files_under, logits, peft_model, randomize_trainable
 from transformers import AutoModelForCausalLM
 
+from shardsave.cli.merge import main
 from shardsave.merged.offline import merge_into
 from shardsave.plan import merge_steps
-from shardsave.save.stitch import main
 from shardsave.tensors import merge_math
 
 SHARD = "40KB"  # several shard files for the tiny model

@@ -50,6 +50,7 @@ from shardsave.merged.offline import split_files, write_model_files
 from shardsave.plan.keys import plan_choices
 from shardsave.plan.merge_steps import PEFT_PREFIX, MergeRefused, Step, plan_merge
 from shardsave.plan.ranges import Slice
+from shardsave.plan.skeleton import meta_model
 from shardsave.plan.structure import Layout, build_layout, find_peft_model, peel
 from shardsave.ranks.collect import Collector, TensorInfo, collector_for, describe_stage, staged_collector
 from shardsave.ranks.collect.sharded import ShardedCollector, Transfer, comm_device
@@ -130,9 +131,7 @@ def _live_config(config) -> dict:
 def _skeleton(hf_model):
     """The base model class on the meta device: its saved keys (tied copies left out, transformers' key conversion
     reverted) and parameter count, as `save_pretrained` of the merged model gives them."""
-    config = copy.deepcopy(hf_model.config)
-    with torch.device("meta"):
-        skeleton = type(hf_model)._from_config(config)
+    skeleton = meta_model(copy.deepcopy(hf_model.config), type(hf_model))
     conversions = getattr(hf_model, "_weight_conversions", None)
     if conversions is not None:
         skeleton._weight_conversions = conversions

@@ -160,7 +160,9 @@ def _adapters(
 def _model_skeleton(base: _Base, dtype: torch.dtype | None):
     """The model class `from_pretrained` would build, on the meta device: its keys in order, the tied ones, its
     parameter count, and the config and generation config it would save."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
+
+    from shardsave.plan.skeleton import meta_model
 
     try:
         config = AutoConfig.from_pretrained(str(base.folder))
@@ -171,8 +173,7 @@ def _model_skeleton(base: _Base, dtype: torch.dtype | None):
         if not isinstance(dtype, torch.dtype):
             dtype = next((s.dtype for s in base.specs.values() if s.dtype.is_floating_point), torch.float32)
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = meta_model(config, "AutoModelForCausalLM", dtype=dtype)
     except Exception as exc:
         raise MergedError(f"{base.folder}: not a causal language model transformers can build ({exc}).") from None
     generation = None

@@ -11,10 +11,10 @@ from shardsave.checks.verify import (
     Report,
     VerifyError,
     check_tensors,
-    main,
     verify_adapter,
     warn_findings,
 )
+from shardsave.cli.verify import main
 
 __all__ = ["VerifyError", "Finding", "AdapterSummary", "Report", "KINDS", "check_tensors", "warn_findings",
            "verify_adapter", "main"]  # fmt: skip

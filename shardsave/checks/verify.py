@@ -1,6 +1,7 @@
 """Check a saved PEFT adapter for the silent failures of distributed saves, before it is shipped or merged.
 
-    python -m shardsave.verify PATH [--base BASE] [--json] [--allow-pickle]
+The library behind `python -m shardsave.verify` (its command line is `shardsave.cli.verify`'s), which save,
+rescue and merge call on what they wrote.
 
 A save under ZeRO-3 or FSDP that went wrong rarely raises: it writes a 40-byte file of `(0,)`-shaped tensors,
 an adapter whose `lora_B` are all zero (merged == base), or one where only one rank's slice of every `lora_B`
@@ -12,13 +13,10 @@ made on the meta device (no weights are loaded, nothing is downloaded).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import re
 import shlex
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -37,6 +35,7 @@ from shardsave.formats.adapter import (
 )
 from shardsave.formats.shard_set import MANIFEST_NAME
 from shardsave.log import logger
+from shardsave.plan.merge_steps import pattern_key
 from shardsave.plan.names import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "warn_findings",
     "verify_adapter",
     "callback_adapter",
-    "main",
 ]
 
 PREFIX = "base_model.model."
@@ -165,11 +163,9 @@ def _tensors(path: Path, allow_pickle: bool) -> Iterator[tuple[str, torch.Tensor
 
 def _expected_rank(module: str, config: Mapping) -> int:
     pattern = config.get("rank_pattern") or {}
-    if pattern:
-        from peft.utils.other import get_pattern_key
-
-        hit = get_pattern_key(list(pattern), module)
-        if hit in pattern:
+    if pattern:  # PEFT's rule (`get_pattern_key`), shardsave's copy: verify without --base imports no peft
+        hit = pattern_key(pattern, module)
+        if hit is not None:
             return int(pattern[hit])
     return int(config["r"])
 
@@ -565,47 +561,3 @@ def warn_findings(findings: Sequence[Finding], where: str | os.PathLike) -> None
         "\n".join(lines),
         extra={"writer": True},
     )
-
-
-def _print_text(report: Report) -> None:
-    for adapter in report.adapters:
-        findings = [f for f in report.findings if f.adapter == adapter.name]
-        where = Path(adapter.directory, adapter.file)
-        state = "sound" if not findings else f"{len(findings)} problem(s)"
-        print(f"{where}: adapter {adapter.name!r}, {adapter.tensors} tensors: {state}")
-        for f in findings:
-            print(f"  [{f.kind}] {f.key or '(adapter)'}: {f.message}")
-    for note in report.notes:
-        print(f"note: {note}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m shardsave.verify",
-        description="Check a saved PEFT adapter folder (and its subfolders for non-default adapters) for empty, "
-        "sliced, all-zero, non-finite or misshapen tensors, keys PEFT would not load, and (with --base) tensors the "
-        "base model needs. Reads one tensor at a time; nothing is written or downloaded.",
-        epilog="Exit status: 0 sound; 1 problems found (each named with its key); 2 unreadable (no config, a "
-        "truncated or corrupt file, a refused pickle, a base that cannot be found).",
-    )
-    parser.add_argument("path", help="the adapter folder (holds adapter_config.json)")
-    parser.add_argument("--base", help="base model: a local folder with config.json, or a Hub id in the local cache")
-    parser.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="read an adapter_model.bin (with torch.load(weights_only=True)); refused otherwise",
-    )
-    args = parser.parse_args(argv)
-    try:
-        report = verify_adapter(args.path, base=args.base, allow_pickle=args.allow_pickle)
-    except VerifyError as exc:
-        if args.json:
-            print(json.dumps({"path": args.path, "base": args.base, "sound": False, "error": str(exc)}, indent=2))
-        print(f"shardsave.verify: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        _print_text(report)
-    return 0 if report.sound else 1

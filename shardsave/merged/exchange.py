@@ -15,13 +15,14 @@ import torch.distributed as dist
 
 from shardsave.errors import SaveError
 from shardsave.merged.planning import MergedPlan, model_files
+from shardsave.plan.merge_steps import Step
 from shardsave.ranks.collect import Collector, DerivedCollector, TensorInfo
 from shardsave.ranks.collect.sharded import comm_device
 from shardsave.ranks.handshake import await_writer, run_gather, writer_done
 from shardsave.ranks.rendezvous import Rendezvous
 from shardsave.storage.local import publish
 from shardsave.storage.streaming import write_streaming
-from shardsave.tensors.merge_math import Step, merge_tensor
+from shardsave.tensors.merge_math import merge_tensor
 
 __all__ = ["MERGE_DEVICE", "merge_on", "MergedRuns", "full_factors", "Exchange", "stream", "write_error"]
 

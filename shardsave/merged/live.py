@@ -2,7 +2,7 @@
 `peft_model.merge_and_unload().save_pretrained(...)` writes it, without unsharding the model anywhere.
 
 Every rank plans from metadata alone (`shardsave.merged.planning`: the same collectors and key plan as
-`save_pretrained`, `merge_math`'s steps, the Hugging Face key list and file split from a meta-device skeleton), and
+`save_pretrained`, `plan.merge_steps`' steps, the Hugging Face key list and file split from a meta-device skeleton), and
 all agree on it through the handshake every call runs (`shardsave.ranks.handshake`). Only the LoRA factors (and
 token deltas) are gathered and broadcast; each rank merges the runs of the base weights it holds, on their device,
 into fresh buffers (the live model is never modified). Where every rank sees the folder the writer staged, each

@@ -35,11 +35,12 @@ from shardsave.formats.hf_model import (
     write_model_files,
 )
 from shardsave.log import logger
+from shardsave.plan.merge_steps import MergeRefused, Step, plan_merge
 from shardsave.storage.files import remove_scratch, scratch_directory
 from shardsave.storage.local import check_destination, check_overwrite, publish
 from shardsave.storage.streaming import FileRange, TensorSpec, file_order, write_streaming
 from shardsave.storage.sync import BackgroundSync
-from shardsave.tensors.merge_math import MergeRefused, Step, merge_dtype, merge_tensor, plan_merge
+from shardsave.tensors.merge_math import merge_dtype, merge_tensor
 
 __all__ = ["MergedError", "merge_into"]
 
@@ -75,7 +76,9 @@ def _adapters(
 def _model_skeleton(base: ModelFiles, dtype: torch.dtype | None):
     """The model class `from_pretrained` would build, on the meta device: its keys in order, the tied ones, its
     parameter count, and the config and generation config it would save."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
+
+    from shardsave.plan.skeleton import meta_model
 
     try:
         config = AutoConfig.from_pretrained(str(base.folder))
@@ -86,8 +89,7 @@ def _model_skeleton(base: ModelFiles, dtype: torch.dtype | None):
         if not isinstance(dtype, torch.dtype):
             dtype = next((s.dtype for s in base.specs.values() if s.dtype.is_floating_point), torch.float32)
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = meta_model(config, "AutoModelForCausalLM", dtype=dtype)
     except Exception as exc:
         raise MergedError(f"{base.folder}: not a causal language model transformers can build ({exc}).") from None
     generation = None

@@ -1,6 +1,6 @@
 """What every rank of `save_merged` plans from metadata alone, before anything moves (`MergedPlan`): the saved
 keys and files of the merged model (from a meta-device skeleton, as `save_pretrained` of the merged model gives
-them), each key's live source and merge steps (`shardsave.tensors.merge_math`), the LoRA factors the steps use,
+them), each key's live source and merge steps (`shardsave.plan.merge_steps`), the LoRA factors the steps use,
 and the DoRA tensors that must be merged whole on the writer. The plan is the handshake's request
 (`shardsave.ranks.handshake.WriterRequest`).
 """
@@ -19,6 +19,8 @@ import torch
 from shardsave.compat import hf_saved_keys
 from shardsave.formats.hf_model import split_files, write_model_files
 from shardsave.plan.keys import plan_choices
+from shardsave.plan.merge_steps import PEFT_PREFIX, MergeRefused, Step, plan_merge
+from shardsave.plan.skeleton import meta_model
 from shardsave.plan.structure import Layout, build_layout, find_peft_model, peel
 from shardsave.ranks.collect import Collector, collector_for, describe_stage, staged_collector
 from shardsave.ranks.handshake import WriterRequest
@@ -26,7 +28,6 @@ from shardsave.ranks.identity import Ranks
 from shardsave.ranks.replicas import ALL_RANKS, fingerprints, held_prints
 from shardsave.storage.local import check_destination
 from shardsave.storage.streaming import TensorSpec, file_order
-from shardsave.tensors.merge_math import PEFT_PREFIX, MergeRefused, Step, plan_merge
 
 __all__ = ["MergedPlan", "plan_merged", "split_rows", "write_order", "model_files"]
 
@@ -97,9 +98,7 @@ def _live_config(config) -> dict:
 def _skeleton(hf_model):
     """The base model class on the meta device: its saved keys (tied copies left out, transformers' key conversion
     reverted) and parameter count, as `save_pretrained` of the merged model gives them."""
-    config = copy.deepcopy(hf_model.config)
-    with torch.device("meta"):
-        skeleton = type(hf_model)._from_config(config)
+    skeleton = meta_model(copy.deepcopy(hf_model.config), type(hf_model))
     conversions = getattr(hf_model, "_weight_conversions", None)
     if conversions is not None:
         skeleton._weight_conversions = conversions

@@ -10,6 +10,12 @@ model's structure, built on the meta device (`shardsave.plan.skeleton`): the sam
 (`shardsave.plan.keys`). Only those tensors are read (`shardsave.formats.dcp`, `shardsave.formats.deepspeed`); the
 base model's weights are never loaded. Everything is checked before anything is written; the output is
 published atomically.
+
+Every rescue builds that skeleton, so every rescue imports peft and transformers (the only job of
+`python -m shardsave.merge` that does): the checkpoint's names alone do not say which frozen layers PEFT saves
+with the adapter (a resized or targeted embedding), which shapes the config implies on the base (the fit
+checks), nor what PEFT writes into adapter_config.json and the model card (`render_texts` renders them with
+PEFT's own writers, from the model's classes).
 """
 
 from __future__ import annotations

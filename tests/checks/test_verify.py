@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from tiny import assert_same_files, base_model, llama_config, peft_model, train_a_little, with_adapters
 
 import shardsave
-from shardsave.checks.verify import KINDS, VerifyError, check_tensors, main, verify_adapter, warn_findings
+from shardsave.checks.verify import KINDS, VerifyError, check_tensors, verify_adapter, warn_findings
+from shardsave.cli.verify import main
 from shardsave.plan.names import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]

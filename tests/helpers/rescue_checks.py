@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def rescue(*args) -> tuple[int, str]:
-    from shardsave.save.stitch import main
+    from shardsave.cli.merge import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

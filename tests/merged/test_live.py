@@ -149,7 +149,7 @@ def _q_proj_merge(dora: bool):
     from peft import LoraConfig, get_peft_model_state_dict
     from tiny import peft_model
 
-    from shardsave.tensors.merge_math import plan_merge
+    from shardsave.plan.merge_steps import plan_merge
 
     model = peft_model(LoraConfig(target_modules=["q_proj"], use_dora=dora))
     state = get_peft_model_state_dict(model)

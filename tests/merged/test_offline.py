@@ -13,8 +13,9 @@ from safetensors import safe_open
 from tiny import base_model, files_under, logits, peft_model, randomize_trainable
 from transformers import AutoModelForCausalLM
 
+from shardsave.cli.merge import main
 from shardsave.merged.offline import merge_into
-from shardsave.save.stitch import main
+from shardsave.plan import merge_steps
 from shardsave.tensors import merge_math
 
 SHARD = "40KB"  # several shard files for the tiny model
@@ -114,7 +115,7 @@ def test_element_ranges_equal_the_whole_tensor(dtype):
     a, b, m = torch.randn(3, 10, generator=gen), torch.randn(12, 3, generator=gen), torch.rand(12, generator=gen) + 1
     tensors = {("x", "A"): a.to(dtype), ("x", "B"): b.to(dtype), ("x", "M"): m.to(dtype)}
     for dora in (False, True):
-        step = merge_math.Step("x", "lora", "p", {"A": "A", "B": "B", **({"magnitude": "M"} if dora else {})}, 0.7)
+        step = merge_steps.Step("x", "lora", "p", {"A": "A", "B": "B", **({"magnitude": "M"} if dora else {})}, 0.7)
         whole = merge_math.merge_tensor(base.clone(), base.shape, [step], tensors)
         norms = {"x": merge_math.dora_weight_norm(step, base, merge_math.lora_delta(step, tensors))}
         for start, stop in ((0, 120), (5, 17), (20, 40), (33, 119), (0, 1)):
@@ -134,16 +135,16 @@ def test_plan_names_the_base_tensor_of_each_adapter_tensor():
             "base_model.model.model.embed_tokens.lora_embedding_A",
             "base_model.model.model.embed_tokens.lora_embedding_B",
             "base_model.model.lm_head.weight"]  # fmt: skip
-    with pytest.raises(merge_math.MergeRefused, match="DoRA on the embedding"):
-        merge_math.plan_adapter({"r": 4, "use_dora": True}, keys)
-    plan = merge_math.plan_adapter({"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 2}}, keys)
+    with pytest.raises(merge_steps.MergeRefused, match="DoRA on the embedding"):
+        merge_steps.plan_adapter({"r": 4, "use_dora": True}, keys)
+    plan = merge_steps.plan_adapter({"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 2}}, keys)
     assert [s.kind for s in plan["model.embed_tokens.weight"]] == ["replace", "embedding"]
     assert plan["lm_head.weight"][0].tensors == {"value": "base_model.model.lm_head.weight"}
     (q,) = plan["model.layers.0.self_attn.q_proj.weight"]
     assert q.dora and q.scaling == 4.0 and set(q.tensors) == {"A", "B", "magnitude"}
     for refused in ({"use_bdlora": True}, {"init_lora_weights": "pissa"}, {"peft_type": "IA3"}):
-        with pytest.raises(merge_math.MergeRefused):
-            merge_math.plan_adapter({"r": 4, **refused}, keys[:2])
+        with pytest.raises(merge_steps.MergeRefused):
+            merge_steps.plan_adapter({"r": 4, **refused}, keys[:2])
 
 
 def test_bad_inputs_exit_2_and_publish_nothing(tmp_path, capsys):

@@ -15,11 +15,12 @@ from peft import LoraConfig
 from tiny import base_model, files_under, peft_model
 
 import shardsave
+from shardsave.cli.merge import main
 from shardsave.formats.adapter import AdapterFilesError
 from shardsave.formats.shard_set import sha256_of
 from shardsave.merged.offline import MergedError, merge_into
 from shardsave.plan.names import adapter_dir, is_path_component
-from shardsave.save.stitch import ShardSetError, main
+from shardsave.save.stitch import ShardSetError
 
 QV = ["q_proj", "v_proj"]
 

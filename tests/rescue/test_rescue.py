@@ -181,7 +181,7 @@ def test_trainer_zero3_checkpoint_rescued_in_place(tmp_path):
     from multirank import check_ok, run_ranks
     from safetensors.torch import load_file, save_file
 
-    from shardsave.checks.verify import main as verify_main
+    from shardsave.cli.verify import main as verify_main
 
     results = run_ranks("trainer_zero3", tmp_path, limit=500)
     check_ok(results)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from rescue_checks import rescue, same_files
 
-from shardsave.checks.verify import main as verify_main
+from shardsave.cli.verify import main as verify_main
 from shardsave.formats.dcp import dcp_tensors
 from shardsave.rescue.checkpoint import key_format
 

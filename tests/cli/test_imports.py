@@ -1,0 +1,62 @@
+"""Each CLI job imports what it needs, and no more: stitching a shard set and `verify` without `--base` import
+neither peft nor transformers, `--into` with an adapter folder imports no peft (the base model's class, from
+transformers, gives the keys and files its `save_pretrained` writes), and only the rescue imports both (PEFT's
+structure of the adapter on the base). Each job runs in a fresh interpreter on tiny inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig
+from tiny import base_model, peft_model
+
+import shardsave
+
+ROOT = Path(__file__).resolve().parents[2]
+QV = ["q_proj", "v_proj"]
+
+SCRIPT = """
+import sys
+from shardsave.cli.{cli} import main
+code = main(sys.argv[1:])
+print("peft" in sys.modules, "transformers" in sys.modules, code, sep="|")
+"""
+
+
+def imported(cli: str, *args) -> tuple[bool, bool]:
+    """Whether `python -m shardsave.<cli> ARGS` imported (peft, transformers); it must succeed."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(cli=cli), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peft, transformers, code = proc.stdout.strip().splitlines()[-1].split("|")
+    assert code == "0", proc.stderr[-3000:]
+    return peft == "True", transformers == "True"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A shard set, the adapter folder, and the base model folder it was trained on."""
+    root = tmp_path_factory.mktemp("imports")
+    base_model().save_pretrained(root / "base")
+    model = peft_model(LoraConfig(target_modules=QV, rank_pattern={"q_proj": 4}))
+    model.save_pretrained(root / "adapter")
+    shardsave.save_shards(model, root / "shards")
+    return root
+
+
+def test_stitching_shards_imports_neither_peft_nor_transformers(saved, tmp_path):
+    assert imported("merge", saved / "shards", "-o", tmp_path / "out", "--no-progress") == (False, False)
+
+
+def test_verify_without_base_imports_neither_peft_nor_transformers(saved):
+    assert imported("verify", saved / "adapter") == (False, False)  # rank_pattern: shardsave's own rule
+
+
+def test_merge_into_from_an_adapter_folder_imports_no_peft(saved, tmp_path):
+    peft, _ = imported("merge", saved / "adapter", "--into", saved / "base", "-o", tmp_path / "merged")
+    assert not peft

@@ -27,6 +27,10 @@ __all__ = [
     "peft_rules",
     "peft_model_tags",
     "hf_saved_keys",
+    "HF_PLAIN_CAUSAL_LM",
+    "HF_TIED_HEAD",
+    "HF_LEGACY_RENAMES",
+    "transformers_version",
 ]
 
 PEFT_OLDEST = "0.15.0"  # pyproject.toml's floor: the oldest release whose files the parity tests reproduce
@@ -119,3 +123,41 @@ def hf_saved_keys(model) -> list[str]:
         ) from None
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     return list(revert_weight_conversion(model, state))
+
+
+#: Model types whose base `merge --into` may describe from its files alone (`shardsave.formats.hf_base`): model
+#: type -> the class `AutoModelForCausalLM` builds for it. transformers 5 converts none of their weights on load
+#: (no checkpoint conversion mapping for the type or the classes), and their only tied weight is the head.
+#: tests/formats/test_hf_base.py checks every entry against the installed transformers.
+HF_PLAIN_CAUSAL_LM = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+
+#: The tied key of those classes and its source, as `all_tied_weights_keys` holds it with tie_word_embeddings.
+HF_TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
+
+#: The source patterns of transformers 5's "legacy" renamings, applied to every model on load (and reverted on
+#: save): a base key matching one is converted, so the files alone do not describe it (checked by the same test).
+HF_LEGACY_RENAMES = (
+    "LayerNorm.gamma",
+    "LayerNorm.beta",
+    ".weight_g",
+    ".weight_v",
+    r"^model\.language_model\.model",
+    r"^language_model\.model\.model",
+)
+
+
+def transformers_version() -> str | None:
+    """The installed transformers' version, from its metadata (transformers is not imported); None if absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None

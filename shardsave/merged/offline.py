@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from shardsave.compat import hf_saved_keys
 from shardsave.errors import MergedError
 from shardsave.formats.adapter import AdapterFiles, AdapterFilesError, open_adapter
+from shardsave.formats.hf_base import GENERATION_CONFIG, describe_plain_base
 from shardsave.formats.hf_model import (
     DTYPES,
     MODEL_CONFIG,
@@ -36,7 +38,7 @@ from shardsave.formats.hf_model import (
 )
 from shardsave.log import logger
 from shardsave.plan.merge_steps import MergeRefused, Step, plan_merge
-from shardsave.storage.files import remove_scratch, scratch_directory
+from shardsave.storage.files import remove_scratch, scratch_directory, write_text
 from shardsave.storage.local import check_destination, check_overwrite, publish
 from shardsave.storage.streaming import FileRange, TensorSpec, file_order, write_streaming
 from shardsave.storage.sync import BackgroundSync
@@ -71,6 +73,71 @@ def _adapters(
         except AdapterFilesError as exc:
             raise MergedError(str(exc)) from None
     return out
+
+
+#: Whether a base the files alone describe is merged without transformers (tests switch it off to compare).
+_DESCRIBE_FROM_FILES = True
+
+
+@dataclass
+class _Base:
+    """What the merge needs of the base model's class: the keys `save_pretrained` writes (in its order where
+    `model` is the class built), every weight's shape, the tied keys, the merged dtype, the parameter count and
+    the config files."""
+
+    keys: list[str]
+    shapes: dict[str, tuple]
+    tied: dict[str, str]
+    dtype: torch.dtype
+    parameters: Callable[[], int] | None  # the parameter count (the index's), where the class is built
+    write_configs: Callable[[Path, dict | None], None]  # (staging folder, the shards' index)
+    model: object | None = None  # the class built on the meta device, or None (described from the files)
+
+
+def _describe(files: ModelFiles, dtype: torch.dtype | None) -> _Base:
+    """The base from its files alone where they prove what transformers would write (no transformers imported:
+    `shardsave.formats.hf_base`), else from its class built by transformers."""
+    plain = describe_plain_base(files, dtype) if _DESCRIBE_FROM_FILES else None
+    if plain is None:
+        return _described_by_class(files, dtype)
+
+    def write_configs(tmp: Path, index: dict | None) -> None:
+        assert index is None, "an output described from the files is one file"  # the order is not known
+        write_text(tmp / MODEL_CONFIG, plain.config_text)
+        write_text(tmp / GENERATION_CONFIG, plain.generation_text)
+
+    return _Base(plain.keys, plain.shapes, plain.tied, plain.dtype, None, write_configs)
+
+
+def _described_by_class(files: ModelFiles, dtype: torch.dtype | None) -> _Base:
+    """The base from its class, built on the meta device by transformers; refuses weights that do not fit it."""
+    model, out_dtype, generation = _model_skeleton(files, dtype)
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    written = _saved_keys(model)
+    missing = [k for k in written if k not in files.specs]
+    if missing:
+        raise MergedError(
+            f"{files.folder}: lacks {missing[:3]} ({len(missing)} of the model's tensors); a partial or foreign "
+            f"checkpoint. Pass a complete model folder."
+        )
+    wrong = [k for k in written if files.specs[k].shape != shapes[k]]
+    if wrong:
+        raise MergedError(f"{files.folder}: {wrong[0]} is {list(files.specs[wrong[0]].shape)}, the config makes it "
+                          f"{list(shapes[wrong[0]])}; the weights do not fit config.json.")  # fmt: skip
+
+    def write_configs(tmp: Path, index: dict | None) -> None:
+        write_model_files(tmp, model.config, dtype=out_dtype, architecture=type(model).__name__,
+                          generation=generation, index=index)  # fmt: skip
+
+    return _Base(written, shapes, tied, out_dtype, model.num_parameters, write_configs, model)
+
+
+def _output_specs(base: _Base, files: ModelFiles) -> dict[str, TensorSpec]:
+    """The merged weights, in the order `save_pretrained` writes them: floating ones in the merged dtype."""
+    stored = files.specs
+    return {k: TensorSpec(base.shapes[k], base.dtype if stored[k].dtype.is_floating_point else stored[k].dtype)
+            for k in base.keys}  # fmt: skip
 
 
 def _model_skeleton(base: ModelFiles, dtype: torch.dtype | None):
@@ -184,20 +251,8 @@ def merge_into(
         if destination == given or destination in given.parents or given in destination.parents:
             raise MergedError(f"{destination}: overlaps {given}; write the merged model elsewhere.")
     files = read_model_files(base_path, allow_pickle=allow_pickle, error=MergedError)
-    model, out_dtype, generation = _model_skeleton(files, DTYPES[dtype])
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    written = _saved_keys(model)
-    missing = [k for k in written if k not in files.specs]
-    if missing:
-        raise MergedError(
-            f"{base_path}: lacks {missing[:3]} ({len(missing)} of the model's tensors); a partial or foreign "
-            f"checkpoint. Pass a complete model folder."
-        )
-    wrong = [k for k in written if files.specs[k].shape != shapes[k]]
-    if wrong:
-        raise MergedError(f"{base_path}: {wrong[0]} is {list(files.specs[wrong[0]].shape)}, the config makes it "
-                          f"{list(shapes[wrong[0]])}; the weights do not fit config.json.")  # fmt: skip
+    base = _describe(files, DTYPES[dtype])
+    written = base.keys
 
     scratch = scratch_directory(".shardsave-merge-", near=destination.parent)
     try:
@@ -208,10 +263,13 @@ def merge_into(
         except MergeRefused as exc:
             raise MergedError(f"{source_path}: {exc}") from None
         owner = dict(zip(names, adapters, strict=True))
-        _check_fit(plan, shapes, tied, adapters, owner)
-        specs = {k: TensorSpec(shapes[k], out_dtype if files.specs[k].dtype.is_floating_point else files.specs[k].dtype)
-                 for k in written}  # fmt: skip
-        shards, index = split_files(specs, max_shard_size, model.num_parameters())
+        _check_fit(plan, base.shapes, base.tied, adapters, owner)
+        specs = _output_specs(base, files)
+        shards, index = split_files(specs, max_shard_size, base.parameters() if base.parameters else 0)
+        if index is not None and base.model is None:  # sharded: the split follows save_pretrained's key order
+            base = _described_by_class(files, DTYPES[dtype])  # the same keys, shapes and tied ones (tested)
+            specs, written = _output_specs(base, files), base.keys
+            shards, index = split_files(specs, max_shard_size, base.parameters())
         adapter_tensors = _adapter_tensors(plan, owner, specs)
 
         def copied(key: str) -> bool:  # the bytes as stored, copied by the kernel
@@ -245,8 +303,7 @@ def merge_into(
             return ahead.take(key)
 
         def fill(tmp: Path) -> None:
-            write_model_files(tmp, model.config, dtype=out_dtype, architecture=type(model).__name__,
-                              generation=generation, index=index)  # fmt: skip
+            base.write_configs(tmp, index)
             with BackgroundSync() as sync:
                 for filename, keys in shards.items():
                     write_streaming(tmp / filename, {k: specs[k] for k in keys}, produce, metadata={"format": "pt"})

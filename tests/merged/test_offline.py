@@ -14,6 +14,8 @@ from tiny import base_model, files_under, logits, peft_model, randomize_trainabl
 from transformers import AutoModelForCausalLM
 
 from shardsave.cli.merge import main
+from shardsave.formats.hf_base import describe_plain_base
+from shardsave.merged import offline
 from shardsave.merged.offline import merge_into
 from shardsave.plan import merge_steps
 from shardsave.tensors import merge_math
@@ -21,7 +23,7 @@ from shardsave.tensors import merge_math
 SHARD = "40KB"  # several shard files for the tiny model
 
 
-def _reference(base_dir: Path, adapter_dir: Path, out: Path, names=("default",), dtype=None) -> torch.nn.Module:
+def _reference(base_dir: Path, adapter_dir: Path, out: Path, names=("default",), dtype=None, shard=SHARD):
     """What the issue compares against: PEFT's load + merge_and_unload + save_pretrained."""
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), **({"dtype": dtype} if dtype else {}))
     model = PeftModel.from_pretrained(base, str(adapter_dir if names[0] == "default" else adapter_dir / names[0]),
@@ -29,7 +31,7 @@ def _reference(base_dir: Path, adapter_dir: Path, out: Path, names=("default",),
     for name in names[1:]:
         model.load_adapter(str(adapter_dir / name), adapter_name=name)
     merged = model.merge_and_unload(adapter_names=list(names))
-    merged.save_pretrained(str(out), max_shard_size=SHARD)
+    merged.save_pretrained(str(out), max_shard_size=shard)
     return merged
 
 
@@ -75,6 +77,7 @@ CASES = {
     "trainable_tokens": (LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 7, 11]), {}),
     "embedding": (LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]), {}),
     "lora_bias": (LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True), {"bias": True}),
+    "tied": (LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), {"tie": True}),
 }
 
 
@@ -89,6 +92,69 @@ def test_offline_merge_writes_what_peft_writes(tmp_path, case, dtype):
     if dtype is None:  # the output loads and gives the merged model's logits
         loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"))
         torch.testing.assert_close(logits(loaded), logits(merged), atol=0, rtol=0)
+
+
+@pytest.fixture
+def described(monkeypatch):
+    """Each base's description in the merges that follow: True from its files alone, False by its class."""
+    seen = []
+
+    def spy(files, dtype):
+        found = describe_plain_base(files, dtype)
+        seen.append(found is not None)
+        return found
+
+    monkeypatch.setattr(offline, "describe_plain_base", spy)
+    return seen
+
+
+def _by_class(monkeypatch, merge) -> None:
+    """`merge()` with the base described by its transformers class, as before the files-only path."""
+    with monkeypatch.context() as patch:
+        patch.setattr(offline, "_DESCRIBE_FROM_FILES", False)
+        merge()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_unsharded_merge_without_transformers_writes_the_same_bytes(tmp_path, monkeypatch, described, case, dtype):
+    """An unsharded output of a base the files describe: merged without building the class, it equals the merge
+    that builds it, and PEFT's own merge_and_unload().save_pretrained(), byte for byte (then --dtype)."""
+    config, kwargs = CASES[case]
+    base_dir, adapter_dir = _setup(tmp_path, config, dtype=dtype, **kwargs)
+    merged = _reference(base_dir, adapter_dir, tmp_path / "theirs", shard="1GB")
+    merge_into(adapter_dir, base_dir, tmp_path / "fast", max_shard_size="1GB")
+    _by_class(monkeypatch, lambda: merge_into(adapter_dir, base_dir, tmp_path / "class", max_shard_size="1GB"))
+    assert described == [True]
+    _assert_same(tmp_path / "fast", tmp_path / "class")
+    _assert_same(tmp_path / "fast", tmp_path / "theirs")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fast"))
+    merged_logits = logits(merged.float()) if dtype is not None else logits(merged)
+    torch.testing.assert_close(logits(loaded.float()), merged_logits, atol=0, rtol=0)
+    cli = [str(adapter_dir), "--into", str(base_dir), "--dtype", "float16", "--max-shard-size", "1GB", "-o"]
+    assert main([*cli, str(tmp_path / "fast16")]) == 0
+    _by_class(monkeypatch, lambda: main([*cli, str(tmp_path / "class16")]))
+    assert described == [True, True]
+    _assert_same(tmp_path / "fast16", tmp_path / "class16")
+
+
+def test_sharded_output_is_described_by_the_class(tmp_path, described):
+    """A sharded output needs save_pretrained's key order, which the files do not hold: the class is built."""
+    base_dir, adapter_dir = _setup(tmp_path, CASES["lora"][0])
+    merge_into(adapter_dir, base_dir, tmp_path / "ours", max_shard_size=SHARD)
+    assert described == [True] and len(files_under(tmp_path / "ours")) > 3  # described, then built for the order
+
+
+def test_tied_head_changed_is_refused_either_way(tmp_path, monkeypatch, described, capsys):
+    base_dir, adapter_dir = _setup(tmp_path, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                                   tie=True)  # fmt: skip
+    cli = [str(adapter_dir), "--into", str(base_dir), "-o", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main(cli) == 2
+    fast = capsys.readouterr().err
+    _by_class(monkeypatch, lambda: main(cli))
+    assert described == [True] and "ties to" in fast and capsys.readouterr().err == fast
+    assert not (tmp_path / "out").exists()
 
 
 def test_two_adapters_merged_together(tmp_path):

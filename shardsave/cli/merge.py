@@ -8,7 +8,8 @@ adapter into a base model's weights (`--into`).
 Argument parsing over the library calls (`shardsave.save.stitch.merge_shards`,
 `shardsave.rescue.rescue_adapter`, `shardsave.merged.offline.merge_into`), with the errors reported in one
 place. Each job imports what it needs when it runs: stitching a shard set and merging an adapter folder import
-neither peft nor transformers; only the rescue builds the model's structure with them.
+neither peft nor transformers (transformers only for a base its files do not describe, or a sharded output:
+`shardsave.formats.hf_base`); only the rescue builds the model's structure with them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Each CLI job imports what it needs, and no more: stitching a shard set and `verify` without `--base` import
-neither peft nor transformers, `--into` with an adapter folder imports no peft (the base model's class, from
-transformers, gives the keys and files its `save_pretrained` writes), and only the rescue imports both (PEFT's
-structure of the adapter on the base). Each job runs in a fresh interpreter on tiny inputs."""
+neither peft nor transformers, `--into` with an adapter folder imports no peft, and no transformers either where
+the base's files describe it (`shardsave.formats.hf_base`: an unsharded output of a plain causal LM saved by the
+installed transformers; else the base model's class, from transformers, gives the keys and files its
+`save_pretrained` writes), and only the rescue imports both (PEFT's structure of the adapter on the base). Each
+job runs in a fresh interpreter on tiny inputs."""
 
 from __future__ import annotations
 
@@ -60,3 +62,16 @@ def test_verify_without_base_imports_neither_peft_nor_transformers(saved):
 def test_merge_into_from_an_adapter_folder_imports_no_peft(saved, tmp_path):
     peft, _ = imported("merge", saved / "adapter", "--into", saved / "base", "-o", tmp_path / "merged")
     assert not peft
+
+
+def test_merge_into_a_plain_base_imports_neither_peft_nor_transformers(saved, tmp_path):
+    """A tiny Llama saved by the installed transformers, merged into one file: described from its files."""
+    out = tmp_path / "merged"
+    assert imported("merge", saved / "adapter", "--into", saved / "base", "-o", out) == (False, False)
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_merge_into_a_sharded_output_imports_transformers_but_no_peft(saved, tmp_path):
+    """A sharded output follows save_pretrained's key order, which only the class knows."""
+    args = ("--into", saved / "base", "-o", tmp_path / "merged", "--max-shard-size", "40KB")
+    assert imported("merge", saved / "adapter", *args) == (False, True)

@@ -10,6 +10,11 @@ The arithmetic is `shardsave.tensors.merge_math`'s (PEFT's). Only the adapter is
 merged and written alone (tensors the adapter does not change are copied by the kernel), so memory stays
 around twice the largest tensor plus the adapter. Everything is checked before anything is written; the
 output is published atomically (`shardsave.storage.local.publish`).
+
+What the base model's class decides (the keys save_pretrained writes and their order, the tied ones, the config
+files) comes from its files alone where they prove it (`shardsave.formats.hf_base`: a plain causal LM saved by the
+installed transformers, merged into one file), and transformers is not imported; otherwise from the class built
+on the meta device by transformers (`_described_by_class`). Both give the same bytes (tests/merged/test_offline.py).
 """
 
 from __future__ import annotations

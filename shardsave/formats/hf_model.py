@@ -128,7 +128,13 @@ def split_files(specs: dict[str, TensorSpec], max_shard_size: int | str, total_p
     """The shard files `save_pretrained` splits `specs` (in save order) into, `{file: [keys]}` (huggingface_hub's
     split), and the index it writes beside them (None when unsharded)."""
     from huggingface_hub import split_torch_state_dict_into_shards
+    from huggingface_hub.serialization._base import parse_size_to_int
 
+    limit = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    if specs and sum(s.nbytes for s in specs.values()) <= limit:
+        # all in one file, as huggingface_hub's greedy split puts them in any order; its size check would import
+        # torch.distributed.tensor (for DTensor, 0.5-1 s), which none of these meta tensors is
+        return {_SAFE: list(specs)}, None
     split = split_torch_state_dict_into_shards(
         {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()},
         filename_pattern="model{suffix}.safetensors",

@@ -119,3 +119,23 @@ def test_what_the_files_do_not_prove_is_left_to_the_class(tmp_path):
     del files.specs["model.layers.1.mlp.up_proj.weight"]
     assert describe_plain_base(files, None) is None
     assert not any(re.search(p, k) for k in files.specs for p in HF_LEGACY_RENAMES)
+
+
+def test_split_of_an_output_that_fits_one_file_is_huggingface_hubs():
+    """`split_files` answers an output within max_shard_size itself (huggingface_hub's size check imports
+    torch.distributed.tensor): the same files, keys and (no) index as huggingface_hub's split, at the edges."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from shardsave.formats.hf_model import split_files
+    from shardsave.storage.streaming import TensorSpec
+
+    specs = {f"t{i}": TensorSpec((i + 1, 4), torch.float32 if i % 2 else torch.bfloat16) for i in range(6)}
+    total = sum(s.nbytes for s in specs.values())
+    for size in (total - 1, total, total + 1, "1GB", "1KB", 16):
+        split = split_torch_state_dict_into_shards(
+            {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()},
+            filename_pattern="model{suffix}.safetensors",
+            max_shard_size=size,
+        )
+        shards, index = split_files(specs, size, 99)
+        assert shards == dict(split.filename_to_tensors) and (index is None) == (not split.is_sharded), size

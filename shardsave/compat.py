@@ -4,6 +4,8 @@ shardsave reproduces PEFT's files byte for byte, so what PEFT writes is a functi
 the package asks here (by feature, never by version number), and this module either looks the answer up in the
 installed PEFT or switches on its version. `check_peft` runs before the first save or load: a PEFT older than
 `PEFT_OLDEST` is refused, one newer than the newest tested release series gets a warning naming the tested range.
+Likewise for transformers 5: how its `save_pretrained` writes a base model's keys (`hf_saved_keys`), and the model
+types whose bases need none of its weight conversions (`HF_PLAIN_CAUSAL_LM`, checked against it by a test).
 """
 
 from __future__ import annotations

@@ -101,17 +101,18 @@ def describe_plain_base(files: ModelFiles, dtype: torch.dtype | None) -> PlainBa
 
 def _has_class_layout(shapes: dict[str, tuple], config: dict, tie: bool) -> bool:
     """Whether the keys are those of the class's `save_pretrained`: the embedding, final norm and (untied) head at
-    the top, and `num_hidden_layers` layers holding the same names; the embedding `vocab_size` x `hidden_size`."""
+    the top, and `num_hidden_layers` layers holding the same names and shapes; the embedding `vocab_size` x
+    `hidden_size`."""
     layers, per_layer = config.get("num_hidden_layers"), {}
     top = {_EMBED, _NORM} | (set() if tie else {HF_TIED_HEAD[0]})
     if not isinstance(layers, int) or {k for k in shapes if not k.startswith(_LAYERS)} != top:
         return False
-    for key in shapes:
+    for key, shape in shapes.items():
         if key.startswith(_LAYERS):
             index, _, name = key[len(_LAYERS) :].partition(".")
-            per_layer.setdefault(index, set()).add(name)
+            per_layer.setdefault(index, set()).add((name, shape))
     if set(per_layer) != {str(i) for i in range(layers)} or len({frozenset(v) for v in per_layer.values()}) > 1:
-        return False
+        return False  # a layer missing, extra, or unlike the others (in names or shapes)
     embedding = (config.get("vocab_size"), config.get("hidden_size"))
     return shapes[_EMBED] == embedding and (tie or shapes[HF_TIED_HEAD[0]] == embedding)
 

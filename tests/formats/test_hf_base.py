@@ -116,6 +116,9 @@ def test_what_the_files_do_not_prove_is_left_to_the_class(tmp_path):
     files.specs["model.layers.0.input_layernorm.weight_g"] = files.specs["model.norm.weight"]
     assert describe_plain_base(files, None) is None  # a legacy renaming would apply (and the layers differ)
     del files.specs["model.layers.0.input_layernorm.weight_g"]
+    up = files.specs["model.layers.1.mlp.up_proj.weight"]
+    files.specs["model.layers.1.mlp.up_proj.weight"] = type(up)((65, 32), up.dtype)
+    assert describe_plain_base(files, None) is None  # a layer unlike the others
     del files.specs["model.layers.1.mlp.up_proj.weight"]
     assert describe_plain_base(files, None) is None
     assert not any(re.search(p, k) for k in files.specs for p in HF_LEGACY_RENAMES)

@@ -48,6 +48,7 @@ from shardsave.log import logger
 from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
 from shardsave.plan.names import adapter_dir
 from shardsave.plan.structure import build_layout
+from shardsave.rescue.fast import plan_without_skeleton
 from shardsave.storage.files import remove_scratch, scratch_directory, write_bytes, write_files
 from shardsave.storage.local import check_destination, check_overwrite, publish, replace_adapter_files
 from shardsave.storage.reads import read_bytes
@@ -265,10 +266,20 @@ def _adapter_names_in(names) -> set[str]:
 
 @dataclass(slots=True)
 class _Plan:
-    peft_model: object
     plans: list[AdapterPlan]
     sources: dict[str, str]  # model name -> checkpoint name, for every tensor to write
-    card: Path | None
+    texts: Callable[[], dict[str, bytes]]  # the card and configs by relative path
+    configs: Callable[[], dict[str, dict]]  # adapter name -> its config as PeftConfig.to_dict() gives it
+
+
+def _skeleton_plan(peft_model, plans: list[AdapterPlan], mapping: dict[str, str], card: Path | None) -> _Plan:
+    names = [p.adapter_name for p in plans]
+    return _Plan(
+        plans,
+        mapping,
+        lambda: render_texts(peft_model, names, card),
+        lambda: {name: peft_model.peft_config[name].to_dict() for name in names},
+    )
 
 
 def _skeleton(base_cfg, configs: dict, name_or_path: str | None, where: str):
@@ -301,6 +312,9 @@ def _plan_for(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | Non
     (accelerate saves the active one), taken to be the root config's (`default`) if that fits, else the first
     adapter folder whose config fits; which one is logged."""
     if fmt == "model":
+        fast = plan_without_skeleton(checkpoint.tensors, configs, base, fmt)
+        if fast is not None:
+            return _Plan(fast.plans, fast.sources, lambda: fast.texts, lambda: fast.configs)
         return _plan(checkpoint, configs, base, fmt)
     errors = []
     for name, path in sorted(configs.items(), key=lambda item: item[0] != "default"):
@@ -360,7 +374,7 @@ def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None, f
     _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes, fmt)
     folder = next(iter(configs.values())).parent
     card = folder / CARD_NAME if "default" in configs and (folder / CARD_NAME).is_file() else None
-    return _Plan(peft_model, plans, mapping, card)
+    return _skeleton_plan(peft_model, plans, mapping, card)
 
 
 def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes, fmt) -> None:
@@ -502,7 +516,7 @@ def rescue_adapter(
     except ValueError as exc:
         raise RescueError(str(exc)) from None
     cast = DTYPES[dtype]
-    texts = render_texts(plan.peft_model, [p.adapter_name for p in plan.plans], plan.card)
+    texts = plan.texts()
 
     def value(name: str) -> torch.Tensor:
         tensor = tensors[plan.sources[name]]
@@ -521,7 +535,7 @@ def rescue_adapter(
     else:
         publish(destination, fill)
     # what was rescued gets the checks a save gets: a checkpoint of an untrained or broken run shows here
-    configs_written = {p.adapter_name: plan.peft_model.peft_config[p.adapter_name].to_dict() for p in plan.plans}
+    configs_written = plan.configs()
     warn_findings(
         [f for name, adapter in by_adapter.items() for f in check_tensors(name, configs_written[name], adapter)],
         destination,

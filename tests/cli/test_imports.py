@@ -1,7 +1,8 @@
 """Each CLI job imports what it needs, and no more: stitching a shard set and `verify` without `--base` import
 neither peft nor transformers, `--into` with an adapter folder imports no peft (the base model's class, from
-transformers, gives the keys and files its `save_pretrained` writes), and only the rescue imports both (PEFT's
-structure of the adapter on the base). Each job runs in a fresh interpreter on tiny inputs."""
+transformers, gives the keys and files its `save_pretrained` writes), and the rescue of a LoRA on a Llama-family
+base from a DCP checkpoint imports neither (planned from metadata: shardsave.rescue.fast). Each job runs in a
+fresh interpreter on tiny inputs."""
 
 from __future__ import annotations
 
@@ -60,3 +61,15 @@ def test_verify_without_base_imports_neither_peft_nor_transformers(saved):
 def test_merge_into_from_an_adapter_folder_imports_no_peft(saved, tmp_path):
     peft, _ = imported("merge", saved / "adapter", "--into", saved / "base", "-o", tmp_path / "merged")
     assert not peft
+
+
+def test_rescue_of_a_dcp_lora_imports_neither_peft_nor_transformers(saved, tmp_path):
+    """The common rescue (a LoRA on a Llama, DCP) is planned from metadata alone (shardsave.rescue.fast)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = peft_model(LoraConfig(target_modules=QV, r=4))
+    folder = tmp_path / "checkpoint-3"
+    dcp.save(model.state_dict(), checkpoint_id=str(folder / "model"))
+    model.peft_config["default"].save_pretrained(str(folder))
+    got = imported("merge", folder, "-o", tmp_path / "out", "--base", saved / "base", "--no-progress")
+    assert got == (False, False)

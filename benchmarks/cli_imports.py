@@ -173,33 +173,39 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, help="resolve `shardsave` in this tree (PYTHONPATH and cwd)")
     parser.add_argument("--workdir", type=Path, help="keep the models here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    rows = "the rescue rows (import torch, rescue CLI, dcp_to_torch_save) or the --into rows only"
+    parser.add_argument("--only", choices=("all", "rescue", "into"), default="all", help=rows)
     args = parser.parse_args()
+    methods = {"all": METHODS, "rescue": ("import torch", "rescue CLI", "dcp_to_torch_save"),
+               "into": ("import torch", "merge --into", "peft merge")}[args.only]  # fmt: skip
     shape = dict(BASES[args.base])["large"]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cli-imports-"))
     work.mkdir(parents=True, exist_ok=True)
     adapter = prepare(work, shape)
-    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(args.repeat):  # interleaved: a shared machine's load spreads over every method
-        for method in METHODS:
+        for method in methods:
             runs[method].append(run(method, work, args.tree))
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("time", "rss")} for m, rs in runs.items()}
     floor = med["import torch"]
-    imports = {m: importtime(m, work, args.tree) for m in ("merge --into", "rescue CLI")}
+    imports = {m: importtime(m, work, args.tree) for m in ("merge --into", "rescue CLI") if m in methods}
     print(f"tree: {args.tree or 'cwd'}; base {args.base} large {shape}; adapter {adapter / MIB:.1f} MiB; "
           f"median of {args.repeat}")  # fmt: skip
     fastest = {m: min(r["time"] for r in rs) for m, rs in runs.items()}
     print(f"{'':20} {'wall s':>8} {'above torch s':>14} {'min wall s':>11} {'peak MiB':>9} {'above torch MiB':>16}")
-    for m in METHODS:
+    for m in methods:
         print(f"{m:20} {med[m]['time']:8.2f} {med[m]['time'] - floor['time']:14.2f} {fastest[m]:11.2f} "
               f"{med[m]['rss']:9.0f} {med[m]['rss'] - floor['rss']:16.0f}")  # fmt: skip
-    above = {m: med[m]["time"] - floor["time"] for m in METHODS}
-    into = above["peft merge"] / above["merge --into"]
-    rescue = above["dcp_to_torch_save"] / above["rescue CLI"]
-    memory = med["rescue CLI"]["rss"] - floor["rss"]
-    limit = (2 * adapter + 64 * MIB) / MIB
-    print(f"merge --into vs PEFT durable merge, above import torch: {into:.2f}x (goal >= 2x)")
-    print(f"rescue CLI vs dcp_to_torch_save + filtering, above import torch: {rescue:.2f}x (goal >= 5x)")
-    print(f"rescue CLI memory above import torch: {memory:.0f} MiB (goal <= {limit:.0f} MiB)")
+    above = {m: med[m]["time"] - floor["time"] for m in methods}
+    if "merge --into" in methods:
+        into = above["peft merge"] / above["merge --into"]
+        print(f"merge --into vs PEFT durable merge, above import torch: {into:.2f}x (goal >= 2x)")
+    if "rescue CLI" in methods:
+        rescue = above["dcp_to_torch_save"] / above["rescue CLI"]
+        memory = med["rescue CLI"]["rss"] - floor["rss"]
+        limit = (2 * adapter + 64 * MIB) / MIB
+        print(f"rescue CLI vs dcp_to_torch_save + filtering, above import torch: {rescue:.2f}x (goal >= 5x)")
+        print(f"rescue CLI memory above import torch: {memory:.0f} MiB (goal <= {limit:.0f} MiB)")
     for m, found in imports.items():
         print(f"importtime {m}: peft {found['peft']}, transformers {found['transformers']}; top-level "
               f"{found['total']:.2f} s: " + ", ".join(f"{n} {s:.2f}" for n, s in found["top"]))  # fmt: skip

@@ -5,7 +5,8 @@ PEFT writes a config read from adapter_config.json (`PeftConfig.from_pretrained`
 `peft_type`, fills an absent `peft_version`), then `save_pretrained`: `asdict` (less `runtime_config`), sets ->
 `list(set)`, `auto_mapping` added for a config with no task type, `json.dumps(indent=2, sort_keys=True)`. The card is
 `PeftModel.create_or_update_model_card` (huggingface_hub's `ModelCard` from its default template, or the card
-already there). `config_bytes` reproduces the config only for a JSON that holds every field of the installed
+already there), redone here with huggingface_hub's `ModelCardData`, its template and jinja2 (`_Card`).
+`config_bytes` reproduces the config only for a JSON that holds every field of the installed
 PEFT's LoraConfig (so no default is filled in) and whose values the `__post_init__` of the PEFT releases where
 `compat.PeftRules.config_from_json_known` holds leaves as they are (checked by `plan.predicted`); the caller
 falls back to PEFT's own writers otherwise. Which fields LoraConfig has is read from the installed PEFT's source
@@ -18,13 +19,11 @@ import ast
 import functools
 import importlib.util
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from shardsave.compat import installed_peft_version
-from shardsave.plan.names import CARD_NAME
-from shardsave.storage.files import remove_scratch, scratch_directory, write_bytes
-from shardsave.storage.reads import read_bytes
 
 __all__ = ["lora_fields", "to_dict", "config_bytes", "card_bytes"]
 
@@ -89,33 +88,76 @@ def config_bytes(config: Mapping, *, base_model_name_or_path: str | None, auto_m
     return json.dumps(out, indent=2, sort_keys=True).encode()
 
 
-def card_bytes(existing: bytes | None, *, name_or_path: str, causal_lm: bool, model_tags=()) -> bytes:
-    """`create_or_update_model_card`'s README.md for a LoRA PeftModel on a transformers model loaded from
-    `name_or_path`, unquantised (`existing`: the card already there)."""
-    from huggingface_hub import ModelCard, ModelCardData
+#: huggingface_hub's pattern of a card's YAML block (the Hub server's; `huggingface_hub.repocard.REGEX_YAML_BLOCK`)
+_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 
+
+def _line_ending(content: str) -> str | None:
+    """huggingface_hub's `_detect_line_ending`."""
+    cr, lf, crlf = content.count("\r"), content.count("\n"), content.count("\r\n")
+    if cr + lf == 0:
+        return None
+    if crlf == cr and crlf == lf:
+        return "\r\n"
+    return "\r" if cr > lf else "\n"
+
+
+class _Card:
+    """What PEFT's card writer does with huggingface_hub's `ModelCard` (load or render the default template, set
+    data, save), without `huggingface_hub.repocard`, whose import (its Hub API) costs ~0.5 s: the card's YAML
+    block parsed into `ModelCardData`, the text kept, written back with the original line endings."""
+
+    def __init__(self, content: str) -> None:
+        import yaml
+        from huggingface_hub.repocard_data import ModelCardData
+
+        self._content = content
+        match = _YAML_BLOCK.search(content)
+        if match is None:  # huggingface_hub logs a warning here: PEFT's own writer is used
+            raise ValueError("no metadata block")
+        self.text = content[match.end() :]
+        data = yaml.safe_load(match.group(2)) or {}
+        if not isinstance(data, dict):
+            raise ValueError("metadata block is not a dict")
+        self.data = ModelCardData(**data, ignore_metadata_errors=False)
+        self._order = list(data)
+
+    @classmethod
+    def from_template(cls) -> _Card:
+        import huggingface_hub
+        import jinja2
+        from huggingface_hub.repocard_data import ModelCardData
+
+        data = ModelCardData()
+        template = Path(huggingface_hub.__file__).parent / "templates" / "modelcard_template.md"
+        return cls(jinja2.Template(template.read_text(encoding="utf-8")).render(card_data=data.to_yaml(),
+                                                                                **data.to_dict()))  # fmt: skip
+
+    def __str__(self) -> str:
+        lb = _line_ending(self._content) or "\n"
+        return f"---{lb}{self.data.to_yaml(line_break=lb, original_order=self._order)}{lb}---{lb}{self.text}"
+
+
+def card_bytes(existing: bytes | None, *, name_or_path: str, causal_lm: bool, model_tags=()) -> bytes | None:
+    """`create_or_update_model_card`'s README.md for a LoRA PeftModel on a transformers model loaded from
+    `name_or_path`, unquantised (`existing`: the card already there); None for a card this writer does not
+    reproduce (no YAML block: huggingface_hub warns)."""
     version = installed_peft_version()
-    tmp = scratch_directory("shardsave-card-")
     try:
-        filename = tmp / CARD_NAME
-        if existing is not None:
-            write_bytes(filename, existing)
-        card = ModelCard.load(filename) if existing is not None else ModelCard.from_template(ModelCardData())
-        card.data["library_name"] = "peft"
-        tags = set(model_tags) | {"transformers", "lora", f"base_model:adapter:{name_or_path}"}
-        card.data["tags"] = sorted(tags)
-        if not card.data.pipeline_tag and causal_lm:
-            card.data.pipeline_tag = "text-generation"
-        card.data["base_model"] = name_or_path
-        lines = card.text.splitlines()
-        heading = "### Framework versions"
-        if f"- PEFT {version}" not in lines:
-            if heading in lines:
-                lines.insert(lines.index(heading) + 2, f"- PEFT {version}")
-            else:
-                lines.append(f"{heading}\n\n- PEFT {version}")
-        card.text = "\n".join(lines)
-        card.save(str(filename))
-        return read_bytes(filename)
-    finally:
-        remove_scratch(tmp)
+        card = _Card(existing.decode("utf-8-sig")) if existing is not None else _Card.from_template()
+    except ValueError:
+        return None
+    card.data["library_name"] = "peft"
+    card.data["tags"] = sorted(set(model_tags) | {"transformers", "lora", f"base_model:adapter:{name_or_path}"})
+    if not card.data.pipeline_tag and causal_lm:
+        card.data.pipeline_tag = "text-generation"
+    card.data["base_model"] = name_or_path
+    lines = card.text.splitlines()
+    heading = "### Framework versions"
+    if f"- PEFT {version}" not in lines:
+        if heading in lines:
+            lines.insert(lines.index(heading) + 2, f"- PEFT {version}")
+        else:
+            lines.append(f"{heading}\n\n- PEFT {version}")
+    card.text = "\n".join(lines)
+    return str(card).encode("utf-8")

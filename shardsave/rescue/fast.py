@@ -87,16 +87,21 @@ def plan_without_skeleton(
     if isinstance(predicted, str):
         return None
     texts = _texts(raws, dicts, configs, name_or_path or "", FAMILIES[model["model_type"]])
+    if texts is None:
+        return None
     return FastPlan(predicted.plans, predicted.sources, texts, dicts)
 
 
-def _texts(raws, dicts, configs: dict[str, Path], name_or_path: str, model_class: tuple[str, str]) -> dict:
-    """`formats.texts.render_texts`'s files for the skeleton these configs would build."""
+def _texts(raws, dicts, configs: dict[str, Path], name_or_path: str, model_class: tuple[str, str]) -> dict | None:
+    """`formats.texts.render_texts`'s files for the skeleton these configs would build (None: a card that only
+    PEFT's writer reproduces)."""
     folder = next(iter(configs.values())).parent
     card = folder / CARD_NAME if "default" in configs and (folder / CARD_NAME).is_file() else None
     causal = next(iter(raws.values())).get("task_type") == "CAUSAL_LM"
-    out = {CARD_NAME: card_bytes(None if card is None else read_bytes(card), name_or_path=name_or_path,
-                                 causal_lm=causal)}  # fmt: skip
+    rendered = card_bytes(None if card is None else read_bytes(card), name_or_path=name_or_path, causal_lm=causal)
+    if rendered is None:
+        return None
+    out = {CARD_NAME: rendered}
     for name, config in dicts.items():
         auto = None if config.get("task_type") is not None else {
             "base_model_class": model_class[0], "parent_library": model_class[1]

@@ -11,11 +11,25 @@ model's structure, built on the meta device (`shardsave.plan.skeleton`): the sam
 base model's weights are never loaded. Everything is checked before anything is written; the output is
 published atomically.
 
-Every rescue builds that skeleton, so every rescue imports peft and transformers (the only job of
-`python -m shardsave.merge` that does): the checkpoint's names alone do not say which frozen layers PEFT saves
-with the adapter (a resized or targeted embedding), which shapes the config implies on the base (the fit
-checks), nor what PEFT writes into adapter_config.json and the model card (`render_texts` renders them with
-PEFT's own writers, from the model's classes).
+Two paths give the same files (tests/rescue/test_rescue_paths.py and every rescue the tests make compare them
+byte for byte):
+
+- planned from metadata alone (`shardsave.rescue.fast`: neither peft nor transformers is imported, the rescue
+  costs a fraction of a second above `import torch`): the checkpoint's names are the PeftModel's (they name its
+  adapters: not PEFT's saved key format), the base model is a Llama-family decoder (model_type
+  llama, mistral, qwen2; untied, unquantised) whose config.json is local or cached, the installed PEFT is of the
+  0.21 series, and every adapter is a causal-LM or task-less LoRA written by it (every field present) that
+  targets the decoder's Linears only (a list or a regex; DoRA, rsLoRA, rank_pattern / alpha_pattern,
+  modules_to_save=["lm_head"] and several adapters included), with bias "none", no layer selection, no
+  trainable tokens, an initialisation that needs no base weights, no embedding targeted or resized, and
+  config.json's vocabulary the one PEFT's `save_embedding_layers="auto"` check compares with; the checkpoint's
+  adapter tensors are exactly the predicted ones, of the predicted shapes; an existing model card has a YAML
+  block;
+- anything else, and every refusal (a rescue that does not fit falls back first, so its error is the one the
+  skeleton path gives), builds PEFT's skeleton and imports peft and transformers: the checkpoint's names alone do
+  not say which frozen layers PEFT saves with the adapter (a resized or targeted embedding), which shapes the
+  config implies on another base, nor what another PEFT release writes into adapter_config.json and the card
+  (`render_texts` renders them with PEFT's own writers, from the model's classes).
 """
 
 from __future__ import annotations

@@ -110,6 +110,11 @@ def _unknown(config: Mapping) -> str | None:
     for field, allowed in _NEUTRAL.items():
         if config.get(field) not in allowed:
             return f"{field}={config.get(field)!r}"
+    for field, value in config.items():  # sub-configs: __post_init__ rebuilds them as dataclasses (new fields)
+        if field.endswith("_config") and field != "loftq_config" and value is not None:
+            return f"{field}={value!r}"
+    if config.get("loftq_config") not in (None, {}):  # reset to {} (with a warning) unless init is loftq
+        return "loftq_config"
     if config.get("init_lora_weights", True) not in _INIT:
         return "an initialisation that needs the base weights"
     target = config.get("target_modules")
@@ -166,7 +171,7 @@ def predict_plan(
             return plan
         plans.append(plan)
         sources.update({src: src for src in plan.entries.values()})
-    held = {n for n in checkpoint if lora.match(n) or ".modules_to_save." in n or "trainable_tokens" in n}
+    held = {n for n in checkpoint if ".lora_" in n or ".modules_to_save." in n or "trainable_tokens" in n}
     if held != set(sources):
         return "the checkpoint's adapter tensors are not the predicted ones"
     return Predicted(plans, sources)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from shardsave.compat import peft_rules
 from shardsave.formats.peft_json import card_bytes, config_bytes, to_dict
+from shardsave.log import logger
 from shardsave.plan.keys import AdapterPlan
 from shardsave.plan.names import CARD_NAME, CONFIG_NAME, adapter_dir
 from shardsave.plan.predicted import FAMILIES, predict_plan
@@ -62,33 +63,46 @@ def plan_without_skeleton(
     tensors: Mapping[str, tuple], configs: dict[str, Path], base: str | None, fmt: str | None
 ) -> FastPlan | None:
     """The rescue's plan and texts for `configs` (adapter name -> config file) on the checkpoint `tensors`
-    (canonical name -> (shape, dtype)), or None where only the skeleton path is known to give them."""
-    if fmt != "model" or os.environ.get(SKELETON_SWITCH) or not peft_rules().config_from_json_known:
+    (canonical name -> (shape, dtype)), or None where only the skeleton path is known to give them (why: logged
+    at debug level)."""
+    planned = _plan(tensors, configs, base, fmt)
+    if isinstance(planned, str):
+        logger.debug("the rescue builds PEFT's skeleton: %s", planned)
         return None
+    logger.debug("the rescue is planned from metadata alone (no PEFT skeleton)")
+    return planned
+
+
+def _plan(tensors: Mapping[str, tuple], configs: dict[str, Path], base: str | None, fmt: str | None):
+    if fmt != "model":
+        return "the checkpoint's names are not the PeftModel's"
+    if os.environ.get(SKELETON_SWITCH):
+        return f"{SKELETON_SWITCH} is set"
+    if not peft_rules().config_from_json_known:
+        return "the installed PEFT's config writer is not reproduced for its release"
     raws = {name: _json(path) for name, path in configs.items()}
     if any(raw is None for raw in raws.values()):
-        return None
+        return "an adapter config is not a JSON object"
     dicts = {name: to_dict(raw) for name, raw in raws.items()}
     if any(d is None for d in dicts.values()):
-        return None
-    first = next(iter(raws.values()))
-    name_or_path = first.get("base_model_name_or_path")
+        return "an adapter config does not hold exactly the installed PEFT's LoraConfig fields"
+    name_or_path = next(iter(raws.values())).get("base_model_name_or_path")
     if base is None and not name_or_path:
-        return None
+        return "no base model named"
     try:
         found = base_config_file(base if base is not None else name_or_path)
     except Exception:
-        return None
+        found = None
     model = _json(found) if isinstance(found, str) else None
     if model is None or not isinstance(model.get("vocab_size"), int):
-        return None
+        return "the base model's config.json is not on this machine, or has no vocab_size"
     alike = all(_vocab_checked_alike(raw, model["vocab_size"]) for raw in raws.values())
     predicted = predict_plan(model, raws, tensors, base_vocab_equal=alike)
     if isinstance(predicted, str):
-        return None
+        return predicted
     texts = _texts(raws, dicts, configs, name_or_path or "", FAMILIES[model["model_type"]])
     if texts is None:
-        return None
+        return "the existing model card has no YAML block"
     return FastPlan(predicted.plans, predicted.sources, texts, dicts)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -48,10 +49,11 @@ def peft_support(version: str) -> str | None:
     return None
 
 
-@functools.cache
 def installed_peft_version() -> str:
-    """The installed PEFT's version, from its distribution's metadata: asking costs no `import peft` (seconds)."""
-    return importlib.metadata.version("peft")
+    """The installed PEFT's version: `peft.__version__` once peft is imported, else its distribution's metadata
+    (asking costs no `import peft`, seconds)."""
+    imported = sys.modules.get("peft")
+    return imported.__version__ if imported is not None else importlib.metadata.version("peft")
 
 
 @functools.cache

@@ -4,7 +4,7 @@
     python benchmarks/cli_imports.py --tree /tmp/oldtree      # the same, with `shardsave` resolved in another tree
     python benchmarks/cli_imports.py --base smoke --repeat 1  # tiny: a smoke run
     python benchmarks/cli_imports.py --workdir /tmp/cb        # keeps the models: reruns skip their creation
-    python benchmarks/cli_imports.py --into-only              # only import torch, merge --into and PEFT's merge
+    python benchmarks/cli_imports.py --only into               # only import torch, merge --into and PEFT's merge
 
 Builds once (into --workdir): the "large" base of `bench_common.BASES` (Llama-shaped, ~220M parameters, fp32,
 built from a config: nothing downloaded) saved with `save_pretrained`; a LoRA adapter on q_proj, v_proj (3 MiB,
@@ -46,7 +46,6 @@ from bench_common import BASES, llama_config, lora_model  # noqa: E402
 
 MIB = 2**20
 METHODS = ("import torch", "merge --into", "peft merge", "rescue CLI", "dcp_to_torch_save")
-INTO_METHODS = METHODS[:3]
 
 PEFT_MERGE = r"""
 import os, sys
@@ -175,9 +174,11 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, help="resolve `shardsave` in this tree (PYTHONPATH and cwd)")
     parser.add_argument("--workdir", type=Path, help="keep the models here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--into-only", action="store_true", help="only the rows of merge --into (and import torch)")
+    rows = "the rescue rows (import torch, rescue CLI, dcp_to_torch_save) or the --into rows only"
+    parser.add_argument("--only", choices=("all", "rescue", "into"), default="all", help=rows)
     args = parser.parse_args()
-    methods = INTO_METHODS if args.into_only else METHODS
+    methods = {"all": METHODS, "rescue": ("import torch", "rescue CLI", "dcp_to_torch_save"),
+               "into": ("import torch", "merge --into", "peft merge")}[args.only]  # fmt: skip
     shape = dict(BASES[args.base])["large"]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cli-imports-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -197,9 +198,10 @@ def main() -> None:
         print(f"{m:20} {med[m]['time']:8.2f} {med[m]['time'] - floor['time']:14.2f} {fastest[m]:11.2f} "
               f"{med[m]['rss']:9.0f} {med[m]['rss'] - floor['rss']:16.0f}")  # fmt: skip
     above = {m: med[m]["time"] - floor["time"] for m in methods}
-    into = above["peft merge"] / above["merge --into"]
-    print(f"merge --into vs PEFT durable merge, above import torch: {into:.2f}x (goal >= 2x)")
-    if not args.into_only:
+    if "merge --into" in methods:
+        into = above["peft merge"] / above["merge --into"]
+        print(f"merge --into vs PEFT durable merge, above import torch: {into:.2f}x (goal >= 2x)")
+    if "rescue CLI" in methods:
         rescue = above["dcp_to_torch_save"] / above["rescue CLI"]
         memory = med["rescue CLI"]["rss"] - floor["rss"]
         limit = (2 * adapter + 64 * MIB) / MIB

@@ -11,6 +11,8 @@ types whose bases need none of its weight conversions (`HF_PLAIN_CAUSAL_LM`, che
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ __all__ = [
     "UnsupportedVersionError",
     "NewerThanTestedWarning",
     "check_peft",
+    "installed_peft_version",
     "peft_support",
     "PeftRules",
     "peft_rules",
@@ -50,6 +53,13 @@ def peft_support(version: str) -> str | None:
     if found.release[:2] > newest.release[:2]:
         return f"peft {version} is newer than shardsave was tested with (tested: {tested})"
     return None
+
+
+def installed_peft_version() -> str:
+    """The installed PEFT's version: `peft.__version__` once peft is imported, else its distribution's metadata
+    (asking costs no `import peft`, seconds)."""
+    imported = sys.modules.get("peft")
+    return imported.__version__ if imported is not None else importlib.metadata.version("peft")
 
 
 @functools.cache
@@ -87,20 +97,22 @@ class PeftRules:
     empty_base_name_is_none: bool
     """0.21: an empty base model name is written as null and skips the vocabulary check (before: "" is written
     and looked up like any other name)."""
+    config_from_json_known: bool
+    """0.21 only: `LoraConfig.__post_init__` read for what it does to a config loaded from JSON (the rescue's
+    writer without peft, `formats.peft_json`, reproduces it); other releases' configs go through PEFT."""
 
 
 def peft_rules(version: str | None = None) -> PeftRules:
     """The rules of PEFT `version` (default: the installed one). Pure for a given version."""
     if version is None:
-        import peft
-
-        version = peft.__version__
+        version = installed_peft_version()
     release = Version(version).release[:2]
     return PeftRules(
         embedding_target_by_module=release >= (0, 17),
         embedding_keys_by_prefix=release >= (0, 21),
         lora_only_saves_base_bias=release >= (0, 21),
         empty_base_name_is_none=release >= (0, 21),
+        config_from_json_known=release == (0, 21),
     )
 
 

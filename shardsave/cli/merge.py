@@ -9,7 +9,8 @@ Argument parsing over the library calls (`shardsave.save.stitch.merge_shards`,
 `shardsave.rescue.rescue_adapter`, `shardsave.merged.offline.merge_into`), with the errors reported in one
 place. Each job imports what it needs when it runs: stitching a shard set and merging an adapter folder import
 neither peft nor transformers (transformers only for a base its files do not describe, or a sharded output:
-`shardsave.formats.hf_base`); only the rescue builds the model's structure with them.
+`shardsave.formats.hf_base`), nor does the rescue of a LoRA it can plan from metadata alone
+(`shardsave.rescue.fast`); the other rescues build the model's structure with them.
 """
 
 from __future__ import annotations
@@ -107,20 +108,18 @@ def _refuse(args: argparse.Namespace, options: Sequence[str], why: str) -> None:
 
 
 @contextmanager
-def _structure_imports():
-    """The rescue builds the model's structure with peft and transformers: imported here, then their objects
-    moved out of the garbage collector's sight (`gc.freeze`, undone once the job is done: the interpreter's
-    exit frees them as usual), so that no full collection over them lands in the rescue (measured: ~250 ms of a
-    ~400 ms rescue). Only the jobs that rescue pay for these imports."""
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    gc.collect()
-    gc.freeze()
+def _no_collection():
+    """No garbage collection during a rescue (undone once the job is done: the interpreter's exit frees what it
+    built as usual): a rescue that builds PEFT's skeleton creates peft's and transformers' many objects, and a
+    full collection over them landed in the rescue (measured: ~250 ms of a ~400 ms rescue). Nothing is imported
+    here: the rescue planned from metadata (`shardsave.rescue.fast`) imports neither peft nor transformers."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def _adapter(args: argparse.Namespace) -> str:
@@ -150,7 +149,7 @@ def _adapter(args: argparse.Namespace) -> str:
 
         if args.initial_adapter is not None:
             raise ShardSetError("--initial-adapter converts shard sets; rescue the adapter first, then convert.")
-        with _structure_imports():
+        with _no_collection():
             out = rescue_adapter(
                 source.given,
                 args.output if args.output is not None else default_output(source.given),
@@ -167,8 +166,8 @@ def _adapter(args: argparse.Namespace) -> str:
 
 def _into(args: argparse.Namespace) -> str:
     """`--into BASE`: the merged full weights (`shardsave.merged.offline.merge_into`). An adapter folder or a shard
-    set is merged as it is; a framework checkpoint is rescued first, and only then are peft and transformers'
-    model structure imported."""
+    set is merged as it is; a framework checkpoint is rescued first (with peft and transformers only where the
+    rescue needs PEFT's skeleton)."""
     from shardsave.errors import RescueError
     from shardsave.formats.sources import detect_source
     from shardsave.merged.offline import merge_into
@@ -180,7 +179,7 @@ def _into(args: argparse.Namespace) -> str:
         rescues = detect_source(args.shards[0]).kind != "shards"
     except (RescueError, OSError):
         rescues = False  # an adapter folder (or nothing usable: merge_into says what)
-    with _structure_imports() if rescues else nullcontext():
+    with _no_collection() if rescues else nullcontext():
         out = merge_into(
             args.shards[0],
             args.into,

@@ -11,6 +11,10 @@ Safety: `.metadata` is unpickled with an allowlist of exactly the classes DCP wr
 dataclasses, `torch.Size`, dtypes, the layout helper, a `pathlib` path); anything else is refused before it is
 called, and an instance can only be filled in (pickle's BUILD) if it is of an allowlisted class. The chunks are
 read with `torch.load(weights_only=True)`.
+
+`dcp_tensors` of a folder fills inert stand-ins of those metadata classes (`_STAND_INS`: the same allowlist, the
+same checks) instead of DCP's own: importing `torch.distributed.checkpoint` (its package imports all of DCP)
+costs ~0.5-2 s, more than the rescue of a small adapter does; `read_dcp_metadata` returns DCP's own `Metadata`.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 from shardsave.errors import DCPError, UnsafeMetadataError
 from shardsave.plan.names import canonical_name
 from shardsave.storage.reads import file_size, open_binary
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 __all__ = [
     "METADATA_NAME",
@@ -114,18 +121,55 @@ _ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
+class _StandIn:
+    """An inert stand-in for one of DCP's metadata dataclasses: pickle's BUILD fills its `__dict__`."""
+
+
+class _TensorPropertiesStandIn(_StandIn):
+    def __setstate__(self, state) -> None:  # DCP's TensorProperties pickles a tuple (its memory format encoded)
+        self.dtype, self.layout, self.requires_grad, self.memory_format, self.pin_memory = state
+
+
+def _memory_format_stand_in(value):  # DCP's _MEM_FORMAT_ENCODING enum, called with its value
+    return value
+
+
+#: The fields DCP's dataclasses default (a pickled instance's state may lack them: the class attribute answers).
+_DEFAULTS = {
+    "MetadataIndex": {"offset": None, "index": None},
+    "Metadata": {"planner_data": None, "storage_data": None, "storage_meta": None, "version": None},
+    "_StorageInfo": {"transform_descriptors": None},
+}
+_STAND_INS: dict[str, object] = {
+    **{name: type(name, (_StandIn,), dict(_DEFAULTS.get(name, {}))) for name in _ALLOWED[_DCP_METADATA]
+       if name[0].isupper()},
+    "_StorageInfo": type("_StorageInfo", (_StandIn,), dict(_DEFAULTS["_StorageInfo"])),
+    "TensorProperties": type("TensorProperties", (_TensorPropertiesStandIn,), {}),
+    "_MEM_FORMAT_ENCODING": _memory_format_stand_in,
+    "MEM_FORMAT_ENCODING": _memory_format_stand_in,
+}  # fmt: skip
+_STAND_IN_MODULES = (
+    _DCP_METADATA,
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed._shard.sharded_tensor.metadata",
+)
+
+
 class _MetadataUnpickler(pickle._Unpickler):  # the Python implementation: its BUILD step can be checked
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file, path: Path) -> None:
+    def __init__(self, file, path: Path, *, stand_ins: bool = False) -> None:
         super().__init__(file)
         self._path = path
+        self._stand_ins = stand_ins
         self._buildable: set[type] = {OrderedDict}
 
     def find_class(self, module: str, name: str):
         allowed = module in _ALLOWED and name in _ALLOWED[module]
         found = None
-        if allowed or module == "torch":
+        if allowed and self._stand_ins and module in _STAND_IN_MODULES:
+            found = _STAND_INS[name]
+        elif allowed or module == "torch":
             try:
                 found = getattr(importlib.import_module(module), name)
             except (ImportError, AttributeError):
@@ -165,6 +209,10 @@ class _MetadataUnpickler(pickle._Unpickler):  # the Python implementation: its B
 
 def read_dcp_metadata(folder: str | os.PathLike) -> Metadata:
     """The checkpoint's `Metadata`, unpickled with an allowlist of DCP's own classes (see the module doc)."""
+    return _read_metadata(folder, stand_ins=False)
+
+
+def _read_metadata(folder: str | os.PathLike, *, stand_ins: bool):
     folder = Path(folder)
     path = folder / METADATA_NAME
     if not path.is_file():
@@ -175,19 +223,27 @@ def read_dcp_metadata(folder: str | os.PathLike) -> Metadata:
         )
     with open_binary(path) as f:
         try:
-            metadata = _MetadataUnpickler(f, path).load()
+            metadata = _MetadataUnpickler(f, path, stand_ins=stand_ins).load()
         except DCPError:
             raise
         except Exception as exc:
             raise DCPError(f"{path}: not a readable DCP metadata pickle ({type(exc).__name__}: {exc}).") from exc
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+    if not _is(metadata, "Metadata") or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
         raise DCPError(f"{path}: holds a {type(metadata).__name__}, not torch.distributed.checkpoint Metadata.")
-    if not isinstance(metadata.storage_data, dict):
+    if not isinstance(getattr(metadata, "storage_data", None), dict):
         raise DCPError(
             f"{path}: has no per-chunk storage information (storage_data); it was not written by DCP's "
             f"FileSystemWriter, whose layout this reader understands."
         )
     return metadata
+
+
+def _is(obj: object, name: str) -> bool:
+    """`obj` is an instance of DCP's metadata class `name`, or of its stand-in."""
+    cls = type(obj)
+    if isinstance(obj, _StandIn):
+        return cls.__name__ == name
+    return cls.__name__ == name and cls.__module__ == _DCP_METADATA
 
 
 def _is_optimizer_key(key: str) -> bool:
@@ -200,13 +256,13 @@ def dcp_tensors(source: str | os.PathLike | Metadata) -> dict[str, DCPTensor]:
     Non-tensor entries (`BytesStorageMetadata`: step counters, RNG state, ...) and optimizer state
     (keys under `optim.`, `optimizer.`, `state.`, `param_groups.`) are left out.
     """
-    metadata = source if isinstance(source, Metadata) else read_dcp_metadata(source)
+    metadata = _read_metadata(source, stand_ins=True) if isinstance(source, (str, os.PathLike)) else source
     where = {(i.fqn, tuple(i.offset or ())): info for i, info in metadata.storage_data.items()}
     out = {}
     for key, entry in metadata.state_dict_metadata.items():
-        if isinstance(entry, BytesStorageMetadata) or _is_optimizer_key(key):
+        if _is(entry, "BytesStorageMetadata") or _is_optimizer_key(key):
             continue
-        if not isinstance(entry, TensorStorageMetadata):
+        if not _is(entry, "TensorStorageMetadata"):
             raise DCPError(f"checkpoint key {key!r}: unknown entry type {type(entry).__name__} in {METADATA_NAME}.")
         chunks = []
         for chunk in entry.chunks:

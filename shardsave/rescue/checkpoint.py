@@ -11,11 +11,25 @@ model's structure, built on the meta device (`shardsave.plan.skeleton`): the sam
 base model's weights are never loaded. Everything is checked before anything is written; the output is
 published atomically.
 
-Every rescue builds that skeleton, so every rescue imports peft and transformers (the only job of
-`python -m shardsave.merge` that does): the checkpoint's names alone do not say which frozen layers PEFT saves
-with the adapter (a resized or targeted embedding), which shapes the config implies on the base (the fit
-checks), nor what PEFT writes into adapter_config.json and the model card (`render_texts` renders them with
-PEFT's own writers, from the model's classes).
+Two paths give the same files (tests/rescue/test_rescue_paths.py and every rescue the tests make compare them
+byte for byte):
+
+- planned from metadata alone (`shardsave.rescue.fast`: neither peft nor transformers is imported, the rescue
+  costs a fraction of a second above `import torch`): the checkpoint's names are the PeftModel's (they name its
+  adapters: not PEFT's saved key format), the base model is a Llama-family decoder (model_type
+  llama, mistral, qwen2; untied, unquantised) whose config.json is local or cached, the installed PEFT is of the
+  0.21 series, and every adapter is a causal-LM or task-less LoRA written by it (every field present) that
+  targets the decoder's Linears only (a list or a regex; DoRA, rsLoRA, rank_pattern / alpha_pattern,
+  modules_to_save=["lm_head"] and several adapters included), with bias "none", no layer selection, no
+  trainable tokens, an initialisation that needs no base weights, no embedding targeted or resized, and
+  config.json's vocabulary the one PEFT's `save_embedding_layers="auto"` check compares with; the checkpoint's
+  adapter tensors are exactly the predicted ones, of the predicted shapes; an existing model card has a YAML
+  block;
+- anything else, and every refusal (a rescue that does not fit falls back first, so its error is the one the
+  skeleton path gives), builds PEFT's skeleton and imports peft and transformers: the checkpoint's names alone do
+  not say which frozen layers PEFT saves with the adapter (a resized or targeted embedding), which shapes the
+  config implies on another base, nor what another PEFT release writes into adapter_config.json and the card
+  (`render_texts` renders them with PEFT's own writers, from the model's classes).
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ from shardsave.log import logger
 from shardsave.plan.keys import AdapterPlan, decide_embeddings, plan_choices
 from shardsave.plan.names import adapter_dir
 from shardsave.plan.structure import build_layout
+from shardsave.rescue.fast import plan_without_skeleton
 from shardsave.storage.files import remove_scratch, scratch_directory, write_bytes, write_files
 from shardsave.storage.local import check_destination, check_overwrite, publish, replace_adapter_files
 from shardsave.storage.reads import read_bytes
@@ -265,10 +280,20 @@ def _adapter_names_in(names) -> set[str]:
 
 @dataclass(slots=True)
 class _Plan:
-    peft_model: object
     plans: list[AdapterPlan]
     sources: dict[str, str]  # model name -> checkpoint name, for every tensor to write
-    card: Path | None
+    texts: Callable[[], dict[str, bytes]]  # the card and configs by relative path
+    configs: Callable[[], dict[str, dict]]  # adapter name -> its config as PeftConfig.to_dict() gives it
+
+
+def _skeleton_plan(peft_model, plans: list[AdapterPlan], mapping: dict[str, str], card: Path | None) -> _Plan:
+    names = [p.adapter_name for p in plans]
+    return _Plan(
+        plans,
+        mapping,
+        lambda: render_texts(peft_model, names, card),
+        lambda: {name: peft_model.peft_config[name].to_dict() for name in names},
+    )
 
 
 def _skeleton(base_cfg, configs: dict, name_or_path: str | None, where: str):
@@ -301,6 +326,9 @@ def _plan_for(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | Non
     (accelerate saves the active one), taken to be the root config's (`default`) if that fits, else the first
     adapter folder whose config fits; which one is logged."""
     if fmt == "model":
+        fast = plan_without_skeleton(checkpoint.tensors, configs, base, fmt)
+        if fast is not None:
+            return _Plan(fast.plans, fast.sources, lambda: fast.texts, lambda: fast.configs)
         return _plan(checkpoint, configs, base, fmt)
     errors = []
     for name, path in sorted(configs.items(), key=lambda item: item[0] != "default"):
@@ -360,7 +388,7 @@ def _plan(checkpoint: _Checkpoint, configs: dict[str, Path], base: str | None, f
     _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes, fmt)
     folder = next(iter(configs.values())).parent
     card = folder / CARD_NAME if "default" in configs and (folder / CARD_NAME).is_file() else None
-    return _Plan(peft_model, plans, mapping, card)
+    return _skeleton_plan(peft_model, plans, mapping, card)
 
 
 def _check_fit(checkpoint, peft_configs, configs, plans, needed, mapping, shapes, fmt) -> None:
@@ -502,7 +530,7 @@ def rescue_adapter(
     except ValueError as exc:
         raise RescueError(str(exc)) from None
     cast = DTYPES[dtype]
-    texts = render_texts(plan.peft_model, [p.adapter_name for p in plan.plans], plan.card)
+    texts = plan.texts()
 
     def value(name: str) -> torch.Tensor:
         tensor = tensors[plan.sources[name]]
@@ -521,7 +549,7 @@ def rescue_adapter(
     else:
         publish(destination, fill)
     # what was rescued gets the checks a save gets: a checkpoint of an untrained or broken run shows here
-    configs_written = {p.adapter_name: plan.peft_model.peft_config[p.adapter_name].to_dict() for p in plan.plans}
+    configs_written = plan.configs()
     warn_findings(
         [f for name, adapter in by_adapter.items() for f in check_tensors(name, configs_written[name], adapter)],
         destination,

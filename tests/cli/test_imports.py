@@ -2,8 +2,8 @@
 neither peft nor transformers, `--into` with an adapter folder imports no peft, and no transformers either where
 the base's files describe it (`shardsave.formats.hf_base`: an unsharded output of a plain causal LM saved by the
 installed transformers; else the base model's class, from transformers, gives the keys and files its
-`save_pretrained` writes), and only the rescue imports both (PEFT's structure of the adapter on the base). Each
-job runs in a fresh interpreter on tiny inputs."""
+`save_pretrained` writes), and the rescue of a LoRA on a Llama-family base from a DCP checkpoint imports neither
+(planned from metadata: shardsave.rescue.fast). Each job runs in a fresh interpreter on tiny inputs."""
 
 from __future__ import annotations
 
@@ -75,3 +75,15 @@ def test_merge_into_a_sharded_output_imports_transformers_but_no_peft(saved, tmp
     """A sharded output follows save_pretrained's key order, which only the class knows."""
     args = ("--into", saved / "base", "-o", tmp_path / "merged", "--max-shard-size", "40KB")
     assert imported("merge", saved / "adapter", *args) == (False, True)
+
+
+def test_rescue_of_a_dcp_lora_imports_neither_peft_nor_transformers(saved, tmp_path):
+    """The common rescue (a LoRA on a Llama, DCP) is planned from metadata alone (shardsave.rescue.fast)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = peft_model(LoraConfig(target_modules=QV, r=4))
+    folder = tmp_path / "checkpoint-3"
+    dcp.save(model.state_dict(), checkpoint_id=str(folder / "model"))
+    model.peft_config["default"].save_pretrained(str(folder))
+    got = imported("merge", folder, "-o", tmp_path / "out", "--base", saved / "base", "--no-progress")
+    assert got == (False, False)

@@ -4,6 +4,27 @@ that is provably what PEFT's skeleton would give (`fast`: neither peft nor trans
 
 May import `shardsave.save`, `checks` and everything below."""
 
-from shardsave.rescue.checkpoint import RescueError, rescue_adapter
+from shardsave.formats.hf_model import DTYPES
+from shardsave.rescue.checkpoint import (
+    RescueError,
+    Source,
+    align_names,
+    callback_adapter,
+    detect_source,
+    fsdp1_lora_gap,
+    key_format,
+    rescue_adapter,
+)
 
-__all__ = ["RescueError", "rescue_adapter"]
+# the names `shardsave.rescue` (one module before the redesign) gave
+__all__ = [
+    "RescueError",
+    "Source",
+    "DTYPES",
+    "detect_source",
+    "align_names",
+    "key_format",
+    "fsdp1_lora_gap",
+    "callback_adapter",
+    "rescue_adapter",
+]

@@ -45,6 +45,9 @@ ALL = [
 MERGE_ALL = ["ShardSetError", "ShardSet", "read_shard_set", "merge_shards", "default_output", "main"]
 VERIFY_ALL = ["VerifyError", "Finding", "AdapterSummary", "Report", "KINDS", "check_tensors", "warn_findings",
               "verify_adapter", "main"]  # fmt: skip
+# the module shardsave.rescue was, on e1daab4
+RESCUE_ALL = ["RescueError", "Source", "DTYPES", "detect_source", "align_names", "key_format", "fsdp1_lora_gap",
+              "callback_adapter", "rescue_adapter"]  # fmt: skip
 INTEGRATIONS_ALL = ["ShardSaveCallback", "save_with_accelerator", "main_process_of", "trainer_writer",
                     "trainer_checkpoint_dir", "agreed_checkpoint_dir"]  # fmt: skip
 
@@ -235,8 +238,9 @@ def test_all_is_pinned():
     assert shardsave.merge.__all__ == MERGE_ALL
     assert shardsave.verify.__all__ == VERIFY_ALL
     assert shardsave.integrations.__all__ == INTEGRATIONS_ALL
+    assert shardsave.rescue.__all__ == RESCUE_ALL
     for module, names in ((shardsave, ALL), (shardsave.merge, MERGE_ALL), (shardsave.verify, VERIFY_ALL),
-                          (shardsave.integrations, INTEGRATIONS_ALL)):  # fmt: skip
+                          (shardsave.integrations, INTEGRATIONS_ALL), (shardsave.rescue, RESCUE_ALL)):  # fmt: skip
         for name in names:
             assert getattr(module, name) is not None, f"{module.__name__}.{name}"
     assert "rescue_adapter" in dir(shardsave) and "SaveError" in dir(shardsave)
